@@ -1,0 +1,285 @@
+//! One named database: a bb8 pool of tokio-postgres connections, its config,
+//! and its counters.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bb8::{Pool, PooledConnection, RunError};
+
+use crate::config::EngineConfig;
+use crate::error::{Error, Result};
+use crate::hooks::Hooks;
+use crate::manager::Manager;
+use crate::tracker::Tracker;
+
+/// A pooled connection checked out of an engine.
+pub(crate) type Conn = PooledConnection<'static, Manager>;
+
+/// Per-engine counters (monotonic since the registry was built).
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) checkouts: AtomicU64,
+    pub(crate) checkout_timeouts: AtomicU64,
+    pub(crate) connect_errors: AtomicU64,
+    pub(crate) begun: AtomicU64,
+    pub(crate) committed: AtomicU64,
+    pub(crate) rolled_back: AtomicU64,
+    pub(crate) commit_unknown: AtomicU64,
+    pub(crate) discarded_dirty: AtomicU64,
+    pub(crate) discarded_closed: AtomicU64,
+    pub(crate) statements: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Counters {
+    pub(crate) fn inc(&self, f: impl Fn(&Counters) -> &AtomicU64) {
+        bump(f(self));
+    }
+}
+
+/// Remembers the last connection error, so that a checkout that timed out
+/// while the server was unreachable reports [`Error::Connect`] with the
+/// reason instead of a bare pool timeout.
+#[derive(Debug, Clone, Default)]
+struct LastConnectError(Arc<Mutex<Option<(Instant, String)>>>);
+
+impl bb8::ErrorSink<tokio_postgres::Error> for LastConnectError {
+    fn sink(&self, e: tokio_postgres::Error) {
+        *self.0.lock().expect("connect error") = Some((Instant::now(), e.to_string()));
+    }
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<tokio_postgres::Error>> {
+        Box::new(self.clone())
+    }
+}
+
+/// One named bb8 pool plus its config and counters. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Engine {
+    pub(crate) inner: Arc<EngineInner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct EngineInner {
+    pub(crate) name: Arc<str>,
+    pub(crate) config: EngineConfig,
+    pool: RwLock<Option<Pool<Manager>>>,
+    pub(crate) counters: Arc<Counters>,
+    last_error: LastConnectError,
+    pub(crate) hooks: Arc<Hooks>,
+    pub(crate) tracker: Arc<Tracker>,
+}
+
+impl Engine {
+    pub(crate) fn new(
+        name: &str,
+        config: EngineConfig,
+        hooks: Arc<Hooks>,
+        tracker: Arc<Tracker>,
+    ) -> Result<Engine> {
+        config.validate(name)?;
+        let counters = Arc::new(Counters::default());
+        let last_error = LastConnectError::default();
+        let pool = build_pool(&config, &counters, &last_error);
+        Ok(Engine {
+            inner: Arc::new(EngineInner {
+                name: name.into(),
+                config,
+                pool: RwLock::new(Some(pool)),
+                counters,
+                last_error,
+                hooks,
+                tracker,
+            }),
+        })
+    }
+
+    /// The engine's name in the registry.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The engine's configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    /// The current pool, or `None` once the engine is closed.
+    fn pool(&self) -> Option<Pool<Manager>> {
+        self.inner.pool.read().expect("engine pool").clone()
+    }
+
+    /// Checks out a connection. A connection found closed (its server went
+    /// away while it sat idle) is discarded and replaced transparently.
+    pub(crate) async fn checkout(&self) -> Result<Conn> {
+        let pool = self.pool().ok_or_else(|| self.closed_error())?;
+        let started = Instant::now();
+        // Every idle connection may have died with a server restart: try past them all.
+        for _ in 0..=pool.state().connections + 1 {
+            let conn = pool
+                .get_owned()
+                .await
+                .map_err(|e| self.checkout_error(e, started))?;
+            self.inner.counters.inc(|c| &c.checkouts);
+            if !conn.client.is_closed() {
+                return Ok(conn);
+            }
+            self.inner.counters.inc(|c| &c.discarded_closed);
+            drop(conn); // has_broken sees it closed: bb8 drops it and opens a new one
+        }
+        Err(Error::Closed {
+            engine: self.name().to_owned(),
+            reason: "every pooled connection was found closed".into(),
+        })
+    }
+
+    fn checkout_error(&self, e: RunError<tokio_postgres::Error>, started: Instant) -> Error {
+        let engine = self.name().to_owned();
+        match e {
+            RunError::User(e) => {
+                self.inner.counters.inc(|c| &c.connect_errors);
+                Error::Connect {
+                    engine,
+                    message: e.to_string(),
+                }
+            }
+            RunError::TimedOut => {
+                self.inner.counters.inc(|c| &c.checkout_timeouts);
+                let waited = started.elapsed();
+                let recent = self
+                    .inner
+                    .last_error
+                    .0
+                    .lock()
+                    .expect("connect error")
+                    .clone();
+                match recent {
+                    Some((at, message)) if at.elapsed() <= waited + Duration::from_millis(100) => {
+                        self.inner.counters.inc(|c| &c.connect_errors);
+                        Error::Connect { engine, message }
+                    }
+                    _ => Error::PoolTimeout { engine, waited },
+                }
+            }
+        }
+    }
+
+    fn closed_error(&self) -> Error {
+        Error::Closed {
+            engine: self.name().to_owned(),
+            reason: "the registry was closed".into(),
+        }
+    }
+
+    /// Replaces the pool with a new one; the old pool's connections close as
+    /// they are returned. Sessions already holding a connection finish on it.
+    pub(crate) fn reinit(&self) {
+        let inner = &self.inner;
+        let fresh = build_pool(&inner.config, &inner.counters, &inner.last_error);
+        *inner.pool.write().expect("engine pool") = Some(fresh);
+    }
+
+    /// Refuses new checkouts and drops the pool (idle connections close now,
+    /// checked-out ones when returned).
+    pub(crate) fn close(&self) {
+        self.inner.pool.write().expect("engine pool").take();
+    }
+
+    /// A snapshot of the engine's pool and transaction counters.
+    pub fn stats(&self) -> EngineStats {
+        let (connections, idle, waits) = match self.pool() {
+            Some(pool) => {
+                let s = pool.state();
+                (s.connections, s.idle_connections, s.statistics.get_waited)
+            }
+            None => (0, 0, 0),
+        };
+        let c = &self.inner.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        EngineStats {
+            name: self.name().to_owned(),
+            max_size: self.inner.config.max_size,
+            connections,
+            idle,
+            in_use: connections - idle,
+            checkouts: get(&c.checkouts),
+            checkout_waits: waits,
+            checkout_timeouts: get(&c.checkout_timeouts),
+            connect_errors: get(&c.connect_errors),
+            statements: get(&c.statements),
+            begun: get(&c.begun),
+            committed: get(&c.committed),
+            rolled_back: get(&c.rolled_back),
+            commit_unknown: get(&c.commit_unknown),
+            in_transaction: self.inner.tracker.in_transaction(self.name()),
+            discarded_dirty: get(&c.discarded_dirty),
+            discarded_closed: get(&c.discarded_closed),
+        }
+    }
+}
+
+fn build_pool(
+    config: &EngineConfig,
+    counters: &Arc<Counters>,
+    sink: &LastConnectError,
+) -> Pool<Manager> {
+    let manager = Manager::new(
+        config.connect_config(),
+        config.statement_cache,
+        counters.clone(),
+    );
+    Pool::builder()
+        .max_size(config.max_size)
+        .min_idle(config.min_idle)
+        .connection_timeout(config.connection_timeout)
+        .idle_timeout(config.idle_timeout)
+        .max_lifetime(config.max_lifetime)
+        // A round trip per checkout is what we avoid: broken or dirty
+        // connections are caught by `has_broken` when they come back.
+        .test_on_check_out(false)
+        .error_sink(Box::new(sink.clone()))
+        .build_unchecked(manager)
+}
+
+/// Counters of one engine, from [`crate::Registry::stats`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EngineStats {
+    /// Engine name.
+    pub name: String,
+    /// Configured pool size.
+    pub max_size: u32,
+    /// Connections open now (idle + in use), in the current pool.
+    pub connections: u32,
+    /// Idle connections in the pool.
+    pub idle: u32,
+    /// Connections checked out now.
+    pub in_use: u32,
+    /// Checkouts since the registry was built.
+    pub checkouts: u64,
+    /// Checkouts that had to wait for a connection (current pool).
+    pub checkout_waits: u64,
+    /// Checkouts that gave up after `connection_timeout`.
+    pub checkout_timeouts: u64,
+    /// Checkouts that failed because the server could not be reached.
+    pub connect_errors: u64,
+    /// Statements run (autocommit and in transactions).
+    pub statements: u64,
+    /// Outermost transactions begun.
+    pub begun: u64,
+    /// Transactions committed.
+    pub committed: u64,
+    /// Transactions rolled back (explicitly, by drop, or by a failed commit).
+    pub rolled_back: u64,
+    /// Commits whose outcome is unknown (connection lost during COMMIT).
+    pub commit_unknown: u64,
+    /// Connections out of autocommit now (entries in the per-transaction connection map).
+    pub in_transaction: usize,
+    /// Connections discarded because they came back not clean.
+    pub discarded_dirty: u64,
+    /// Connections discarded at checkout because they were found closed.
+    pub discarded_closed: u64,
+}

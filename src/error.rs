@@ -1,0 +1,161 @@
+//! The one error type of the crate.
+//!
+//! Every failure is classified so that callers can react to it: a pool that
+//! timed out is not a lost connection, and a COMMIT whose answer never came is
+//! neither a success nor a plain failure. Messages never contain a password:
+//! configs are rendered redacted and server messages do not carry one.
+
+use std::time::Duration;
+
+use tokio_postgres::error::SqlState;
+
+/// Everything that can go wrong in pgassist.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No engine of that name is configured in the registry.
+    #[error("unknown engine `{name}` (configured: {known})")]
+    UnknownEngine {
+        /// The name that was asked for.
+        name: String,
+        /// The configured names, comma separated.
+        known: String,
+    },
+    /// A URL, a setting or a registry description is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// No connection became free within the engine's `connection_timeout`.
+    #[error("engine `{engine}`: no connection available after {waited:?} (pool exhausted)")]
+    PoolTimeout {
+        /// The engine whose pool was exhausted.
+        engine: String,
+        /// How long the checkout waited.
+        waited: Duration,
+    },
+    /// The server could not be reached or refused the connection.
+    #[error("engine `{engine}`: cannot connect: {message}")]
+    Connect {
+        /// The engine that could not connect.
+        engine: String,
+        /// The last connection error reported by the driver.
+        message: String,
+    },
+    /// The server answered with an error (it carries a SQLSTATE, see [`Error::code`]).
+    #[error("engine `{engine}`: {source}")]
+    Db {
+        /// The engine that ran the statement.
+        engine: String,
+        /// The driver's error, with the server's message and SQLSTATE.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The statement was rejected on the client side before the server saw it
+    /// (wrong parameter count or type, a row count that `query_one` did not expect, …).
+    #[error("engine `{engine}`: {source}")]
+    Query {
+        /// The engine the statement was meant for.
+        engine: String,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// A write was attempted on a read-only engine or transaction (SQLSTATE 25006).
+    #[error("engine `{engine}` is read-only: {source}")]
+    ReadOnly {
+        /// The read-only engine.
+        engine: String,
+        /// The server's refusal.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The transaction cannot go on: an earlier statement failed (or one of its
+    /// control statements was cut off), so the server will only roll it back.
+    /// When returned by `commit()`, the transaction has been rolled back.
+    #[error("engine `{engine}`: transaction aborted: {reason}; it can only be rolled back")]
+    TransactionAborted {
+        /// The engine of the transaction.
+        engine: String,
+        /// Why the transaction is aborted.
+        reason: String,
+    },
+    /// The connection broke while COMMIT was in flight: the transaction may or
+    /// may not have been committed. Never retried automatically.
+    #[error("engine `{engine}`: connection lost during COMMIT, the outcome is unknown: {source}")]
+    CommitOutcomeUnknown {
+        /// The engine of the transaction.
+        engine: String,
+        /// The I/O or protocol error that cut the COMMIT off.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The connection was lost, or the engine / registry was closed.
+    #[error("engine `{engine}`: connection closed: {reason}")]
+    Closed {
+        /// The engine whose connection or pool is closed.
+        engine: String,
+        /// What closed it.
+        reason: String,
+    },
+    /// The API was used in a way that cannot work (for example a transaction
+    /// control statement sent through an autocommit session).
+    #[error("invalid use: {0}")]
+    Usage(String),
+}
+
+impl Error {
+    /// Classifies a driver error raised while running a statement on `engine`.
+    pub(crate) fn from_pg(engine: &str, source: tokio_postgres::Error) -> Error {
+        let engine = engine.to_owned();
+        if let Some(db) = source.as_db_error() {
+            if *db.code() == SqlState::READ_ONLY_SQL_TRANSACTION {
+                return Error::ReadOnly { engine, source };
+            }
+            return Error::Db { engine, source };
+        }
+        if is_connection_loss(&source) {
+            return Error::Closed {
+                engine,
+                reason: source.to_string(),
+            };
+        }
+        Error::Query { engine, source }
+    }
+
+    /// The SQLSTATE of a server error, if this error carries one.
+    pub fn code(&self) -> Option<&SqlState> {
+        match self {
+            Error::Db { source, .. } | Error::ReadOnly { source, .. } => source.code(),
+            _ => None,
+        }
+    }
+
+    /// True for a serialization failure (40001) or a deadlock (40P01) whose
+    /// transaction is known to have been rolled back: running it again is safe.
+    /// A [`Error::CommitOutcomeUnknown`] is never retryable.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Db { .. })
+            && matches!(
+                self.code(),
+                Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE
+                    || *c == SqlState::T_R_DEADLOCK_DETECTED
+            )
+    }
+
+    /// True when the connection itself was lost (or never made).
+    pub fn is_connection_error(&self) -> bool {
+        matches!(
+            self,
+            Error::Closed { .. } | Error::Connect { .. } | Error::CommitOutcomeUnknown { .. }
+        )
+    }
+}
+
+/// True when the driver reports that the connection is gone, as opposed to a
+/// statement that failed on a healthy connection.
+pub(crate) fn is_connection_loss(e: &tokio_postgres::Error) -> bool {
+    use std::error::Error as _;
+    e.is_closed() || e.source().is_some_and(|s| s.is::<std::io::Error>())
+}
+
+/// Result with pgassist's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,208 @@
+//! The registry of named engines and its builder.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::config::EngineConfig;
+use crate::engine::{Engine, EngineStats};
+use crate::error::{Error, Result};
+use crate::hooks::{Hooks, Outcome, TxEvent};
+use crate::session::Session;
+use crate::tracker::Tracker;
+
+/// The named engines of an application (writer, reader, logger, …), one of
+/// them the default. Cheap to clone: share one across the whole app.
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<RegistryInner>,
+}
+
+struct RegistryInner {
+    engines: Vec<Engine>,
+    default: usize,
+    tracker: Arc<Tracker>,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut m = f.debug_map();
+        for e in &self.inner.engines {
+            m.entry(&e.name(), e.config());
+        }
+        m.finish()?;
+        write!(f, " (default: {})", self.default_engine_name())
+    }
+}
+
+impl Registry {
+    /// Starts describing a registry.
+    pub fn builder() -> RegistryBuilder {
+        RegistryBuilder::default()
+    }
+
+    /// The engine called `name`, or [`Error::UnknownEngine`].
+    pub fn engine(&self, name: &str) -> Result<&Engine> {
+        self.inner
+            .engines
+            .iter()
+            .find(|e| e.name() == name)
+            .ok_or_else(|| Error::UnknownEngine {
+                name: name.to_owned(),
+                known: self.engine_names().collect::<Vec<_>>().join(", "),
+            })
+    }
+
+    /// All engines, in the order they were added.
+    pub fn engines(&self) -> impl Iterator<Item = &Engine> {
+        self.inner.engines.iter()
+    }
+
+    /// The engine names, in the order they were added.
+    pub fn engine_names(&self) -> impl Iterator<Item = &str> {
+        self.inner.engines.iter().map(Engine::name)
+    }
+
+    /// The default engine's name.
+    pub fn default_engine_name(&self) -> &str {
+        self.inner.engines[self.inner.default].name()
+    }
+
+    /// An autocommit session on engine `name` (nothing is checked out yet).
+    pub fn session(&self, name: &str) -> Result<Session> {
+        self.engine(name).map(|e| Session::new(e.clone()))
+    }
+
+    /// An autocommit session on the default engine.
+    pub fn default_session(&self) -> Session {
+        Session::new(self.inner.engines[self.inner.default].clone())
+    }
+
+    /// Counters of every engine.
+    pub fn stats(&self) -> RegistryStats {
+        RegistryStats {
+            engines: self.inner.engines.iter().map(Engine::stats).collect(),
+            open_transactions: self.inner.tracker.open_transactions(),
+        }
+    }
+
+    /// Disposes of engine `name`'s pool and starts a new one — after a fork,
+    /// a failover or a credential change. Idle connections close at once;
+    /// connections in use finish their work and close when returned.
+    pub async fn reinit(&self, name: &str) -> Result<()> {
+        self.engine(name)?.reinit();
+        Ok(())
+    }
+
+    /// Closes every engine: later checkouts fail with [`Error::Closed`];
+    /// connections in use close when returned.
+    pub async fn close(&self) {
+        for e in &self.inner.engines {
+            e.close();
+        }
+    }
+}
+
+/// Counters of every engine, from [`Registry::stats`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RegistryStats {
+    /// One entry per engine, in registry order.
+    pub engines: Vec<EngineStats>,
+    /// Entries in the per-transaction connection map (open transactions).
+    pub open_transactions: usize,
+}
+
+impl RegistryStats {
+    /// The stats of engine `name`.
+    pub fn engine(&self, name: &str) -> Option<&EngineStats> {
+        self.engines.iter().find(|e| e.name == name)
+    }
+}
+
+/// Describes a [`Registry`]; see [`Registry::builder`].
+#[derive(Default)]
+pub struct RegistryBuilder {
+    engines: Vec<(String, EngineConfig)>,
+    default: Option<String>,
+    hooks: Hooks,
+}
+
+impl fmt::Debug for RegistryBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegistryBuilder")
+            .field("engines", &self.engines)
+            .field("default", &self.default)
+            .field("hooks", &self.hooks)
+            .finish()
+    }
+}
+
+impl RegistryBuilder {
+    /// Adds an engine under any name.
+    pub fn engine(mut self, name: impl Into<String>, config: EngineConfig) -> Self {
+        self.engines.push((name.into(), config));
+        self
+    }
+
+    /// Which engine [`Registry::default_session`] uses (default: the first added).
+    pub fn default_engine(mut self, name: impl Into<String>) -> Self {
+        self.default = Some(name.into());
+        self
+    }
+
+    /// Called when an outermost transaction begins (on any engine).
+    pub fn on_begin(mut self, f: impl Fn(&TxEvent) + Send + Sync + 'static) -> Self {
+        self.hooks.on_begin.push(Arc::new(f));
+        self
+    }
+
+    /// Called once when an outermost transaction ends, with its outcome.
+    pub fn on_end(mut self, f: impl Fn(&TxEvent, Outcome) + Send + Sync + 'static) -> Self {
+        self.hooks.on_end.push(Arc::new(f));
+        self
+    }
+
+    /// Validates the description and creates the pools. Connections are
+    /// opened on first use (or `min_idle` of them in the background), so an
+    /// unreachable server shows up as [`Error::Connect`] on the first statement.
+    pub async fn build(self) -> Result<Registry> {
+        if self.engines.is_empty() {
+            return Err(Error::Config("a registry needs at least one engine".into()));
+        }
+        let hooks = Arc::new(self.hooks);
+        let tracker = Arc::new(Tracker::default());
+        let mut engines: Vec<Engine> = Vec::with_capacity(self.engines.len());
+        for (name, config) in self.engines {
+            if name.is_empty() {
+                return Err(Error::Config("an engine name cannot be empty".into()));
+            }
+            if engines.iter().any(|e| e.name() == name) {
+                return Err(Error::Config(format!(
+                    "engine `{name}` is configured twice"
+                )));
+            }
+            engines.push(Engine::new(&name, config, hooks.clone(), tracker.clone())?);
+        }
+        let default = match &self.default {
+            None => 0,
+            Some(name) => engines
+                .iter()
+                .position(|e| e.name() == name)
+                .ok_or_else(|| Error::UnknownEngine {
+                    name: name.clone(),
+                    known: engines
+                        .iter()
+                        .map(Engine::name)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })?,
+        };
+        Ok(Registry {
+            inner: Arc::new(RegistryInner {
+                engines,
+                default,
+                tracker,
+            }),
+        })
+    }
+}

@@ -1,0 +1,246 @@
+//! The autocommit session: every statement checks out a connection, runs,
+//! and gives it back. No BEGIN is ever sent unless a transaction is asked for.
+
+use futures::future::BoxFuture;
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::manager::{Op, Out};
+use crate::retry;
+use crate::transaction::{Transaction, TxOptions};
+
+/// A handle for running statements on one engine.
+///
+/// Holds no connection between statements: two sessions on a pool of one
+/// connection can interleave freely. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Session {
+    engine: Engine,
+}
+
+impl Session {
+    pub(crate) fn new(engine: Engine) -> Session {
+        Session { engine }
+    }
+
+    /// The engine this session runs on.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The engine's name.
+    pub fn engine_name(&self) -> &str {
+        self.engine.name()
+    }
+
+    async fn run(&self, sql: &str, params: &[&(dyn ToSql + Sync)], op: Op) -> Result<Out> {
+        reject_transaction_control(sql)?;
+        let conn = self.engine.checkout().await?;
+        self.engine.inner.counters.inc(|c| &c.statements);
+        conn.run(sql, params, op, true)
+            .await
+            .map_err(|e| Error::from_pg(self.engine.name(), e))
+    }
+
+    /// Runs a statement and returns its rows.
+    pub async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        match self.run(sql, params, Op::Query).await? {
+            Out::Rows(rows) => Ok(rows),
+            _ => unreachable!("Op::Query returns rows"),
+        }
+    }
+
+    /// Runs a statement that must return exactly one row.
+    pub async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row> {
+        match self.run(sql, params, Op::One).await? {
+            Out::Row(row) => Ok(row),
+            _ => unreachable!("Op::One returns a row"),
+        }
+    }
+
+    /// Runs a statement that returns at most one row.
+    pub async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>> {
+        match self.run(sql, params, Op::Opt).await? {
+            Out::MaybeRow(row) => Ok(row),
+            _ => unreachable!("Op::Opt returns an optional row"),
+        }
+    }
+
+    /// Runs a statement and returns the number of rows it affected.
+    pub async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        match self.run(sql, params, Op::Execute).await? {
+            Out::Count(n) => Ok(n),
+            _ => unreachable!("Op::Execute returns a count"),
+        }
+    }
+
+    /// Runs one or more statements without parameters (simple protocol), in
+    /// autocommit. A batch that starts with a transaction control statement is
+    /// refused: use [`Session::begin`].
+    pub async fn batch_execute(&self, sql: &str) -> Result<()> {
+        reject_transaction_control(sql)?;
+        let conn = self.engine.checkout().await?;
+        self.engine.inner.counters.inc(|c| &c.statements);
+        conn.client
+            .batch_execute(sql)
+            .await
+            .map_err(|e| Error::from_pg(self.engine.name(), e))
+    }
+
+    /// Begins a transaction with the server's default options.
+    pub async fn begin(&mut self) -> Result<Transaction<'_>> {
+        self.begin_with(TxOptions::new()).await
+    }
+
+    /// Begins a transaction: pins a connection and takes it out of
+    /// autocommit. BEGIN (with every option in one statement) goes out
+    /// pipelined with the first statement.
+    pub async fn begin_with(&mut self, options: TxOptions) -> Result<Transaction<'_>> {
+        self.begin_attempt(options, 1).await
+    }
+
+    async fn begin_attempt(&mut self, options: TxOptions, attempt: u32) -> Result<Transaction<'_>> {
+        let conn = self.engine.checkout().await?;
+        Transaction::start(&self.engine, conn, options, attempt)
+    }
+
+    /// Runs `f` in a transaction: commit on `Ok`, roll back on `Err`.
+    ///
+    /// With [`TxOptions::retries`], an attempt that failed with a
+    /// serialization failure or deadlock (in a statement or at COMMIT) is
+    /// rolled back and `f` runs again after a jittered backoff;
+    /// [`Transaction::attempt`] tells which attempt is running. A commit whose
+    /// outcome is unknown is never retried.
+    ///
+    /// ```no_run
+    /// # async fn demo(mut writer: pgassist::Session) -> Result<(), pgassist::Error> {
+    /// use pgassist::{IsolationLevel, TxOptions};
+    /// let id: i64 = writer
+    ///     .transaction(TxOptions::new().isolation(IsolationLevel::Serializable).retries(5), |tx| {
+    ///         Box::pin(async move {
+    ///             let row = tx.query_one("INSERT INTO users(name) VALUES ($1) RETURNING id", &[&"bo"]).await?;
+    ///             Ok::<_, pgassist::Error>(row.get(0))
+    ///         })
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn transaction<T, E, F>(
+        &mut self,
+        options: TxOptions,
+        mut f: F,
+    ) -> std::result::Result<T, E>
+    where
+        F: for<'t> FnMut(&'t mut Transaction<'_>) -> BoxFuture<'t, std::result::Result<T, E>>,
+        E: From<Error>,
+    {
+        let mut attempt = 1;
+        loop {
+            let mut tx = self.begin_attempt(options.clone(), attempt).await?;
+            let result = f(&mut tx).await;
+            match result {
+                Ok(value) => match tx.commit().await {
+                    Ok(()) => return Ok(value),
+                    Err(e) if e.is_retryable() && attempt <= options.retries => {}
+                    Err(e) => return Err(e.into()),
+                },
+                Err(e) => {
+                    let retryable = tx.saw_retryable();
+                    let _ = tx.rollback().await;
+                    if !(retryable && attempt <= options.retries) {
+                        return Err(e);
+                    }
+                }
+            }
+            attempt += 1;
+            tokio::time::sleep(retry::backoff(attempt)).await;
+        }
+    }
+}
+
+/// Refuses BEGIN / COMMIT / ROLLBACK / SAVEPOINT / … in autocommit: sent
+/// through a session they would leave a pooled connection inside a
+/// transaction without pgassist knowing. Only the first statement is looked
+/// at (cheaply: no allocation, a few byte compares).
+fn reject_transaction_control(sql: &str) -> Result<()> {
+    let word = first_keyword(sql);
+    const CONTROL: [&str; 8] = [
+        "BEGIN",
+        "START",
+        "COMMIT",
+        "END",
+        "ROLLBACK",
+        "ABORT",
+        "SAVEPOINT",
+        "RELEASE",
+    ];
+    let is_control = CONTROL.iter().any(|k| word.eq_ignore_ascii_case(k))
+        || (word.eq_ignore_ascii_case("PREPARE") && {
+            let rest = sql.trim_start()[word.len()..].trim_start();
+            first_keyword(rest).eq_ignore_ascii_case("TRANSACTION")
+        });
+    if is_control {
+        return Err(Error::Usage(format!(
+            "`{word}` is a transaction control statement; in autocommit use session.begin() and the transaction's commit()/rollback()"
+        )));
+    }
+    Ok(())
+}
+
+/// The first keyword of `sql`, after white space and comments.
+fn first_keyword(mut sql: &str) -> &str {
+    loop {
+        sql = sql.trim_start();
+        if let Some(rest) = sql.strip_prefix("--") {
+            sql = rest.split_once('\n').map_or("", |(_, r)| r);
+        } else if let Some(rest) = sql.strip_prefix("/*") {
+            sql = rest.split_once("*/").map_or("", |(_, r)| r);
+        } else {
+            break;
+        }
+    }
+    let end = sql
+        .find(|c: char| !c.is_ascii_alphabetic())
+        .unwrap_or(sql.len());
+    &sql[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_statements_are_refused_in_autocommit() {
+        for sql in [
+            "BEGIN",
+            "begin;",
+            "  -- c\n START TRANSACTION",
+            "/* x */ commit",
+            "ROLLBACK",
+            "savepoint a",
+            "Prepare Transaction 'x'",
+            "END",
+        ] {
+            assert!(
+                matches!(reject_transaction_control(sql), Err(Error::Usage(_))),
+                "{sql}"
+            );
+        }
+        for sql in [
+            "SELECT 1",
+            "DO $$ BEGIN PERFORM 1; END $$",
+            "PREPARE q AS SELECT 1",
+            "INSERT INTO begin_log VALUES (1)",
+            "",
+            "beginning",
+        ] {
+            assert!(reject_transaction_control(sql).is_ok(), "{sql}");
+        }
+    }
+}

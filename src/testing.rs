@@ -1,0 +1,729 @@
+//! Throwaway PostgreSQL clusters for tests (cargo feature `testing`).
+//!
+//! [`TestCluster::start`] runs `initdb` into a fresh temporary directory and
+//! starts a private server on a free loopback port; [`TestCluster::shared`]
+//! gives all tests of one process a single such cluster (or the server named
+//! by `DATABASE_URL`), and [`TestCluster::create_database`] hands each test a
+//! database of its own in it, so tests can run in parallel.
+//!
+//! Durability is switched off for speed, and every statement is logged so a
+//! test can check what reached the server ([`TestCluster::log_since`]).
+//!
+//! Cleanup does not rely on destructors, which do not run on abort, on
+//! `SIGKILL` or for statics: every cluster gets a watchdog shell in its own
+//! process group that blocks reading a pipe whose only write end lives in the
+//! test process. However that process ends, the kernel closes the write end,
+//! the watchdog's `read` returns, and it shuts the server down immediately and
+//! deletes the temporary directory.
+//!
+//! `initdb`, `pg_ctl` and `postgres` refuse to run as root, so when the tests
+//! run as root they are started as the `postgres` user (`CommandExt::uid`).
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt, chown};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio_postgres::NoTls;
+use tokio_postgres::config::Host;
+
+/// Longest wait for a server to start, stop or accept connections.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Free ports tried before a start gives up: another process may take the
+/// port between our probe and the server's `bind`.
+const PORT_ATTEMPTS: u32 = 5;
+/// Settings of every cluster we start: fast rather than durable, room for
+/// replication tests, and a log of every statement, in English.
+const BASE_CONF: &[(&str, &str)] = &[
+    ("listen_addresses", "127.0.0.1"),
+    ("fsync", "off"),
+    ("synchronous_commit", "off"),
+    ("full_page_writes", "off"),
+    ("max_connections", "200"),
+    ("max_prepared_transactions", "20"),
+    ("wal_level", "replica"),
+    ("max_wal_senders", "5"),
+    ("log_statement", "all"),
+    ("log_line_prefix", "%m [%p] db=%d app=%a "),
+    ("log_min_messages", "warning"),
+    ("lc_messages", "C"),
+];
+/// The watchdog (`$1` = temp root, `$2` = data dir). It ignores terminal
+/// signals so that Ctrl-C reaches only the tests, then waits for end of file
+/// on stdin. It sends `SIGQUIT` (immediate shutdown) only to a postmaster
+/// whose working directory is our data dir, so a stale pid file cannot make
+/// it signal an unrelated process, and deletes the directory only once the
+/// server is gone, so the server cannot recreate files in it. A zombie counts
+/// as gone: the dead postmaster belongs to an init that may be slow to reap
+/// it, and `kill -0` would still succeed.
+const WATCHDOG: &str = r#"trap '' HUP INT
+read -r _line
+running() { s=$(cut -d ' ' -f 3 "/proc/$1/stat" 2>/dev/null); [ -n "$s" ] && [ "$s" != Z ]; }
+pid=$(head -n 1 "$2/postmaster.pid" 2>/dev/null)
+if [ -n "$pid" ] && [ "$(readlink "/proc/$pid/cwd")" = "$2" ]; then
+  kill -QUIT "$pid" 2>/dev/null
+  i=0
+  while running "$pid" && [ "$i" -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+  running "$pid" && kill -KILL "$pid" 2>/dev/null
+fi
+rm -rf "$1"
+"#;
+
+/// Process-wide counter that makes temp roots and database names unique.
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Errors of the harness: a message saying what failed, with the end of the
+/// server log when the server was involved.
+#[derive(Debug)]
+pub struct HarnessError(pub String);
+
+impl fmt::Display for HarnessError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for HarnessError {}
+
+/// Result of the harness's operations.
+pub type HarnessResult<T> = Result<T, HarnessError>;
+
+fn fail<T>(message: impl Into<String>) -> HarnessResult<T> {
+    Err(HarnessError(message.into()))
+}
+
+/// Says what we were doing when an error happened, because a bare
+/// "Permission denied" does not help.
+trait Context<T> {
+    fn ctx(self, what: impl fmt::Display) -> HarnessResult<T>;
+}
+
+impl<T, E: fmt::Display> Context<T> for Result<T, E> {
+    fn ctx(self, what: impl fmt::Display) -> HarnessResult<T> {
+        self.map_err(|e| HarnessError(format!("{what}: {e}")))
+    }
+}
+
+/// Settings for [`TestCluster::start`].
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOptions {
+    /// Settings appended to `postgresql.conf` after the harness's own, so
+    /// they override them. Values are quoted for you: write
+    /// `("shared_buffers".into(), "16MB".into())`.
+    pub extra_conf: Vec<(String, String)>,
+}
+
+/// A PostgreSQL server for tests: either a private cluster this process
+/// started, or the existing server named by `DATABASE_URL` (see
+/// [`TestCluster::shared`]).
+///
+/// Dropping a started cluster stops it and removes its files; the watchdog
+/// does the same when the process ends without dropping it.
+#[derive(Debug)]
+pub struct TestCluster {
+    host: String,
+    port: u16,
+    /// `DATABASE_URL`, for an external server.
+    external_url: Option<String>,
+    /// Files and processes of a cluster we started; `None` when external.
+    local: Option<Local>,
+}
+
+/// A database created for one test by [`TestCluster::create_database`].
+#[derive(Debug, Clone)]
+pub struct TestDatabase {
+    /// The database name, `t_<pid>_<counter>_<random>`.
+    pub name: String,
+    /// Connection URL of the database as the superuser.
+    pub url: String,
+}
+
+impl TestDatabase {
+    /// The URL with query parameters appended, e.g.
+    /// `db.url_with("application_name=x&connect_timeout=5")`.
+    pub fn url_with(&self, params: &str) -> String {
+        let separator = if self.url.contains('?') { '&' } else { '?' };
+        format!("{}{separator}{params}", self.url)
+    }
+}
+
+impl TestCluster {
+    /// Creates and starts a new cluster, blocking until it accepts
+    /// connections. Needs no async runtime, so it works from sync and async
+    /// code alike.
+    pub fn start(opts: ClusterOptions) -> HarnessResult<TestCluster> {
+        let local = Local::create()?;
+        match local.init_and_start(&opts) {
+            Ok(port) => Ok(TestCluster {
+                host: "127.0.0.1".to_owned(),
+                port,
+                external_url: None,
+                local: Some(local),
+            }),
+            Err(e) => {
+                local.shutdown();
+                Err(e)
+            }
+        }
+    }
+
+    /// The cluster shared by all tests of this process, started on the first
+    /// call; if `DATABASE_URL` is set, that server is used instead.
+    ///
+    /// # Panics
+    /// If the cluster cannot be started (on every call, so each test that
+    /// needs it fails with the reason, without trying again).
+    pub fn shared() -> &'static TestCluster {
+        static SHARED: OnceLock<Result<TestCluster, String>> = OnceLock::new();
+        let shared = SHARED.get_or_init(|| {
+            let cluster = match std::env::var("DATABASE_URL") {
+                Ok(url) if !url.is_empty() => TestCluster::external(url),
+                _ => TestCluster::start(ClusterOptions::default()),
+            };
+            cluster.map_err(|e| e.0)
+        });
+        match shared {
+            Ok(cluster) => cluster,
+            Err(e) => panic!("pgassist::testing: no PostgreSQL server for the tests: {e}"),
+        }
+    }
+
+    /// Wraps the server of `DATABASE_URL`, which must be a URL so that
+    /// [`TestCluster::url`] can swap its database name.
+    fn external(url: String) -> HarnessResult<TestCluster> {
+        if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
+            return fail(format!("DATABASE_URL is not a postgres:// URL: {url}"));
+        }
+        let config: tokio_postgres::Config = url.parse().ctx("parsing DATABASE_URL")?;
+        let host = match config.get_hosts().first() {
+            Some(Host::Tcp(host)) => host.clone(),
+            Some(Host::Unix(dir)) => dir.to_string_lossy().into_owned(),
+            None => "localhost".to_owned(),
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let local = None;
+        Ok(TestCluster {
+            host,
+            port,
+            external_url: Some(url),
+            local,
+        })
+    }
+
+    /// Whether this is the `DATABASE_URL` server rather than one we started.
+    pub fn is_external(&self) -> bool {
+        self.external_url.is_some()
+    }
+
+    /// Host name or address of the server.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// TCP port of the server.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Superuser URL of database `dbname`; for an external server,
+    /// `DATABASE_URL` with its database replaced.
+    pub fn url(&self, dbname: &str) -> String {
+        match &self.external_url {
+            Some(url) => replace_dbname(url, dbname),
+            None => format!("postgres://postgres@{}:{}/{dbname}", self.host, self.port),
+        }
+    }
+
+    /// URL of the `postgres` database, for administrative statements.
+    pub fn admin_url(&self) -> String {
+        self.url("postgres")
+    }
+
+    /// Creates an empty database for one test. Connects anew on each call,
+    /// because a client is bound to the runtime that created it and every
+    /// `#[tokio::test]` has its own runtime. The random part of the name
+    /// avoids clashes with leftovers of an earlier run on an external server
+    /// whose process had the same pid.
+    pub async fn create_database(&self) -> HarnessResult<TestDatabase> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let pid = std::process::id();
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("t_{pid}_{n}_{:05x}", (now.subsec_nanos() >> 4) & 0xf_ffff);
+        let admin = self.admin_url();
+        let create = async {
+            let (client, connection) = tokio_postgres::connect(&admin, NoTls).await?;
+            let connection = tokio::spawn(connection);
+            let created = client
+                .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+                .await;
+            drop(client);
+            let _ = connection.await;
+            created
+        };
+        let what = format!("creating database {name} via {admin}");
+        tokio::time::timeout(READY_TIMEOUT, create)
+            .await
+            .ctx(&what)?
+            .ctx(&what)?;
+        Ok(TestDatabase {
+            url: self.url(&name),
+            name,
+        })
+    }
+
+    /// The server log file; `None` for an external server.
+    pub fn log_path(&self) -> Option<&Path> {
+        self.local.as_ref().map(|l| l.log.as_path())
+    }
+
+    /// Current size of the server log (0 for an external server): take it
+    /// before an action and pass it to [`TestCluster::log_since`] to see only
+    /// what the action logged.
+    pub fn log_len(&self) -> u64 {
+        self.local.as_ref().map_or(0, Local::log_len)
+    }
+
+    /// Log text written since `offset` (empty for an external server).
+    /// Statements are logged before they run, so the text of a statement
+    /// that has returned is already there.
+    pub fn log_since(&self, offset: u64) -> String {
+        self.local
+            .as_ref()
+            .map_or_else(String::new, |l| l.log_since(offset))
+    }
+
+    /// Restarts the server (`pg_ctl restart -m fast`) on the same port and
+    /// waits until it accepts connections. Existing connections are cut, so
+    /// tests that restart should use a cluster of their own.
+    pub fn restart(&self) -> HarnessResult<()> {
+        self.control("restart", &["-m", "fast"])
+    }
+
+    /// Stops the server (`pg_ctl stop -m fast`); the files stay, so
+    /// [`TestCluster::start_server`] can bring it back.
+    pub fn stop_server(&self) -> HarnessResult<()> {
+        self.control("stop", &["-m", "fast"])
+    }
+
+    /// Starts a stopped server again on the same port and waits until it
+    /// accepts connections.
+    pub fn start_server(&self) -> HarnessResult<()> {
+        self.control("start", &[])
+    }
+
+    /// Stops the server at once and removes all its files. Idempotent; does
+    /// nothing for an external server.
+    pub fn stop(&self) {
+        if let Some(local) = &self.local {
+            local.shutdown();
+        }
+    }
+
+    /// The data directory; `None` for an external server.
+    pub fn data_dir(&self) -> Option<&Path> {
+        self.local.as_ref().map(|l| l.data.as_path())
+    }
+
+    /// The Unix socket directory (outside the data directory); `None` for
+    /// an external server.
+    pub fn socket_dir(&self) -> Option<&Path> {
+        self.local.as_ref().map(|l| l.sock.as_path())
+    }
+
+    /// The PostgreSQL bin directory in use, for tools like `pg_basebackup`
+    /// or `pgbench`; `None` for an external server.
+    pub fn bin_dir(&self) -> Option<&Path> {
+        self.local.as_ref().map(|l| l.bin.as_path())
+    }
+
+    /// Runs `pg_ctl ACTION` and, unless stopping, waits for readiness. The
+    /// lock makes concurrent calls take turns and refuses after `stop()`.
+    fn control(&self, action: &str, args: &[&str]) -> HarnessResult<()> {
+        let Some(local) = &self.local else {
+            return fail(format!(
+                "pg_ctl {action} is not available for the DATABASE_URL server"
+            ));
+        };
+        let watchdog = local.lock();
+        if watchdog.is_none() {
+            return fail("the cluster was stopped");
+        }
+        local.pg_ctl(action, args)?;
+        match action {
+            "stop" => Ok(()),
+            _ => local.wait_ready(self.port),
+        }
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A cluster this process created, under `root` = `/tmp/pgassist-<pid>-<n>`.
+#[derive(Debug)]
+struct Local {
+    root: PathBuf,
+    data: PathBuf,
+    sock: PathBuf,
+    log: PathBuf,
+    bin: PathBuf,
+    /// uid and gid to run the server tools as, when we are root.
+    owner: Option<(u32, u32)>,
+    /// `None` once stopped. Held during `pg_ctl` calls so that concurrent
+    /// restarts, stops and starts take turns.
+    watchdog: Mutex<Option<Watchdog>>,
+}
+
+/// The watchdog process and the write end of its pipe.
+#[derive(Debug)]
+struct Watchdog {
+    child: Child,
+    lifeline: ChildStdin,
+}
+
+impl Local {
+    /// Creates the temp root and starts its watchdog before anything else, so
+    /// that even a crash during `initdb` leaves nothing behind.
+    fn create() -> HarnessResult<Local> {
+        let bin = find_bin_dir()?;
+        let owner = running_as_root().then(postgres_ids).transpose()?;
+        // /tmp rather than $TMPDIR: the postgres user must reach it, and
+        // socket paths are limited to about 100 bytes.
+        let root = loop {
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let root = PathBuf::from(format!("/tmp/pgassist-{}-{n}", std::process::id()));
+            match fs::create_dir(&root) {
+                Ok(()) => break root,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return fail(format!("creating {}: {e}", root.display())),
+            }
+        };
+        let local = Local {
+            data: root.join("data"),
+            sock: root.join("sock"),
+            log: root.join("postgres.log"),
+            root,
+            bin,
+            owner,
+            watchdog: Mutex::new(None),
+        };
+        if let Err(e) = local.prepare() {
+            local.shutdown();
+            return Err(e);
+        }
+        Ok(local)
+    }
+
+    /// Starts the watchdog, then creates the socket dir and the log file.
+    /// The server appends to a log file that we create, so when we are root
+    /// it must belong to the postgres user; it stays readable for everyone.
+    fn prepare(&self) -> HarnessResult<()> {
+        let mut child = Command::new("/bin/sh")
+            .args(["-c", WATCHDOG, "pgassist-watchdog"])
+            .arg(&self.root)
+            .arg(&self.data)
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .ctx("starting the watchdog")?;
+        let lifeline = child.stdin.take().expect("stdin is piped");
+        *self.lock() = Some(Watchdog { child, lifeline });
+        fs::create_dir(&self.sock).ctx("creating the socket directory")?;
+        File::create(&self.log).ctx("creating the log file")?;
+        let readable = fs::Permissions::from_mode(0o755);
+        fs::set_permissions(&self.root, readable).ctx("chmod temp root")?;
+        if let Some((uid, gid)) = self.owner {
+            for path in [&self.root, &self.sock, &self.log] {
+                chown(path, Some(uid), Some(gid)).ctx(format!("chown {}", path.display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `initdb`, writes the settings and starts the server, picking
+    /// another port when the chosen one was taken meanwhile.
+    fn init_and_start(&self, opts: &ClusterOptions) -> HarnessResult<u16> {
+        let mut initdb = self.command("initdb");
+        initdb.arg("-D").arg(&self.data).args([
+            "--auth=trust",
+            "--username=postgres",
+            "--locale=C",
+            "--encoding=UTF8",
+            "--no-sync",
+        ]);
+        self.run(&mut initdb, Duration::from_secs(120))?;
+
+        let sock = self.sock.to_string_lossy();
+        let ours = BASE_CONF
+            .iter()
+            .copied()
+            .chain([("unix_socket_directories", &*sock)]);
+        let theirs = opts
+            .extra_conf
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()));
+        let mut conf = String::from("\n# pgassist::testing\n");
+        for (key, value) in ours.chain(theirs) {
+            conf.push_str(&format!("{key} = '{}'\n", value.replace('\'', "''")));
+        }
+        self.append_conf(&conf)?;
+
+        let mut attempts_left = PORT_ATTEMPTS;
+        loop {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0");
+            let port = listener
+                .and_then(|l| l.local_addr())
+                .ctx("finding a free port")?
+                .port();
+            // The last `port` line wins, so a retry just appends another.
+            self.append_conf(&format!("port = {port}\n"))?;
+            let offset = self.log_len();
+            let started = self
+                .pg_ctl("start", &[])
+                .and_then(|()| self.wait_ready(port));
+            attempts_left -= 1;
+            let port_taken = || self.log_since(offset).contains("could not bind");
+            if started.is_ok() || attempts_left == 0 || !port_taken() {
+                return started.map(|()| port);
+            }
+        }
+    }
+
+    fn append_conf(&self, text: &str) -> HarnessResult<()> {
+        let path = self.data.join("postgresql.conf");
+        let file = OpenOptions::new().append(true).open(&path);
+        let written = file.and_then(|mut f| f.write_all(text.as_bytes()));
+        written.ctx(format!("writing {}", path.display()))
+    }
+
+    /// A command for one of the server tools: as the postgres user when we
+    /// are root, in the C locale, from a directory that user can enter.
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(self.bin.join(program));
+        cmd.current_dir(&self.root)
+            .env("LC_ALL", "C")
+            .env("LANG", "C")
+            .env_remove("PGDATA");
+        if let Some((uid, gid)) = self.owner {
+            cmd.uid(uid).gid(gid);
+        }
+        cmd
+    }
+
+    /// Runs `pg_ctl ACTION`, letting it wait 30 s; errors carry the log tail.
+    fn pg_ctl(&self, action: &str, args: &[&str]) -> HarnessResult<()> {
+        let mut cmd = self.command("pg_ctl");
+        cmd.arg(action)
+            .arg("-D")
+            .arg(&self.data)
+            .arg("-l")
+            .arg(&self.log);
+        cmd.args(["-w", "-t", &READY_TIMEOUT.as_secs().to_string()])
+            .args(args);
+        let ran = self.run(&mut cmd, READY_TIMEOUT + Duration::from_secs(10));
+        ran.map_err(|e| self.with_log_tail(e))
+    }
+
+    /// Runs a command to completion within `timeout`, killing it otherwise.
+    /// Output goes to a file rather than a pipe, so nothing blocks on a full
+    /// pipe while we poll. One file suffices: commands run one at a time
+    /// (during `start`, or under the lock).
+    fn run(&self, cmd: &mut Command, timeout: Duration) -> HarnessResult<()> {
+        let what = format!("{:?}", cmd.get_program());
+        let out_path = self.root.join("command.out");
+        let out = File::create(&out_path).ctx("creating a command output file")?;
+        let err = out.try_clone().ctx("duplicating a file handle")?;
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .ctx(&what)?;
+        let status = wait_child(&mut child, timeout);
+        let output = fs::read_to_string(&out_path).unwrap_or_default();
+        let _ = fs::remove_file(&out_path);
+        match status {
+            Some(status) if status.success() => Ok(()),
+            Some(status) => fail(format!("{what} failed ({status}):\n{output}")),
+            None => fail(format!(
+                "{what} did not finish within {timeout:?}:\n{output}"
+            )),
+        }
+    }
+
+    /// Connects and runs `SELECT 1` until it works or 30 s have passed. Uses
+    /// a current-thread runtime on its own thread, so it works both without
+    /// a runtime and from inside one (where `block_on` would panic).
+    fn wait_ready(&self, port: u16) -> HarnessResult<()> {
+        let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+        let probe = move || -> HarnessResult<()> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let runtime = runtime.ctx("building a runtime for the readiness check")?;
+            runtime.block_on(async {
+                let deadline = Instant::now() + READY_TIMEOUT;
+                loop {
+                    let attempt = async {
+                        let (client, connection) = tokio_postgres::connect(&url, NoTls).await?;
+                        let connection = tokio::spawn(connection);
+                        let answered = client.simple_query("SELECT 1").await;
+                        drop(client);
+                        let _ = connection.await;
+                        answered
+                    };
+                    let error = match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+                        Ok(Ok(_)) => return Ok(()),
+                        Ok(Err(e)) => e.to_string(),
+                        Err(_) => "connection attempt timed out".to_owned(),
+                    };
+                    if Instant::now() >= deadline {
+                        return fail(format!("{url} not ready after {READY_TIMEOUT:?}: {error}"));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        };
+        let joined = thread::spawn(probe).join();
+        let ready = joined.unwrap_or_else(|_| fail("the readiness check panicked"));
+        ready.map_err(|e| self.with_log_tail(e))
+    }
+
+    fn log_len(&self) -> u64 {
+        fs::metadata(&self.log).map_or(0, |m| m.len())
+    }
+
+    fn log_since(&self, offset: u64) -> String {
+        let read = File::open(&self.log).and_then(|mut file| {
+            file.seek(SeekFrom::Start(offset))?;
+            let mut bytes = Vec::new();
+            file.read_to_end(&mut bytes)?;
+            Ok(bytes)
+        });
+        String::from_utf8_lossy(&read.unwrap_or_default()).into_owned()
+    }
+
+    /// Adds the end of the server log, which says why a server failed.
+    fn with_log_tail(&self, e: HarnessError) -> HarnessError {
+        let log = self.log_since(0);
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+        HarnessError(format!("{}\n--- end of server log ---\n{tail}", e.0))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Watchdog>> {
+        self.watchdog.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Closes the watchdog's pipe, which makes it stop the server and remove
+    /// the files, and waits for it. Should the watchdog have died early, we
+    /// stop the server ourselves rather than delete files under it.
+    fn shutdown(&self) {
+        if let Some(Watchdog {
+            mut child,
+            lifeline,
+        }) = self.lock().take()
+        {
+            if !matches!(child.try_wait(), Ok(None)) {
+                let _ = self.pg_ctl("stop", &["-m", "immediate"]);
+            }
+            drop(lifeline);
+            wait_child(&mut child, Duration::from_secs(15));
+        }
+        // Normally gone already; not if the watchdog never started.
+        let _ = fs::remove_dir_all(&self.root);
+    }
+}
+
+/// Waits for `child` at most `timeout`; kills it if it takes longer.
+fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        match child.try_wait() {
+            Ok(None) => thread::sleep(Duration::from_millis(20)),
+            Ok(Some(status)) => return Some(status),
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// The bin dir of the newest `/usr/lib/postgresql/<version>` (Debian and
+/// Ubuntu), else the first PATH entry with the server tools.
+fn find_bin_dir() -> HarnessResult<PathBuf> {
+    let has_tools = |dir: &Path| {
+        ["initdb", "pg_ctl", "postgres"]
+            .iter()
+            .all(|t| dir.join(t).is_file())
+    };
+    let versioned = fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten();
+    let newest = versioned
+        .filter_map(|entry| {
+            let name = entry.file_name();
+            let parts = name.to_str()?.split('.').map(|part| part.parse().ok());
+            let version = parts.collect::<Option<Vec<u32>>>()?;
+            Some((version, entry.path().join("bin")))
+        })
+        .filter(|(_, bin)| has_tools(bin))
+        .max();
+    if let Some((_, bin)) = newest {
+        return Ok(bin);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    match std::env::split_paths(&path).find(|dir| has_tools(dir)) {
+        Some(bin) => Ok(bin),
+        None => fail("no initdb, pg_ctl and postgres in /usr/lib/postgresql/*/bin or on PATH"),
+    }
+}
+
+/// Whether the effective uid is 0: `/proc/self` belongs to the effective
+/// user, which spares us `libc` and `unsafe`.
+fn running_as_root() -> bool {
+    fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// uid and gid of the `postgres` user, from `/etc/passwd`.
+fn postgres_ids() -> HarnessResult<(u32, u32)> {
+    let passwd = fs::read_to_string("/etc/passwd").ctx("reading /etc/passwd")?;
+    let ids = passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        if fields.next()? != "postgres" {
+            return None;
+        }
+        Some((fields.nth(1)?.parse().ok()?, fields.next()?.parse().ok()?))
+    });
+    match ids {
+        Some(ids) => Ok(ids),
+        None => fail("running as root, but there is no `postgres` user to run the server as"),
+    }
+}
+
+/// `url` with its database (path) replaced by `dbname`, keeping the query.
+fn replace_dbname(url: &str, dbname: &str) -> String {
+    let authority = url.find("://").map_or(0, |i| i + 3);
+    let path = url[authority..]
+        .find(['/', '?'])
+        .map_or(url.len(), |i| i + authority);
+    let query = url[path..].find('?').map_or("", |i| &url[path + i..]);
+    format!("{}/{dbname}{query}", &url[..path])
+}

@@ -1,0 +1,142 @@
+//! The per-transaction connection map.
+//!
+//! When a transaction begins, the connection it takes out of autocommit is
+//! recorded under the transaction's id (`after_begin`); when it ends, every
+//! connection recorded under that id is restored to autocommit — or, if the
+//! server's state could not be confirmed, left marked dirty so the pool
+//! discards it — and the entry is removed (`after_end`). A nested begin finds
+//! its connection already recorded and out of autocommit.
+//!
+//! The map is the single place that flips a connection back to `Idle`, so
+//! "nothing leaves the map dirty" holds by construction: a connection either
+//! goes back clean through here or is closed by the pool.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::manager::{ConnState, StateCell};
+
+/// One connection recorded for a transaction.
+#[derive(Debug)]
+struct Tracked {
+    engine: Arc<str>,
+    conn_id: u64,
+    state: Arc<StateCell>,
+}
+
+/// Which pooled connections each open transaction took out of autocommit.
+#[derive(Debug, Default)]
+pub(crate) struct Tracker {
+    next_id: AtomicU64,
+    map: Mutex<HashMap<u64, Vec<Tracked>>>,
+}
+
+impl Tracker {
+    /// A new, process-unique transaction id.
+    pub(crate) fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Records that transaction `tx` took connection `conn_id` out of
+    /// autocommit. The connection must come in clean.
+    pub(crate) fn after_begin(
+        &self,
+        tx: u64,
+        engine: &Arc<str>,
+        conn_id: u64,
+        state: &Arc<StateCell>,
+    ) -> Result<()> {
+        if state.get() != ConnState::Idle {
+            return Err(Error::Usage(format!(
+                "engine `{engine}`: connection {conn_id} is already in a transaction"
+            )));
+        }
+        state.set(ConnState::InTransaction);
+        self.map
+            .lock()
+            .expect("tracker")
+            .entry(tx)
+            .or_default()
+            .push(Tracked {
+                engine: engine.clone(),
+                conn_id,
+                state: state.clone(),
+            });
+        Ok(())
+    }
+
+    /// True if transaction `tx` holds connection `conn_id` out of autocommit
+    /// (what a nested begin expects to find).
+    pub(crate) fn holds(&self, tx: u64, conn_id: u64) -> bool {
+        self.map.lock().expect("tracker").get(&tx).is_some_and(|v| {
+            v.iter()
+                .any(|t| t.conn_id == conn_id && t.state.get() != ConnState::Idle)
+        })
+    }
+
+    /// Ends transaction `tx`: every recorded connection is restored to
+    /// autocommit when `clean` (the server confirmed COMMIT or ROLLBACK),
+    /// otherwise left dirty for the pool to discard. The entry is removed.
+    pub(crate) fn after_end(&self, tx: u64, clean: bool) {
+        let entry = self.map.lock().expect("tracker").remove(&tx);
+        for t in entry.into_iter().flatten() {
+            if clean {
+                t.state.set(ConnState::Idle);
+            }
+        }
+    }
+
+    /// Connections of `engine` currently out of autocommit.
+    pub(crate) fn in_transaction(&self, engine: &str) -> usize {
+        self.map
+            .lock()
+            .expect("tracker")
+            .values()
+            .flatten()
+            .filter(|t| &*t.engine == engine)
+            .count()
+    }
+
+    /// Open transactions across all engines.
+    pub(crate) fn open_transactions(&self) -> usize {
+        self.map.lock().expect("tracker").len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn begin_end_restores_and_removes() {
+        let t = Tracker::default();
+        let engine: Arc<str> = "writer".into();
+        let state = Arc::new(StateCell::default());
+        let tx = t.next_id();
+        t.after_begin(tx, &engine, 7, &state).unwrap();
+        assert_eq!(state.get(), ConnState::InTransaction);
+        assert!(t.holds(tx, 7));
+        assert_eq!(t.in_transaction("writer"), 1);
+        // A second begin on a connection already out of autocommit is refused.
+        assert!(t.after_begin(t.next_id(), &engine, 7, &state).is_err());
+        t.after_end(tx, true);
+        assert_eq!(state.get(), ConnState::Idle);
+        assert_eq!(t.in_transaction("writer"), 0);
+        assert_eq!(t.open_transactions(), 0);
+    }
+
+    #[test]
+    fn unconfirmed_end_leaves_connection_dirty() {
+        let t = Tracker::default();
+        let engine: Arc<str> = "writer".into();
+        let state = Arc::new(StateCell::default());
+        let tx = t.next_id();
+        t.after_begin(tx, &engine, 1, &state).unwrap();
+        state.set(ConnState::Aborted);
+        t.after_end(tx, false);
+        assert_eq!(state.get(), ConnState::Aborted);
+        assert_eq!(t.open_transactions(), 0);
+    }
+}

@@ -1,0 +1,637 @@
+//! Opt-in transactions: the guard, its options, savepoints and the drop path.
+//!
+//! A [`Transaction`] pins one pooled connection for its life. BEGIN is sent
+//! lazily, pipelined with the first statement (one round trip saved; a
+//! transaction that runs nothing sends nothing). Nested [`Transaction::begin`]
+//! is a SAVEPOINT. The connection goes back to the pool only once the server
+//! has confirmed COMMIT or ROLLBACK; otherwise it stays marked dirty and the
+//! pool discards it (closing it makes the server roll back).
+//!
+//! Cancellation: every control statement (BEGIN, SAVEPOINT, RELEASE, ROLLBACK
+//! TO) runs inside a critical section — a flag set synchronously before the
+//! await and cleared after the server answered. A future dropped in between
+//! leaves the flag set, and the transaction then refuses everything but a
+//! rollback. COMMIT is sent as `SELECT 1; COMMIT`: in an aborted transaction
+//! the probe fails and COMMIT is skipped, so a COMMIT the server would turn
+//! into a ROLLBACK can never be reported as success, whatever our bookkeeping
+//! missed (for example a statement whose future was dropped).
+
+use std::borrow::Cow;
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio_postgres::Row;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+
+use crate::engine::{Conn, Engine};
+use crate::error::{Error, Result, is_connection_loss};
+use crate::hooks::{Outcome, TxEvent};
+use crate::manager::{ConnState, Op, Out};
+
+/// Transaction isolation levels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IsolationLevel {
+    /// READ UNCOMMITTED (PostgreSQL treats it as READ COMMITTED).
+    ReadUncommitted,
+    /// READ COMMITTED, PostgreSQL's default.
+    ReadCommitted,
+    /// REPEATABLE READ.
+    RepeatableRead,
+    /// SERIALIZABLE.
+    Serializable,
+}
+
+impl IsolationLevel {
+    fn sql(self) -> &'static str {
+        match self {
+            IsolationLevel::ReadUncommitted => "READ UNCOMMITTED",
+            IsolationLevel::ReadCommitted => "READ COMMITTED",
+            IsolationLevel::RepeatableRead => "REPEATABLE READ",
+            IsolationLevel::Serializable => "SERIALIZABLE",
+        }
+    }
+}
+
+/// How to begin a transaction, all sent in one BEGIN statement.
+///
+/// ```
+/// use pgassist::{IsolationLevel, TxOptions};
+/// let opts = TxOptions::new().isolation(IsolationLevel::Serializable).read_only(true).deferrable(true).retries(5);
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TxOptions {
+    isolation: Option<IsolationLevel>,
+    read_only: Option<bool>,
+    deferrable: Option<bool>,
+    pub(crate) retries: u32,
+}
+
+impl TxOptions {
+    /// The server's defaults, no retries.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Sets the isolation level.
+    pub fn isolation(mut self, level: IsolationLevel) -> Self {
+        self.isolation = Some(level);
+        self
+    }
+    /// READ ONLY (`true`) or READ WRITE (`false`).
+    pub fn read_only(mut self, yes: bool) -> Self {
+        self.read_only = Some(yes);
+        self
+    }
+    /// DEFERRABLE (meaningful for SERIALIZABLE READ ONLY).
+    pub fn deferrable(mut self, yes: bool) -> Self {
+        self.deferrable = Some(yes);
+        self
+    }
+    /// For [`crate::Session::transaction`]: how many times to run the closure
+    /// again after a serialization failure or deadlock (default 0).
+    pub fn retries(mut self, n: u32) -> Self {
+        self.retries = n;
+        self
+    }
+
+    /// The BEGIN statement for these options.
+    pub(crate) fn begin_sql(&self) -> Cow<'static, str> {
+        if self.isolation.is_none() && self.read_only.is_none() && self.deferrable.is_none() {
+            return Cow::Borrowed("BEGIN");
+        }
+        let mut sql = String::from("BEGIN");
+        if let Some(level) = self.isolation {
+            sql.push_str(" ISOLATION LEVEL ");
+            sql.push_str(level.sql());
+        }
+        match self.read_only {
+            Some(true) => sql.push_str(" READ ONLY"),
+            Some(false) => sql.push_str(" READ WRITE"),
+            None => {}
+        }
+        match self.deferrable {
+            Some(true) => sql.push_str(" DEFERRABLE"),
+            Some(false) => sql.push_str(" NOT DEFERRABLE"),
+            None => {}
+        }
+        Cow::Owned(sql)
+    }
+}
+
+type Callback = Box<dyn FnOnce() + Send>;
+
+/// What one outermost transaction shares with its savepoints.
+pub(crate) struct TxCore {
+    conn: Conn,
+    engine: Engine,
+    event: TxEvent,
+    begin_sql: Cow<'static, str>,
+    /// BEGIN has been sent (it goes out with the first statement).
+    begun: AtomicBool,
+    /// Critical-section flag: a control statement was sent and its answer
+    /// not yet seen. Still set after the await means the future was dropped
+    /// (or the connection failed): the server state is unknown.
+    in_doubt: AtomicBool,
+    /// Shallowest savepoint dropped without commit/rollback; rolled back
+    /// before the next operation.
+    pending_rollback: Mutex<Option<u32>>,
+    /// A statement failed with 40001 / 40P01: the closure form may retry.
+    saw_retryable: AtomicBool,
+    on_commit: Mutex<Vec<Callback>>,
+    attempt: u32,
+}
+
+fn savepoint(depth: u32) -> String {
+    format!("pgassist_sp_{depth}")
+}
+
+impl TxCore {
+    fn name(&self) -> &str {
+        &self.event.engine
+    }
+
+    fn state(&self) -> ConnState {
+        self.conn.state.get()
+    }
+
+    fn aborted(&self, reason: &str) -> Error {
+        Error::TransactionAborted {
+            engine: self.name().to_owned(),
+            reason: reason.to_owned(),
+        }
+    }
+
+    /// Runs a control statement inside the critical section.
+    async fn control(&self, sql: &str) -> std::result::Result<(), tokio_postgres::Error> {
+        self.in_doubt.store(true, Ordering::Release);
+        let r = self.conn.client.batch_execute(sql).await;
+        // The server answered (even with an error): its state is known again,
+        // unless the connection itself is gone.
+        if !matches!(&r, Err(e) if is_connection_loss(e)) {
+            self.in_doubt.store(false, Ordering::Release);
+        }
+        r
+    }
+
+    /// Classifies a statement error and updates the transaction state.
+    fn statement_error(&self, e: tokio_postgres::Error) -> Error {
+        if let Some(code) = e.code() {
+            self.conn.state.set(ConnState::Aborted);
+            if *code == SqlState::T_R_SERIALIZATION_FAILURE
+                || *code == SqlState::T_R_DEADLOCK_DETECTED
+            {
+                self.saw_retryable.store(true, Ordering::Release);
+            }
+        } else if is_connection_loss(&e) {
+            self.in_doubt.store(true, Ordering::Release);
+        }
+        Error::from_pg(self.name(), e)
+    }
+
+    /// Checks that the transaction can run something, first rolling back a
+    /// savepoint that was dropped unfinished.
+    async fn ready(&self) -> Result<()> {
+        if self.in_doubt.load(Ordering::Acquire) {
+            return Err(self
+                .aborted("a transaction control statement was cut off or the connection failed"));
+        }
+        let pending = self.pending_rollback.lock().expect("pending").take();
+        if let Some(depth) = pending {
+            let sp = savepoint(depth);
+            self.control(&format!(
+                "ROLLBACK TO SAVEPOINT {sp}; RELEASE SAVEPOINT {sp}"
+            ))
+            .await
+            .map_err(|e| self.statement_error(e))?;
+            self.conn.state.set(ConnState::InTransaction);
+        }
+        if self.state() == ConnState::Aborted {
+            return Err(self.aborted("an earlier statement failed"));
+        }
+        Ok(())
+    }
+
+    async fn run(&self, sql: &str, params: &[&(dyn ToSql + Sync)], op: Op) -> Result<Out> {
+        self.ready().await?;
+        self.engine.inner.counters.inc(|c| &c.statements);
+        let result = if self.begun.swap(true, Ordering::AcqRel) {
+            self.conn.run(sql, params, op, false).await
+        } else {
+            // Lazy BEGIN, pipelined: both requests leave in this poll, in order.
+            let (began, result) = futures::future::join(
+                self.control(&self.begin_sql),
+                self.conn.run(sql, params, op, false),
+            )
+            .await;
+            if let Err(e) = began {
+                // The statement may have run outside a transaction: refuse to go on.
+                self.in_doubt.store(true, Ordering::Release);
+                return Err(Error::from_pg(self.name(), e));
+            }
+            result
+        };
+        result.map_err(|e| self.statement_error(e))
+    }
+
+    async fn batch(&self, sql: &str) -> Result<()> {
+        self.ready().await?;
+        self.engine.inner.counters.inc(|c| &c.statements);
+        let r = if self.begun.swap(true, Ordering::AcqRel) {
+            self.conn.client.batch_execute(sql).await
+        } else {
+            let (began, r) = futures::future::join(
+                self.control(&self.begin_sql),
+                self.conn.client.batch_execute(sql),
+            )
+            .await;
+            if let Err(e) = began {
+                self.in_doubt.store(true, Ordering::Release);
+                return Err(Error::from_pg(self.name(), e));
+            }
+            r
+        };
+        r.map_err(|e| self.statement_error(e))
+    }
+}
+
+/// An open transaction or savepoint. See the [module docs](self).
+///
+/// Statements take `&self`, so several can be in flight at once and are
+/// pipelined on the one connection. `commit` / `rollback` consume the guard;
+/// dropping it unfinished rolls back (a savepoint rolls back to itself before
+/// the parent's next operation; an outermost transaction's ROLLBACK is sent
+/// at once on a spawned task, and the connection discarded if that fails).
+pub struct Transaction<'a> {
+    core: Core<'a>,
+    depth: u32,
+    /// Length of the on-commit queue when this savepoint began.
+    mark: usize,
+    done: bool,
+    _borrow: PhantomData<&'a mut ()>,
+}
+
+enum Core<'a> {
+    Root(Option<Box<TxCore>>),
+    Nested(&'a TxCore),
+}
+
+impl fmt::Debug for Transaction<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let core = self.core();
+        f.debug_struct("Transaction")
+            .field("engine", &core.name())
+            .field("id", &core.event.id)
+            .field("depth", &self.depth)
+            .field("begun", &core.begun.load(Ordering::Relaxed))
+            .field("state", &core.state())
+            .finish()
+    }
+}
+
+impl<'a> Transaction<'a> {
+    /// Pins `conn` for a new outermost transaction and records it in the
+    /// per-transaction connection map. Nothing is sent yet.
+    pub(crate) fn start(
+        engine: &Engine,
+        conn: Conn,
+        options: TxOptions,
+        attempt: u32,
+    ) -> Result<Transaction<'a>> {
+        let inner = &engine.inner;
+        let id = inner.tracker.next_id();
+        inner
+            .tracker
+            .after_begin(id, &inner.name, conn.id, &conn.state)?;
+        let event = TxEvent {
+            engine: inner.name.clone(),
+            id,
+            options,
+        };
+        inner.counters.inc(|c| &c.begun);
+        inner.hooks.begin(&event);
+        Ok(Transaction {
+            core: Core::Root(Some(Box::new(TxCore {
+                conn,
+                engine: engine.clone(),
+                begin_sql: event.options.begin_sql(),
+                event,
+                begun: AtomicBool::new(false),
+                in_doubt: AtomicBool::new(false),
+                pending_rollback: Mutex::new(None),
+                saw_retryable: AtomicBool::new(false),
+                on_commit: Mutex::new(Vec::new()),
+                attempt,
+            }))),
+            depth: 0,
+            mark: 0,
+            done: false,
+            _borrow: PhantomData,
+        })
+    }
+
+    fn core(&self) -> &TxCore {
+        match &self.core {
+            Core::Root(Some(core)) => core,
+            Core::Root(None) => unreachable!("a finished transaction is never used"),
+            Core::Nested(core) => core,
+        }
+    }
+
+    /// The engine this transaction runs on.
+    pub fn engine_name(&self) -> &str {
+        self.core().name()
+    }
+
+    /// 0 for the outermost transaction, 1 for its first savepoint, and so on.
+    pub fn depth(&self) -> u32 {
+        self.depth
+    }
+
+    /// Which attempt this is in [`crate::Session::transaction`] (1 for the first).
+    pub fn attempt(&self) -> u32 {
+        self.core().attempt
+    }
+
+    /// The transaction's id (the key of the per-transaction connection map).
+    pub fn id(&self) -> u64 {
+        self.core().event.id
+    }
+
+    pub(crate) fn saw_retryable(&self) -> bool {
+        self.core().saw_retryable.load(Ordering::Acquire)
+    }
+
+    /// Runs `f` after the outermost COMMIT succeeds, in registration order.
+    /// A rollback drops it; a savepoint rollback drops only the callbacks
+    /// registered inside that savepoint. A panicking callback is contained.
+    pub fn on_commit(&self, f: impl FnOnce() + Send + 'static) {
+        self.core()
+            .on_commit
+            .lock()
+            .expect("on_commit")
+            .push(Box::new(f));
+    }
+
+    /// Runs a statement and returns its rows.
+    pub async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        match self.core().run(sql, params, Op::Query).await? {
+            Out::Rows(rows) => Ok(rows),
+            _ => unreachable!("Op::Query returns rows"),
+        }
+    }
+
+    /// Runs a statement that must return exactly one row.
+    pub async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row> {
+        match self.core().run(sql, params, Op::One).await? {
+            Out::Row(row) => Ok(row),
+            _ => unreachable!("Op::One returns a row"),
+        }
+    }
+
+    /// Runs a statement that returns at most one row.
+    pub async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>> {
+        match self.core().run(sql, params, Op::Opt).await? {
+            Out::MaybeRow(row) => Ok(row),
+            _ => unreachable!("Op::Opt returns an optional row"),
+        }
+    }
+
+    /// Runs a statement and returns the number of rows it affected.
+    pub async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        match self.core().run(sql, params, Op::Execute).await? {
+            Out::Count(n) => Ok(n),
+            _ => unreachable!("Op::Execute returns a count"),
+        }
+    }
+
+    /// Runs one or more statements without parameters (simple protocol).
+    pub async fn batch_execute(&self, sql: &str) -> Result<()> {
+        self.core().batch(sql).await
+    }
+
+    /// Opens a savepoint inside this transaction. The returned guard borrows
+    /// this one, so the parent cannot be used until the savepoint ends.
+    pub async fn begin(&mut self) -> Result<Transaction<'_>> {
+        let core = self.core();
+        core.ready().await?;
+        if !core.engine.inner.tracker.holds(core.event.id, core.conn.id) {
+            return Err(Error::Usage(format!(
+                "engine `{}`: nested begin on a connection that is not out of autocommit",
+                core.name()
+            )));
+        }
+        let depth = self.depth + 1;
+        let sql = if core.begun.swap(true, Ordering::AcqRel) {
+            format!("SAVEPOINT {}", savepoint(depth))
+        } else {
+            format!("{}; SAVEPOINT {}", core.begin_sql, savepoint(depth))
+        };
+        core.control(&sql)
+            .await
+            .map_err(|e| core.statement_error(e))?;
+        let mark = core.on_commit.lock().expect("on_commit").len();
+        Ok(Transaction {
+            core: Core::Nested(core),
+            depth,
+            mark,
+            done: false,
+            _borrow: PhantomData,
+        })
+    }
+
+    /// Commits: COMMIT for the outermost transaction, RELEASE SAVEPOINT for a
+    /// savepoint. If a statement failed inside, the work is rolled back and
+    /// [`Error::TransactionAborted`] returned — never `Ok`.
+    pub async fn commit(mut self) -> Result<()> {
+        if self.depth == 0 {
+            self.commit_outermost().await
+        } else {
+            self.release_savepoint().await
+        }
+    }
+
+    /// Rolls back: ROLLBACK, or ROLLBACK TO SAVEPOINT for a savepoint.
+    pub async fn rollback(mut self) -> Result<()> {
+        if self.depth == 0 {
+            self.rollback_outermost().await;
+            Ok(())
+        } else {
+            self.rollback_savepoint().await
+        }
+    }
+
+    async fn commit_outermost(&mut self) -> Result<()> {
+        let core = self.core();
+        if let Err(e) = core.ready().await {
+            self.rollback_outermost().await;
+            return Err(match e {
+                Error::TransactionAborted { .. } => e,
+                other => self.core().aborted(&other.to_string()),
+            });
+        }
+        if !core.begun.load(Ordering::Acquire) {
+            self.finish(Outcome::Committed, true);
+            return Ok(());
+        }
+        match core.control("SELECT 1; COMMIT").await {
+            Ok(()) => {
+                self.finish(Outcome::Committed, true);
+                Ok(())
+            }
+            Err(e) if is_connection_loss(&e) => {
+                let engine = core.name().to_owned();
+                self.finish(Outcome::Unknown, false);
+                Err(Error::CommitOutcomeUnknown { engine, source: e })
+            }
+            Err(e) => {
+                // Either the probe failed (the transaction was aborted and COMMIT
+                // was skipped) or COMMIT itself failed (the server rolled back).
+                let aborted = e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION);
+                self.rollback_outermost().await;
+                Err(if aborted {
+                    self.core()
+                        .aborted("an earlier statement failed; rolled back")
+                } else {
+                    Error::from_pg(self.core().name(), e)
+                })
+            }
+        }
+    }
+
+    /// Sends ROLLBACK if BEGIN went out. A connection that does not confirm
+    /// it is discarded, which rolls back on the server as well.
+    async fn rollback_outermost(&mut self) {
+        let core = self.core();
+        let clean = !core.begun.load(Ordering::Acquire) || core.control("ROLLBACK").await.is_ok();
+        self.finish(Outcome::RolledBack, clean);
+    }
+
+    async fn release_savepoint(&mut self) -> Result<()> {
+        let core = self.core();
+        let before = core.ready().await;
+        if let Err(e) = before {
+            if !matches!(&e, Error::TransactionAborted { .. })
+                || core.in_doubt.load(Ordering::Acquire)
+            {
+                return Err(e);
+            }
+            self.rollback_savepoint().await?;
+            return Err(self
+                .core()
+                .aborted("a statement in the savepoint failed; rolled back to the savepoint"));
+        }
+        match core
+            .control(&format!("RELEASE SAVEPOINT {}", savepoint(self.depth)))
+            .await
+        {
+            Ok(()) => {
+                self.done = true;
+                Ok(())
+            }
+            Err(e) if e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION) => {
+                self.rollback_savepoint().await?;
+                Err(self
+                    .core()
+                    .aborted("a statement in the savepoint failed; rolled back to the savepoint"))
+            }
+            Err(e) => Err(core.statement_error(e)),
+        }
+    }
+
+    async fn rollback_savepoint(&mut self) -> Result<()> {
+        let core = self.core();
+        if core.in_doubt.load(Ordering::Acquire) {
+            return Err(core
+                .aborted("a transaction control statement was cut off or the connection failed"));
+        }
+        // Savepoints nested in this one are undone with it.
+        core.pending_rollback
+            .lock()
+            .expect("pending")
+            .take_if(|d| *d > self.depth);
+        let sp = savepoint(self.depth);
+        core.control(&format!(
+            "ROLLBACK TO SAVEPOINT {sp}; RELEASE SAVEPOINT {sp}"
+        ))
+        .await
+        .map_err(|e| core.statement_error(e))?;
+        core.conn.state.set(ConnState::InTransaction);
+        core.on_commit
+            .lock()
+            .expect("on_commit")
+            .truncate(self.mark);
+        self.done = true;
+        Ok(())
+    }
+
+    /// Ends the outermost transaction: the connection map restores the
+    /// connection (or leaves it dirty for the pool to discard), counters and
+    /// hooks see the outcome, and on-commit callbacks run after a commit.
+    fn finish(&mut self, outcome: Outcome, clean: bool) {
+        self.done = true;
+        let core = self.core();
+        let inner = &core.engine.inner;
+        inner.tracker.after_end(core.event.id, clean);
+        match outcome {
+            Outcome::Committed => inner.counters.inc(|c| &c.committed),
+            Outcome::RolledBack => inner.counters.inc(|c| &c.rolled_back),
+            Outcome::Unknown => inner.counters.inc(|c| &c.commit_unknown),
+        }
+        inner.hooks.end(&core.event, outcome);
+        let callbacks = std::mem::take(&mut *core.on_commit.lock().expect("on_commit"));
+        if outcome == Outcome::Committed {
+            for f in callbacks {
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            }
+        }
+    }
+}
+
+impl Drop for Transaction<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if let Core::Nested(core) = &self.core {
+            core.on_commit
+                .lock()
+                .expect("on_commit")
+                .truncate(self.mark);
+            let mut pending = core.pending_rollback.lock().expect("pending");
+            *pending = Some(pending.map_or(self.depth, |d| d.min(self.depth)));
+            return;
+        }
+        let begun = self.core().begun.load(Ordering::Acquire);
+        if !begun {
+            self.finish(Outcome::RolledBack, true);
+            return;
+        }
+        // Fire the end hooks now; the map entry stays until the server confirms.
+        self.done = true;
+        let Core::Root(slot) = &mut self.core else {
+            unreachable!()
+        };
+        let core = slot.take().expect("root core");
+        let inner = core.engine.inner.clone();
+        inner.counters.inc(|c| &c.rolled_back);
+        inner.hooks.end(&core.event, Outcome::RolledBack);
+        core.on_commit.lock().expect("on_commit").clear();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    let clean = core.conn.client.batch_execute("ROLLBACK").await.is_ok();
+                    inner.tracker.after_end(core.event.id, clean);
+                    drop(core);
+                });
+            }
+            // No runtime to send ROLLBACK on: the pool discards the connection.
+            Err(_) => inner.tracker.after_end(core.event.id, false),
+        }
+    }
+}
