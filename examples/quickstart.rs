@@ -41,7 +41,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build()
         .await?;
 
-    let mut writer = registry.session("writer")?;
+    let writer = registry.session("writer")?;
     let reader = registry.session("reader")?;
 
     // Autocommit: no BEGIN, the connection goes back to the pool after each statement.

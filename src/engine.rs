@@ -118,7 +118,7 @@ impl Engine {
         let pool = self.pool().ok_or_else(|| self.closed_error())?;
         let started = Instant::now();
         // Every idle connection may have died with a server restart: try past them all.
-        for _ in 0..=pool.state().connections + 1 {
+        for _ in 0..=self.inner.config.max_size {
             let conn = pool
                 .get_owned()
                 .await

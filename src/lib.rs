@@ -28,7 +28,7 @@
 //! let reader = registry.session("reader")?;
 //! let rows = reader.query("SELECT id, name FROM users WHERE id = $1", &[&7_i64]).await?;
 //!
-//! let mut writer = registry.session("writer")?;
+//! let writer = registry.session("writer")?;
 //! let mut tx = writer.begin().await?;
 //! tx.execute("INSERT INTO users(name) VALUES ($1)", &[&"ann"]).await?;
 //! {
@@ -51,6 +51,7 @@ mod queryable;
 mod registry;
 mod retry;
 mod session;
+mod sessions;
 mod tracker;
 mod transaction;
 
@@ -65,6 +66,7 @@ pub use manager::PgConn;
 pub use queryable::Queryable;
 pub use registry::{Registry, RegistryBuilder, RegistryStats};
 pub use session::Session;
+pub use sessions::{EngineReport, EngineState, InfoMut, OpenTransaction, Sessions, SessionsReport};
 pub use transaction::{IsolationLevel, Transaction, TxOptions};
 
 pub use tokio_postgres;

@@ -57,6 +57,8 @@ pub struct PgConn {
     pub(crate) client: Client,
     pub(crate) state: Arc<StateCell>,
     pub(crate) id: u64,
+    /// The server process serving this connection (`pg_backend_pid()`).
+    pub(crate) backend_pid: i32,
     cache: Mutex<StatementCache>,
 }
 
@@ -64,6 +66,7 @@ impl std::fmt::Debug for PgConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgConn")
             .field("id", &self.id)
+            .field("backend_pid", &self.backend_pid)
             .field("state", &self.state.get())
             .finish_non_exhaustive()
     }
@@ -237,14 +240,29 @@ impl Manager {
     }
 }
 
+/// Asks the server for its process id once per connection (one round trip
+/// at connect time), for reports and for debugging fork and pool problems.
+async fn backend_pid(client: &Client) -> Result<i32, tokio_postgres::Error> {
+    let messages = client.simple_query("SELECT pg_backend_pid()").await?;
+    Ok(messages
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).and_then(|v| v.parse().ok()),
+            _ => None,
+        })
+        .unwrap_or(0))
+}
+
 impl bb8::ManageConnection for Manager {
     type Connection = PgConn;
     type Error = tokio_postgres::Error;
 
     async fn connect(&self) -> Result<PgConn, tokio_postgres::Error> {
         let client = self.inner.connect().await?;
+        let backend_pid = backend_pid(&client).await?;
         Ok(PgConn {
             client,
+            backend_pid,
             state: Arc::new(StateCell::default()),
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             cache: Mutex::new(StatementCache::new(self.statement_cache)),

@@ -8,7 +8,9 @@ use crate::engine::{Engine, EngineStats};
 use crate::error::{Error, Result};
 use crate::hooks::{Hooks, Outcome, TxEvent};
 use crate::session::Session;
+use crate::sessions::Sessions;
 use crate::tracker::Tracker;
+use crate::transaction::TxOptions;
 
 /// The named engines of an application (writer, reader, logger, …), one of
 /// them the default. Cheap to clone: share one across the whole app.
@@ -65,6 +67,40 @@ impl Registry {
     /// The default engine's name.
     pub fn default_engine_name(&self) -> &str {
         self.inner.engines[self.inner.default].name()
+    }
+
+    /// The index of engine `name` in registry order.
+    pub(crate) fn engine_index(&self, name: &str) -> Result<usize> {
+        self.inner
+            .engines
+            .iter()
+            .position(|e| e.name() == name)
+            .ok_or_else(|| self.unknown(name))
+    }
+
+    pub(crate) fn default_index(&self) -> usize {
+        self.inner.default
+    }
+
+    fn unknown(&self, name: &str) -> Error {
+        Error::UnknownEngine {
+            name: name.to_owned(),
+            known: self.engine_names().collect::<Vec<_>>().join(", "),
+        }
+    }
+
+    /// A per-request container: sessions for any engine, created lazily.
+    pub fn sessions(&self) -> Sessions {
+        Sessions::new(self.clone(), None)
+    }
+
+    /// A per-request container in transaction-per-request mode (Django's
+    /// ATOMIC_REQUESTS, pyramid_tm): every engine the request touches runs
+    /// in one transaction with `options`, begun on first use; a `begin()`
+    /// inside it is a savepoint. [`Sessions::finish`] commits or rolls back;
+    /// dropping the container rolls back.
+    pub fn sessions_in_transaction(&self, options: TxOptions) -> Sessions {
+        Sessions::new(self.clone(), Some(options))
     }
 
     /// An autocommit session on engine `name` (nothing is checked out yet).

@@ -9,7 +9,9 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::manager::{Op, Out};
 use crate::retry;
+use crate::sessions::ScopeRef;
 use crate::transaction::{Transaction, TxOptions};
+use std::time::Instant;
 
 /// A handle for running statements on one engine.
 ///
@@ -18,11 +20,42 @@ use crate::transaction::{Transaction, TxOptions};
 #[derive(Clone, Debug)]
 pub struct Session {
     engine: Engine,
+    /// Set for sessions handed out by a [`crate::Sessions`] container.
+    scope: Option<ScopeRef>,
 }
 
 impl Session {
     pub(crate) fn new(engine: Engine) -> Session {
-        Session { engine }
+        Session {
+            engine,
+            scope: None,
+        }
+    }
+
+    pub(crate) fn scoped(engine: Engine, scope: ScopeRef) -> Session {
+        Session {
+            engine,
+            scope: Some(scope),
+        }
+    }
+
+    /// A value from the request's info stash, for sessions handed out by a
+    /// [`crate::Sessions`] container (`None` otherwise).
+    pub fn info<T: std::any::Any + Send + Sync>(&self) -> Option<std::sync::Arc<T>> {
+        self.scope.as_ref().and_then(ScopeRef::info)
+    }
+
+    /// In transaction-per-request mode, the request's transaction on this
+    /// engine (begun on first use); otherwise `None`.
+    async fn request_tx(&self) -> Result<Option<std::sync::Arc<Transaction<'static>>>> {
+        let Some(scope) = &self.scope else {
+            return Ok(None);
+        };
+        scope.touch(self.engine.name())?;
+        if scope.per_request_tx().is_none() {
+            return Ok(None);
+        }
+        scope.request_tx(self).await.map(Some)
     }
 
     /// The engine this session runs on.
@@ -37,11 +70,19 @@ impl Session {
 
     async fn run(&self, sql: &str, params: &[&(dyn ToSql + Sync)], op: Op) -> Result<Out> {
         reject_transaction_control(sql)?;
+        if self.scope.is_some() {
+            if let Some(tx) = self.request_tx().await? {
+                return tx.run_op(sql, params, op).await;
+            }
+        }
         let conn = self.engine.checkout().await?;
         self.engine.inner.counters.inc(|c| &c.statements);
-        conn.run(sql, params, op, true)
-            .await
-            .map_err(|e| Error::from_pg(self.engine.name(), e))
+        let started = self.scope.as_ref().map(|_| Instant::now());
+        let out = conn.run(sql, params, op, true).await;
+        if let (Some(scope), Some(started)) = (&self.scope, started) {
+            scope.record(conn.backend_pid, started.elapsed());
+        }
+        out.map_err(|e| Error::from_pg(self.engine.name(), e))
     }
 
     /// Runs a statement and returns its rows.
@@ -85,6 +126,11 @@ impl Session {
     /// refused: use [`Session::begin`].
     pub async fn batch_execute(&self, sql: &str) -> Result<()> {
         reject_transaction_control(sql)?;
+        if self.scope.is_some() {
+            if let Some(tx) = self.request_tx().await? {
+                return tx.batch_execute(sql).await;
+            }
+        }
         let conn = self.engine.checkout().await?;
         self.engine.inner.counters.inc(|c| &c.statements);
         conn.client
@@ -94,20 +140,43 @@ impl Session {
     }
 
     /// Begins a transaction with the server's default options.
-    pub async fn begin(&mut self) -> Result<Transaction<'_>> {
+    pub async fn begin(&self) -> Result<Transaction<'static>> {
         self.begin_with(TxOptions::new()).await
     }
 
     /// Begins a transaction: pins a connection and takes it out of
     /// autocommit. BEGIN (with every option in one statement) goes out
     /// pipelined with the first statement.
-    pub async fn begin_with(&mut self, options: TxOptions) -> Result<Transaction<'_>> {
+    pub async fn begin_with(&self, options: TxOptions) -> Result<Transaction<'static>> {
         self.begin_attempt(options, 1).await
     }
 
-    async fn begin_attempt(&mut self, options: TxOptions, attempt: u32) -> Result<Transaction<'_>> {
+    async fn begin_attempt(
+        &self,
+        options: TxOptions,
+        attempt: u32,
+    ) -> Result<Transaction<'static>> {
+        if self.scope.is_some() {
+            if let Some(tx) = self.request_tx().await? {
+                // Inside the request's transaction, a transaction is a savepoint.
+                return tx.savepoint().await;
+            }
+        }
+        self.begin_outermost_attempt(options, attempt).await
+    }
+
+    /// Begins an outermost transaction, never routed into a request transaction.
+    pub(crate) async fn begin_outermost(&self, options: TxOptions) -> Result<Transaction<'static>> {
+        self.begin_outermost_attempt(options, 1).await
+    }
+
+    async fn begin_outermost_attempt(
+        &self,
+        options: TxOptions,
+        attempt: u32,
+    ) -> Result<Transaction<'static>> {
         let conn = self.engine.checkout().await?;
-        Transaction::start(&self.engine, conn, options, attempt)
+        Transaction::start(&self.engine, conn, options, attempt, self.scope.clone())
     }
 
     /// Runs `f` in a transaction: commit on `Ok`, roll back on `Err`.
@@ -132,7 +201,7 @@ impl Session {
     /// # Ok(()) }
     /// ```
     pub async fn transaction<T, E, F>(
-        &mut self,
+        &self,
         options: TxOptions,
         mut f: F,
     ) -> std::result::Result<T, E>

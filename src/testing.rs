@@ -57,22 +57,31 @@ const BASE_CONF: &[(&str, &str)] = &[
 ];
 /// The watchdog (`$1` = temp root, `$2` = data dir). It ignores terminal
 /// signals so that Ctrl-C reaches only the tests, then waits for end of file
-/// on stdin. It sends `SIGQUIT` (immediate shutdown) only to a postmaster
-/// whose working directory is our data dir, so a stale pid file cannot make
-/// it signal an unrelated process, and deletes the directory only once the
-/// server is gone, so the server cannot recreate files in it. A zombie counts
-/// as gone: the dead postmaster belongs to an init that may be slow to reap
-/// it, and `kill -0` would still succeed.
+/// on stdin. Then it finds the tools we started by their working directory,
+/// which is in the temp root for all of them (`ours` prints their pids; a
+/// zombie has none, so a dead postmaster awaiting a slow init counts as
+/// gone). It sends the postmaster `SIGQUIT` (immediate shutdown, which also
+/// ends its backends), kills whatever is left after 3 s (an `initdb` or
+/// `pg_ctl` that was running, a stuck server), and deletes the directory only
+/// when nothing can write into it any more.
 const WATCHDOG: &str = r#"trap '' HUP INT
 read -r _line
-running() { s=$(cut -d ' ' -f 3 "/proc/$1/stat" 2>/dev/null); [ -n "$s" ] && [ "$s" != Z ]; }
-pid=$(head -n 1 "$2/postmaster.pid" 2>/dev/null)
-if [ -n "$pid" ] && [ "$(readlink "/proc/$pid/cwd")" = "$2" ]; then
-  kill -QUIT "$pid" 2>/dev/null
-  i=0
-  while running "$pid" && [ "$i" -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
-  running "$pid" && kill -KILL "$pid" 2>/dev/null
-fi
+ours() {
+  ls -l /proc/[0-9]*/cwd 2>/dev/null | sed -n 's|^.* /proc/\([0-9]*\)/cwd -> \(.*\)$|\1 \2|p' |
+    while read -r pid dir; do
+      case "$dir" in "$1" | "$1"/*)
+        case "$(cat "/proc/$pid/comm" 2>/dev/null)" in initdb | pg_ctl | postgres) echo "$pid" ;; esac
+      esac
+    done
+}
+i=0
+while left=$(ours "$1") && [ -n "$left" ] && [ "$i" -lt 100 ]; do
+  pm=$(head -n 1 "$2/postmaster.pid" 2>/dev/null)
+  [ -n "$pm" ] && case " $(echo $left) " in *" $pm "*) kill -QUIT "$pm" ;; esac
+  [ "$i" -ge 30 ] && kill -KILL $left 2>/dev/null
+  sleep 0.1
+  i=$((i + 1))
+done
 rm -rf "$1"
 "#;
 
@@ -208,12 +217,11 @@ impl TestCluster {
             None => "localhost".to_owned(),
         };
         let port = config.get_ports().first().copied().unwrap_or(5432);
-        let local = None;
         Ok(TestCluster {
             host,
             port,
             external_url: Some(url),
-            local,
+            local: None,
         })
     }
 
@@ -405,7 +413,8 @@ impl Local {
             let n = COUNTER.fetch_add(1, Ordering::Relaxed);
             let root = PathBuf::from(format!("/tmp/pgassist-{}-{n}", std::process::id()));
             match fs::create_dir(&root) {
-                Ok(()) => break root,
+                // Canonical, so the watchdog can compare it to /proc/PID/cwd.
+                Ok(()) => break fs::canonicalize(&root).unwrap_or(root),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return fail(format!("creating {}: {e}", root.display())),
             }
@@ -620,7 +629,7 @@ impl Local {
 
     /// Adds the end of the server log, which says why a server failed.
     fn with_log_tail(&self, e: HarnessError) -> HarnessError {
-        let log = self.log_since(0);
+        let log = self.log_since(self.log_len().saturating_sub(16 * 1024));
         let lines: Vec<&str> = log.lines().collect();
         let tail = lines[lines.len().saturating_sub(30)..].join("\n");
         HarnessError(format!("{}\n--- end of server log ---\n{tail}", e.0))

@@ -19,8 +19,10 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::marker::PhantomData;
+use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Instant;
 
 use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
@@ -30,6 +32,7 @@ use crate::engine::{Conn, Engine};
 use crate::error::{Error, Result, is_connection_loss};
 use crate::hooks::{Outcome, TxEvent};
 use crate::manager::{ConnState, Op, Out};
+use crate::sessions::ScopeRef;
 
 /// Transaction isolation levels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,20 +137,48 @@ pub(crate) struct TxCore {
     /// not yet seen. Still set after the await means the future was dropped
     /// (or the connection failed): the server state is unknown.
     in_doubt: AtomicBool,
-    /// Shallowest savepoint dropped without commit/rollback; rolled back
-    /// before the next operation.
-    pending_rollback: Mutex<Option<u32>>,
+    /// Shallowest savepoint (depth, number) dropped without commit or
+    /// rollback; rolled back before the next operation.
+    pending_rollback: Mutex<Option<(u32, u32)>>,
+    /// Numbers savepoints, so names never repeat within a transaction.
+    savepoints: AtomicU32,
     /// A statement failed with 40001 / 40P01: the closure form may retry.
     saw_retryable: AtomicBool,
     on_commit: Mutex<Vec<Callback>>,
     attempt: u32,
+    /// Savepoints open now.
+    depth_now: AtomicU32,
+    /// Set once the outermost transaction has ended.
+    ended: AtomicBool,
+    /// The per-request container this transaction reports to, if any.
+    scope: Option<ScopeRef>,
 }
 
-fn savepoint(depth: u32) -> String {
-    format!("pgassist_sp_{depth}")
+fn savepoint_name(number: u32) -> String {
+    format!("pgassist_sp_{number}")
 }
 
 impl TxCore {
+    /// The transaction id.
+    pub(crate) fn id(&self) -> u64 {
+        self.event.id
+    }
+
+    /// Savepoints open now.
+    pub(crate) fn depth_now(&self) -> u32 {
+        self.depth_now.load(Ordering::Relaxed)
+    }
+
+    /// Whether BEGIN has gone out.
+    pub(crate) fn is_begun(&self) -> bool {
+        self.begun.load(Ordering::Relaxed)
+    }
+
+    /// Whether the outermost transaction is still open.
+    pub(crate) fn is_open(&self) -> bool {
+        !self.ended.load(Ordering::Relaxed)
+    }
+
     fn name(&self) -> &str {
         &self.event.engine
     }
@@ -198,8 +229,8 @@ impl TxCore {
                 .aborted("a transaction control statement was cut off or the connection failed"));
         }
         let pending = self.pending_rollback.lock().expect("pending").take();
-        if let Some(depth) = pending {
-            let sp = savepoint(depth);
+        if let Some((_, number)) = pending {
+            let sp = savepoint_name(number);
             self.control(&format!(
                 "ROLLBACK TO SAVEPOINT {sp}; RELEASE SAVEPOINT {sp}"
             ))
@@ -216,6 +247,15 @@ impl TxCore {
     async fn run(&self, sql: &str, params: &[&(dyn ToSql + Sync)], op: Op) -> Result<Out> {
         self.ready().await?;
         self.engine.inner.counters.inc(|c| &c.statements);
+        let started = self.scope.as_ref().map(|_| Instant::now());
+        let out = self.run_inner(sql, params, op).await;
+        if let (Some(scope), Some(started)) = (&self.scope, started) {
+            scope.record(self.conn.backend_pid, started.elapsed());
+        }
+        out
+    }
+
+    async fn run_inner(&self, sql: &str, params: &[&(dyn ToSql + Sync)], op: Op) -> Result<Out> {
         let result = if self.begun.swap(true, Ordering::AcqRel) {
             self.conn.run(sql, params, op, false).await
         } else {
@@ -264,17 +304,14 @@ impl TxCore {
 /// the parent's next operation; an outermost transaction's ROLLBACK is sent
 /// at once on a spawned task, and the connection discarded if that fails).
 pub struct Transaction<'a> {
-    core: Core<'a>,
+    core: Arc<TxCore>,
     depth: u32,
+    /// This savepoint's number (0 for the outermost transaction).
+    number: u32,
     /// Length of the on-commit queue when this savepoint began.
     mark: usize,
     done: bool,
     _borrow: PhantomData<&'a mut ()>,
-}
-
-enum Core<'a> {
-    Root(Option<Box<TxCore>>),
-    Nested(&'a TxCore),
 }
 
 impl fmt::Debug for Transaction<'_> {
@@ -298,6 +335,7 @@ impl<'a> Transaction<'a> {
         conn: Conn,
         options: TxOptions,
         attempt: u32,
+        scope: Option<ScopeRef>,
     ) -> Result<Transaction<'a>> {
         let inner = &engine.inner;
         let id = inner.tracker.next_id();
@@ -311,8 +349,8 @@ impl<'a> Transaction<'a> {
         };
         inner.counters.inc(|c| &c.begun);
         inner.hooks.begin(&event);
-        Ok(Transaction {
-            core: Core::Root(Some(Box::new(TxCore {
+        let tx = Transaction {
+            core: Arc::new(TxCore {
                 conn,
                 engine: engine.clone(),
                 begin_sql: event.options.begin_sql(),
@@ -320,23 +358,28 @@ impl<'a> Transaction<'a> {
                 begun: AtomicBool::new(false),
                 in_doubt: AtomicBool::new(false),
                 pending_rollback: Mutex::new(None),
+                savepoints: AtomicU32::new(0),
                 saw_retryable: AtomicBool::new(false),
                 on_commit: Mutex::new(Vec::new()),
                 attempt,
-            }))),
+                depth_now: AtomicU32::new(0),
+                ended: AtomicBool::new(false),
+                scope,
+            }),
             depth: 0,
+            number: 0,
             mark: 0,
             done: false,
             _borrow: PhantomData,
-        })
+        };
+        if let Some(scope) = &tx.core.scope {
+            scope.register(&tx.core);
+        }
+        Ok(tx)
     }
 
     fn core(&self) -> &TxCore {
-        match &self.core {
-            Core::Root(Some(core)) => core,
-            Core::Root(None) => unreachable!("a finished transaction is never used"),
-            Core::Nested(core) => core,
-        }
+        &self.core
     }
 
     /// The engine this transaction runs on.
@@ -357,6 +400,17 @@ impl<'a> Transaction<'a> {
     /// The transaction's id (the key of the per-transaction connection map).
     pub fn id(&self) -> u64 {
         self.core().event.id
+    }
+
+    /// Runs one statement in this transaction (for sessions routed into a
+    /// request transaction).
+    pub(crate) async fn run_op(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        op: Op,
+    ) -> Result<Out> {
+        self.core().run(sql, params, op).await
     }
 
     pub(crate) fn saw_retryable(&self) -> bool {
@@ -418,6 +472,12 @@ impl<'a> Transaction<'a> {
     /// Opens a savepoint inside this transaction. The returned guard borrows
     /// this one, so the parent cannot be used until the savepoint ends.
     pub async fn begin(&mut self) -> Result<Transaction<'_>> {
+        self.savepoint().await
+    }
+
+    /// Opens a savepoint without borrowing this guard mutably: for a
+    /// transaction shared by a request's sessions (see `Sessions`).
+    pub(crate) async fn savepoint<'b>(&self) -> Result<Transaction<'b>> {
         let core = self.core();
         core.ready().await?;
         if !core.engine.inner.tracker.holds(core.event.id, core.conn.id) {
@@ -426,19 +486,21 @@ impl<'a> Transaction<'a> {
                 core.name()
             )));
         }
-        let depth = self.depth + 1;
+        let number = core.savepoints.fetch_add(1, Ordering::Relaxed) + 1;
         let sql = if core.begun.swap(true, Ordering::AcqRel) {
-            format!("SAVEPOINT {}", savepoint(depth))
+            format!("SAVEPOINT {}", savepoint_name(number))
         } else {
-            format!("{}; SAVEPOINT {}", core.begin_sql, savepoint(depth))
+            format!("{}; SAVEPOINT {}", core.begin_sql, savepoint_name(number))
         };
         core.control(&sql)
             .await
             .map_err(|e| core.statement_error(e))?;
         let mark = core.on_commit.lock().expect("on_commit").len();
+        core.depth_now.fetch_add(1, Ordering::Relaxed);
         Ok(Transaction {
-            core: Core::Nested(core),
-            depth,
+            core: self.core.clone(),
+            depth: self.depth + 1,
+            number,
             mark,
             done: false,
             _borrow: PhantomData,
@@ -527,11 +589,14 @@ impl<'a> Transaction<'a> {
                 .aborted("a statement in the savepoint failed; rolled back to the savepoint"));
         }
         match core
-            .control(&format!("RELEASE SAVEPOINT {}", savepoint(self.depth)))
+            .control(&format!(
+                "RELEASE SAVEPOINT {}",
+                savepoint_name(self.number)
+            ))
             .await
         {
             Ok(()) => {
-                self.done = true;
+                self.end_savepoint();
                 Ok(())
             }
             Err(e) if e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION) => {
@@ -554,8 +619,8 @@ impl<'a> Transaction<'a> {
         core.pending_rollback
             .lock()
             .expect("pending")
-            .take_if(|d| *d > self.depth);
-        let sp = savepoint(self.depth);
+            .take_if(|(d, _)| *d > self.depth);
+        let sp = savepoint_name(self.number);
         core.control(&format!(
             "ROLLBACK TO SAVEPOINT {sp}; RELEASE SAVEPOINT {sp}"
         ))
@@ -566,8 +631,13 @@ impl<'a> Transaction<'a> {
             .lock()
             .expect("on_commit")
             .truncate(self.mark);
-        self.done = true;
+        self.end_savepoint();
         Ok(())
+    }
+
+    fn end_savepoint(&mut self) {
+        self.done = true;
+        self.core.depth_now.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Ends the outermost transaction: the connection map restores the
@@ -576,6 +646,7 @@ impl<'a> Transaction<'a> {
     fn finish(&mut self, outcome: Outcome, clean: bool) {
         self.done = true;
         let core = self.core();
+        core.ended.store(true, Ordering::Relaxed);
         let inner = &core.engine.inner;
         inner.tracker.after_end(core.event.id, clean);
         match outcome {
@@ -598,26 +669,26 @@ impl Drop for Transaction<'_> {
         if self.done {
             return;
         }
-        if let Core::Nested(core) = &self.core {
+        let core = self.core.clone();
+        if self.depth > 0 {
+            core.depth_now.fetch_sub(1, Ordering::Relaxed);
             core.on_commit
                 .lock()
                 .expect("on_commit")
                 .truncate(self.mark);
             let mut pending = core.pending_rollback.lock().expect("pending");
-            *pending = Some(pending.map_or(self.depth, |d| d.min(self.depth)));
+            if pending.is_none_or(|(d, _)| d > self.depth) {
+                *pending = Some((self.depth, self.number));
+            }
             return;
         }
-        let begun = self.core().begun.load(Ordering::Acquire);
-        if !begun {
+        if !core.begun.load(Ordering::Acquire) {
             self.finish(Outcome::RolledBack, true);
             return;
         }
         // Fire the end hooks now; the map entry stays until the server confirms.
         self.done = true;
-        let Core::Root(slot) = &mut self.core else {
-            unreachable!()
-        };
-        let core = slot.take().expect("root core");
+        core.ended.store(true, Ordering::Relaxed);
         let inner = core.engine.inner.clone();
         inner.counters.inc(|c| &c.rolled_back);
         inner.hooks.end(&core.event, Outcome::RolledBack);
@@ -627,7 +698,6 @@ impl Drop for Transaction<'_> {
                 rt.spawn(async move {
                     let clean = core.conn.client.batch_execute("ROLLBACK").await.is_ok();
                     inner.tracker.after_end(core.event.id, clean);
-                    drop(core);
                 });
             }
             // No runtime to send ROLLBACK on: the pool discards the connection.

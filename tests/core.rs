@@ -95,7 +95,7 @@ async fn pool_of_one_serves_two_interleaved_sessions() {
 async fn uncommitted_work_is_invisible_and_rollback_or_drop_discard_it() {
     let db = Db::new().await;
     let registry = db.registry(|c| c).await;
-    let mut session = registry.session("writer").unwrap();
+    let session = registry.session("writer").unwrap();
 
     let tx = session.begin().await.unwrap();
     tx.execute("INSERT INTO items(name) VALUES ('rolled back')", &[])
@@ -137,7 +137,7 @@ async fn uncommitted_work_is_invisible_and_rollback_or_drop_discard_it() {
 async fn savepoint_rollback_discards_only_inner_work_at_several_depths() {
     let db = Db::new().await;
     let registry = db.registry(|c| c).await;
-    let mut session = registry.session("writer").unwrap();
+    let session = registry.session("writer").unwrap();
     let from = db.log_offset();
 
     let mut tx = session.begin().await.unwrap();
@@ -208,7 +208,7 @@ async fn savepoint_rollback_discards_only_inner_work_at_several_depths() {
 async fn every_ended_transaction_returns_its_connection_clean() {
     let db = Db::new().await;
     let registry = db.registry(|c| c.max_size(1)).await;
-    let mut session = registry.session("writer").unwrap();
+    let session = registry.session("writer").unwrap();
     let probe = registry.session("writer").unwrap();
 
     // commit, rollback, drop, statement error then commit, error then drop
@@ -273,7 +273,7 @@ async fn assert_autocommit(db: &Db, probe: &pgassist::Session) {
 async fn commit_after_a_statement_error_is_transaction_aborted_and_commits_nothing() {
     let db = Db::new().await;
     let registry = db.registry(|c| c).await;
-    let mut session = registry.session("writer").unwrap();
+    let session = registry.session("writer").unwrap();
 
     let tx = session.begin().await.unwrap();
     tx.execute("INSERT INTO items(name) VALUES ('x')", &[])
@@ -325,7 +325,7 @@ async fn commit_after_a_statement_error_is_transaction_aborted_and_commits_nothi
 async fn futures_cut_off_mid_control_statement_never_return_a_dirty_connection() {
     let db = Db::new().await;
     let registry = db.registry(|c| c.max_size(1)).await;
-    let mut session = registry.session("writer").unwrap();
+    let session = registry.session("writer").unwrap();
     let probe = registry.session("writer").unwrap();
 
     // Cut off COMMIT right after it went on the wire (first poll).
@@ -388,7 +388,6 @@ async fn read_only_engine_refuses_writes_with_a_typed_error() {
         err.code(),
         Some(&pgassist::SqlState::READ_ONLY_SQL_TRANSACTION)
     );
-    let mut reader = reader;
     let tx = reader.begin().await.unwrap();
     let err = tx
         .execute("INSERT INTO items(name) VALUES ('no')", &[])
@@ -416,7 +415,7 @@ async fn hooks_fire_once_per_outermost_transaction_with_the_outcome() {
         .build()
         .await
         .unwrap();
-    let mut s = registry.session("writer").unwrap();
+    let s = registry.session("writer").unwrap();
     let mut tx = s.begin().await.unwrap();
     tx.execute("INSERT INTO items(name) VALUES ('h')", &[])
         .await
@@ -452,7 +451,7 @@ async fn hooks_fire_once_per_outermost_transaction_with_the_outcome() {
 async fn begin_with_sends_all_options_in_one_statement_lazily() {
     let db = Db::new().await;
     let registry = db.registry(|c| c).await;
-    let mut s = registry.session("writer").unwrap();
+    let s = registry.session("writer").unwrap();
     let from = db.log_offset();
     // A transaction that runs nothing sends nothing.
     s.begin().await.unwrap().commit().await.unwrap();
@@ -486,7 +485,7 @@ async fn begin_with_sends_all_options_in_one_statement_lazily() {
 async fn closure_form_commits_on_ok_and_rolls_back_on_err() {
     let db = Db::new().await;
     let registry = db.registry(|c| c).await;
-    let mut s = registry.session("writer").unwrap();
+    let s = registry.session("writer").unwrap();
     let id: i32 = s
         .transaction(TxOptions::new(), |tx| {
             Box::pin(async move {
@@ -535,7 +534,7 @@ async fn count_items(q: &impl Queryable) -> i64 {
 async fn queryable_is_generic_over_session_and_transaction() {
     let db = Db::new().await;
     let registry = db.registry(|c| c).await;
-    let mut s = registry.session("writer").unwrap();
+    let s = registry.session("writer").unwrap();
     assert_eq!(count_items(&s).await, 0);
     let tx = s.begin().await.unwrap();
     tx.execute("INSERT INTO items(name) VALUES ('q')", &[])
@@ -614,7 +613,7 @@ async fn pool_exhaustion_is_a_pool_timeout() {
     let registry = db
         .registry(|c| c.max_size(1).connection_timeout(Duration::from_millis(200)))
         .await;
-    let mut a = registry.session("writer").unwrap();
+    let a = registry.session("writer").unwrap();
     let b = registry.session("writer").unwrap();
     let _tx = a.begin().await.unwrap();
     let err = b.query("SELECT 1", &[]).await.unwrap_err();

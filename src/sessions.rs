@@ -1,0 +1,430 @@
+//! `Sessions`: the per-request container.
+//!
+//! A request asks for `reader()`, `writer()`, `logger()` or any engine by
+//! name; each session is created on first use and memoised, and nothing is
+//! checked out until a statement runs. The container records what the
+//! request used (engine states INIT / START / END, statements, time, backend
+//! pids, open transactions) for [`Sessions::report`], carries a typed info
+//! stash that every session it hands out can read, and — in
+//! transaction-per-request mode — holds one transaction per engine the
+//! request touched, committed or rolled back by [`Sessions::finish`].
+//! Dropping the container rolls back whatever it holds, at once.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::registry::Registry;
+use crate::session::Session;
+use crate::transaction::{Transaction, TxCore, TxOptions};
+
+/// Where one engine stands within a request, as in sqlassist's debug panel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub enum EngineState {
+    /// Configured, not touched by this request.
+    Init,
+    /// Used by this request.
+    Start,
+    /// Used, and the request has finished with it.
+    End,
+}
+
+/// What a request did on one engine.
+#[derive(Debug, Default)]
+pub(crate) struct EngineUse {
+    used: AtomicBool,
+    statements: AtomicU64,
+    busy_nanos: AtomicU64,
+    backend_pids: Mutex<Vec<i32>>,
+    transactions: Mutex<Vec<Weak<TxCore>>>,
+    /// Transaction-per-request mode: the request's transaction on this engine.
+    request_tx: Mutex<Option<Arc<Transaction<'static>>>>,
+    /// Serialises the creation of `request_tx`.
+    creating: tokio::sync::Mutex<()>,
+}
+
+/// Longest list of backend pids kept per engine and request.
+const MAX_PIDS: usize = 32;
+
+/// State shared by a container and the sessions it hands out.
+#[derive(Debug)]
+pub(crate) struct Scope {
+    engines: Box<[EngineUse]>,
+    info: RwLock<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
+    per_request_tx: Option<TxOptions>,
+    ended: AtomicBool,
+}
+
+/// A session's link to its container: the scope and the engine's index in it.
+#[derive(Clone)]
+pub(crate) struct ScopeRef {
+    pub(crate) scope: Arc<Scope>,
+    pub(crate) index: usize,
+}
+
+impl fmt::Debug for ScopeRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScopeRef")
+            .field("index", &self.index)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ScopeRef {
+    fn usage(&self) -> &EngineUse {
+        &self.scope.engines[self.index]
+    }
+
+    /// Marks the engine used; refuses work once the request has ended.
+    pub(crate) fn touch(&self, engine: &str) -> Result<()> {
+        if self.scope.ended.load(Ordering::Acquire) {
+            return Err(Error::Closed {
+                engine: engine.to_owned(),
+                reason: "the request's Sessions container has ended".into(),
+            });
+        }
+        self.usage().used.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Records one statement: the backend that ran it and how long it took.
+    pub(crate) fn record(&self, backend_pid: i32, took: Duration) {
+        let usage = self.usage();
+        usage.statements.fetch_add(1, Ordering::Relaxed);
+        usage
+            .busy_nanos
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        let mut pids = usage.backend_pids.lock().expect("pids");
+        if !pids.contains(&backend_pid) && pids.len() < MAX_PIDS {
+            pids.push(backend_pid);
+        }
+    }
+
+    /// Lists an open transaction in the report.
+    pub(crate) fn register(&self, core: &Arc<TxCore>) {
+        let mut list = self.usage().transactions.lock().expect("transactions");
+        list.retain(|w| w.strong_count() > 0);
+        list.push(Arc::downgrade(core));
+    }
+
+    pub(crate) fn info<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
+        self.scope.info()
+    }
+
+    /// Transaction-per-request mode: the options of the request transaction.
+    pub(crate) fn per_request_tx(&self) -> Option<&TxOptions> {
+        self.scope.per_request_tx.as_ref()
+    }
+
+    /// The request's transaction on this engine, begun on first use.
+    pub(crate) async fn request_tx(&self, session: &Session) -> Result<Arc<Transaction<'static>>> {
+        let usage = self.usage();
+        if let Some(tx) = usage.request_tx.lock().expect("request tx").clone() {
+            return Ok(tx);
+        }
+        let _creating = usage.creating.lock().await;
+        if let Some(tx) = usage.request_tx.lock().expect("request tx").clone() {
+            return Ok(tx);
+        }
+        let options = self.scope.per_request_tx.clone().unwrap_or_default();
+        let tx = Arc::new(session.begin_outermost(options).await?);
+        *usage.request_tx.lock().expect("request tx") = Some(tx.clone());
+        Ok(tx)
+    }
+}
+
+impl Scope {
+    fn info<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
+        let map = self.info.read().expect("info");
+        map.get(&TypeId::of::<T>())
+            .cloned()
+            .and_then(|v| v.downcast::<T>().ok())
+    }
+}
+
+/// The per-request container. See the [module docs](self).
+///
+/// ```no_run
+/// # async fn handler(registry: pgassist::Registry) -> Result<(), pgassist::Error> {
+/// #[derive(Debug)]
+/// struct RequestId(u64);
+/// let mut db = registry.sessions();               // nothing checked out yet
+/// db.info_mut().insert(RequestId(42));
+/// db.reader()?.query("SELECT 1", &[]).await?;
+/// let tx = db.writer()?.begin().await?;
+/// tx.execute("INSERT INTO audit(msg) VALUES ('hi')", &[]).await?;
+/// tx.commit().await?;
+/// println!("{:#?}", db.report());
+/// # Ok(()) }
+/// ```
+pub struct Sessions {
+    registry: Registry,
+    scope: Arc<Scope>,
+    slots: Box<[OnceLock<Session>]>,
+}
+
+impl fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sessions")
+            .field("report", &self.report())
+            .finish()
+    }
+}
+
+impl Sessions {
+    pub(crate) fn new(registry: Registry, per_request_tx: Option<TxOptions>) -> Sessions {
+        let n = registry.engines().count();
+        Sessions {
+            scope: Arc::new(Scope {
+                engines: (0..n).map(|_| EngineUse::default()).collect(),
+                info: RwLock::default(),
+                per_request_tx,
+                ended: AtomicBool::new(false),
+            }),
+            slots: (0..n).map(|_| OnceLock::new()).collect(),
+            registry,
+        }
+    }
+
+    /// The registry this container draws from.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The session of engine `name`, created on first use.
+    pub fn get(&self, name: &str) -> Result<&Session> {
+        let index = self.registry.engine_index(name)?;
+        Ok(self.slot(index))
+    }
+
+    fn slot(&self, index: usize) -> &Session {
+        self.slots[index].get_or_init(|| {
+            let engine = self
+                .registry
+                .engines()
+                .nth(index)
+                .expect("engine index")
+                .clone();
+            Session::scoped(
+                engine,
+                ScopeRef {
+                    scope: self.scope.clone(),
+                    index,
+                },
+            )
+        })
+    }
+
+    /// The `reader` engine's session.
+    pub fn reader(&self) -> Result<&Session> {
+        self.get("reader")
+    }
+
+    /// The `writer` engine's session.
+    pub fn writer(&self) -> Result<&Session> {
+        self.get("writer")
+    }
+
+    /// The `logger` engine's session.
+    pub fn logger(&self) -> Result<&Session> {
+        self.get("logger")
+    }
+
+    /// A session this request already used, if any (the first in registry
+    /// order), else the default engine's.
+    pub fn any(&self) -> &Session {
+        let used = self
+            .scope
+            .engines
+            .iter()
+            .position(|u| u.used.load(Ordering::Relaxed));
+        self.slot(used.unwrap_or_else(|| self.registry.default_index()))
+    }
+
+    /// A value stashed for this request, visible to every session handed out.
+    pub fn info<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
+        self.scope.info()
+    }
+
+    /// The request's info stash, to insert values into.
+    pub fn info_mut(&mut self) -> InfoMut<'_> {
+        InfoMut { scope: &self.scope }
+    }
+
+    /// What the request used so far.
+    pub fn report(&self) -> SessionsReport {
+        let ended = self.scope.ended.load(Ordering::Acquire);
+        let default = self.registry.default_engine_name();
+        let engines = self
+            .registry
+            .engines()
+            .zip(self.scope.engines.iter())
+            .map(|(engine, usage)| {
+                let stats = engine.stats();
+                let used = usage.used.load(Ordering::Relaxed);
+                let transactions = usage
+                    .transactions
+                    .lock()
+                    .expect("transactions")
+                    .iter()
+                    .filter_map(Weak::upgrade)
+                    .filter(|core| core.is_open())
+                    .map(|core| OpenTransaction {
+                        id: core.id(),
+                        depth: core.depth_now(),
+                        begun: core.is_begun(),
+                    })
+                    .collect();
+                EngineReport {
+                    name: engine.name().to_owned(),
+                    is_default: engine.name() == default,
+                    read_only: engine.config().is_read_only(),
+                    pool_size: stats.max_size,
+                    pool_idle: stats.idle,
+                    pool_in_use: stats.in_use,
+                    state: match (used, ended) {
+                        (false, _) => EngineState::Init,
+                        (true, false) => EngineState::Start,
+                        (true, true) => EngineState::End,
+                    },
+                    statements: usage.statements.load(Ordering::Relaxed),
+                    time_ms: usage.busy_nanos.load(Ordering::Relaxed) as f64 / 1e6,
+                    backend_pids: usage.backend_pids.lock().expect("pids").clone(),
+                    open_transactions: transactions,
+                }
+            })
+            .collect();
+        SessionsReport { engines }
+    }
+
+    /// Ends the request: in transaction-per-request mode commits (`commit`
+    /// true) or rolls back each engine's request transaction; marks every
+    /// used engine END; refuses later statements from sessions handed out.
+    /// Returns the final report, or the first commit error (the remaining
+    /// transactions are then rolled back).
+    pub async fn finish(&mut self, commit: bool) -> Result<SessionsReport> {
+        let mut first_error = None;
+        for usage in self.scope.engines.iter() {
+            let taken = usage.request_tx.lock().expect("request tx").take();
+            let Some(tx) = taken else { continue };
+            let tx = match Arc::try_unwrap(tx) {
+                Ok(tx) => tx,
+                Err(shared) => {
+                    // Still in use somewhere (a spawned task kept a session):
+                    // it rolls back when the last user lets go.
+                    drop(shared);
+                    first_error.get_or_insert(Error::Usage(
+                        "the request transaction was still in use at the end of the request; it was rolled back".into(),
+                    ));
+                    continue;
+                }
+            };
+            let result = if commit && first_error.is_none() {
+                tx.commit().await
+            } else {
+                tx.rollback().await
+            };
+            if let Err(e) = result {
+                first_error.get_or_insert(e);
+            }
+        }
+        self.scope.ended.store(true, Ordering::Release);
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(self.report()),
+        }
+    }
+}
+
+impl Drop for Sessions {
+    /// Rolls back the request transactions at once (their ROLLBACK is sent
+    /// on a spawned task) and refuses further work from leaked sessions.
+    fn drop(&mut self) {
+        self.scope.ended.store(true, Ordering::Release);
+        for usage in self.scope.engines.iter() {
+            drop(usage.request_tx.lock().expect("request tx").take());
+        }
+    }
+}
+
+/// Inserts values into a request's info stash; see [`Sessions::info_mut`].
+#[derive(Debug)]
+pub struct InfoMut<'a> {
+    scope: &'a Scope,
+}
+
+impl InfoMut<'_> {
+    /// Stashes `value`, replacing an earlier value of the same type.
+    pub fn insert<T: Any + Send + Sync>(&mut self, value: T) {
+        self.scope
+            .info
+            .write()
+            .expect("info")
+            .insert(TypeId::of::<T>(), Arc::new(value));
+    }
+
+    /// Removes the value of type `T`, if any.
+    pub fn remove<T: Any + Send + Sync>(&mut self) {
+        self.scope
+            .info
+            .write()
+            .expect("info")
+            .remove(&TypeId::of::<T>());
+    }
+}
+
+/// What a request used, from [`Sessions::report`]: sqlassist's debug panel.
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct SessionsReport {
+    /// Every configured engine, in registry order.
+    pub engines: Vec<EngineReport>,
+}
+
+/// One engine in a [`SessionsReport`].
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct EngineReport {
+    /// Engine name.
+    pub name: String,
+    /// Whether it is the registry's default engine.
+    pub is_default: bool,
+    /// Whether the engine refuses writes.
+    pub read_only: bool,
+    /// Configured pool size.
+    pub pool_size: u32,
+    /// Idle connections in the pool now.
+    pub pool_idle: u32,
+    /// Connections checked out now (by any request).
+    pub pool_in_use: u32,
+    /// INIT, START or END for this request.
+    pub state: EngineState,
+    /// Statements this request ran on the engine.
+    pub statements: u64,
+    /// Time this request spent in those statements, in milliseconds.
+    pub time_ms: f64,
+    /// Server process ids that served this request (at most 32).
+    pub backend_pids: Vec<i32>,
+    /// Transactions of this request still open, with their savepoint depth.
+    pub open_transactions: Vec<OpenTransaction>,
+}
+
+/// An open transaction in an [`EngineReport`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct OpenTransaction {
+    /// Transaction id (the key of the per-transaction connection map).
+    pub id: u64,
+    /// Savepoints open inside it.
+    pub depth: u32,
+    /// Whether BEGIN has gone out yet.
+    pub begun: bool,
+}
