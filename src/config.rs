@@ -176,6 +176,154 @@ impl EngineConfig {
     }
 }
 
+/// The settings keys an engine understands, besides `url`.
+pub const SETTING_KEYS: [&str; 8] = [
+    "max_size",
+    "min_idle",
+    "connection_timeout",
+    "idle_timeout",
+    "max_lifetime",
+    "read_only",
+    "application_name",
+    "statement_cache",
+];
+
+impl EngineConfig {
+    /// Builds an engine from key/value settings under `prefix`, like
+    /// SQLAlchemy's `engine_from_config(settings, prefix="sqlalchemy_reader.")`:
+    /// `{prefix}url` is required; `{prefix}max_size`, `min_idle`,
+    /// `connection_timeout`, `idle_timeout`, `max_lifetime` (durations such as
+    /// `500ms`, `2s`, `5m`, `1h`, or plain seconds; `none` for no limit),
+    /// `read_only` (true/false/1/0/yes/no/on/off), `application_name` and
+    /// `statement_cache` are optional. An unknown key under the prefix is an
+    /// error (a typo should not pass silently); errors name the key and never
+    /// show the URL.
+    ///
+    /// ```
+    /// let settings = [("db.reader.url", "postgres://app:pw@replica/app"), ("db.reader.max_size", "8"), ("db.reader.read_only", "true")];
+    /// let cfg = pgassist::EngineConfig::from_settings(settings, "db.reader.")?;
+    /// assert!(cfg.is_read_only());
+    /// # Ok::<(), pgassist::Error>(())
+    /// ```
+    pub fn from_settings<K, V>(
+        settings: impl IntoIterator<Item = (K, V)>,
+        prefix: &str,
+    ) -> Result<Self>
+    where
+        K: AsRef<str>,
+        V: AsRef<str>,
+    {
+        let mut url = None;
+        let mut rest = Vec::new();
+        for (k, v) in settings {
+            let Some(key) = k.as_ref().strip_prefix(prefix) else {
+                continue;
+            };
+            if key == "url" {
+                url = Some(v.as_ref().to_owned());
+            } else {
+                rest.push((key.to_owned(), v.as_ref().to_owned()));
+            }
+        }
+        let url = url.ok_or_else(|| Error::Config(format!("{prefix}url is missing")))?;
+        let mut cfg = Self::from_url(&url).map_err(|e| match e {
+            Error::Config(m) => Error::Config(format!("{prefix}url: {m}")),
+            other => other,
+        })?;
+        for (key, value) in rest {
+            cfg = cfg
+                .apply(&key, &value)
+                .map_err(|m| Error::Config(format!("{prefix}{key}: {m}")))?;
+        }
+        Ok(cfg)
+    }
+
+    /// Builds engine `engine`'s config from environment variables:
+    /// `PGASSIST_<ENGINE>_URL` (required) and `PGASSIST_<ENGINE>_<SETTING>`
+    /// for the settings of [`EngineConfig::from_settings`], e.g.
+    /// `PGASSIST_READER_MAX_SIZE=8`.
+    pub fn from_env(engine: &str) -> Result<Self> {
+        let prefix = format!("PGASSIST_{}_", engine.to_ascii_uppercase());
+        let vars = std::env::vars().filter_map(|(k, v)| {
+            let setting = k.strip_prefix(&prefix)?.to_ascii_lowercase();
+            (setting == "url" || SETTING_KEYS.contains(&setting.as_str()))
+                .then(|| (format!("{prefix}{setting}"), v))
+        });
+        Self::from_settings(vars, &prefix).map_err(|e| match e {
+            // Name the variable as the user spelled it.
+            Error::Config(m) => Error::Config(upper_key(&m, &prefix)),
+            other => other,
+        })
+    }
+
+    /// Applies one named setting (shared by settings maps, environment and serde).
+    fn apply(self, key: &str, value: &str) -> std::result::Result<Self, String> {
+        let v = value.trim();
+        Ok(match key {
+            "max_size" => self.max_size(parse_number(v)?),
+            "min_idle" => self.min_idle(parse_number(v)?),
+            "connection_timeout" => {
+                self.connection_timeout(parse_duration(v)?.ok_or("cannot be `none`")?)
+            }
+            "idle_timeout" => self.idle_timeout(parse_duration(v)?),
+            "max_lifetime" => self.max_lifetime(parse_duration(v)?),
+            "read_only" => self.read_only(parse_bool(v)?),
+            "application_name" => self.application_name(v),
+            "statement_cache" => self.statement_cache(parse_number(v)?),
+            _ => {
+                return Err(format!(
+                    "unknown setting (known: url, {})",
+                    SETTING_KEYS.join(", ")
+                ));
+            }
+        })
+    }
+}
+
+/// `PGASSIST_WRITER_max_size: …` → `PGASSIST_WRITER_MAX_SIZE: …`.
+fn upper_key(message: &str, prefix: &str) -> String {
+    match message.strip_prefix(prefix).and_then(|m| m.split_once(':')) {
+        Some((key, rest)) => format!("{prefix}{}:{rest}", key.to_ascii_uppercase()),
+        None => message.to_owned(),
+    }
+}
+
+fn parse_number<T: FromStr>(v: &str) -> std::result::Result<T, String> {
+    v.parse()
+        .map_err(|_| format!("expected a whole number, got `{v}`"))
+}
+
+fn parse_bool(v: &str) -> std::result::Result<bool, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(format!("expected true or false, got `{v}`")),
+    }
+}
+
+/// `500ms`, `2s`, `1.5s`, `5m`, `1h`, plain seconds, or `none`.
+pub(crate) fn parse_duration(v: &str) -> std::result::Result<Option<Duration>, String> {
+    let bad = || format!("expected a duration such as 500ms, 2s, 5m or `none`, got `{v}`");
+    if v.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    let split = v
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(v.len());
+    let (number, unit) = v.split_at(split);
+    let number: f64 = number.parse().map_err(|_| bad())?;
+    let secs = match unit.trim() {
+        "" | "s" => number,
+        "ms" => number / 1000.0,
+        "m" | "min" => number * 60.0,
+        "h" => number * 3600.0,
+        _ => return Err(bad()),
+    };
+    Duration::try_from_secs_f64(secs)
+        .map(Some)
+        .map_err(|_| bad())
+}
+
 /// Replaces every occurrence of the URL's password in `text` by `***`.
 fn redact(text: &str, url: &str) -> String {
     match url_password(url) {
@@ -235,6 +383,42 @@ impl fmt::Debug for EngineConfig {
     }
 }
 
+/// `EngineConfig` from any serde format (feature `serde`): a map with `url`
+/// and the keys of [`EngineConfig::from_settings`]; numbers, booleans and
+/// strings are all accepted as values.
+///
+/// ```
+/// # #[cfg(feature = "serde")] {
+/// let cfg: pgassist::EngineConfig =
+///     serde_json::from_str(r#"{"url": "postgres://app@db/app", "max_size": 8, "read_only": true, "connection_timeout": "2s"}"#).unwrap();
+/// assert!(cfg.is_read_only());
+/// # }
+/// ```
+#[cfg(feature = "serde")]
+impl<'de> serde::Deserialize<'de> for EngineConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Scalar {
+            Bool(bool),
+            Int(u64),
+            Float(f64),
+            Text(String),
+        }
+        let map = std::collections::BTreeMap::<String, Scalar>::deserialize(d)?;
+        let settings = map.into_iter().map(|(k, v)| {
+            let v = match v {
+                Scalar::Bool(b) => b.to_string(),
+                Scalar::Int(i) => i.to_string(),
+                Scalar::Float(f) => f.to_string(),
+                Scalar::Text(s) => s,
+            };
+            (k, v)
+        });
+        EngineConfig::from_settings(settings, "").map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,6 +469,69 @@ mod tests {
                 .is_err()
         );
         assert!(base.validate("w").is_ok());
+    }
+
+    #[test]
+    fn settings_map_with_prefix() {
+        let settings = vec![
+            ("app.reader.url", "postgres://u:topsecret@h/db"),
+            ("app.reader.max_size", "7"),
+            ("app.reader.connection_timeout", "250ms"),
+            ("app.reader.idle_timeout", "none"),
+            ("app.reader.read_only", "yes"),
+            ("app.writer.url", "postgres://other/db"),
+        ];
+        let cfg = EngineConfig::from_settings(settings.clone(), "app.reader.").unwrap();
+        assert_eq!(cfg.max_size, 7);
+        assert_eq!(cfg.connection_timeout, Duration::from_millis(250));
+        assert_eq!(cfg.idle_timeout, None);
+        assert!(cfg.read_only);
+
+        let mut bad = settings.clone();
+        bad.push(("app.reader.max_sise", "3"));
+        let err = EngineConfig::from_settings(bad, "app.reader.")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("app.reader.max_sise") && err.contains("unknown setting"),
+            "{err}"
+        );
+        let mut bad = settings.clone();
+        bad.push(("app.reader.max_size", "lots"));
+        let err = EngineConfig::from_settings(bad, "app.reader.")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("app.reader.max_size") && !err.contains("topsecret"),
+            "{err}"
+        );
+        let err = EngineConfig::from_settings(settings, "app.logger.")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("app.logger.url is missing"), "{err}");
+        let err = EngineConfig::from_settings([("x.url", "postgres://u:topsecret@h:bad/db")], "x.")
+            .unwrap_err();
+        assert!(
+            !err.to_string().contains("topsecret") && err.to_string().contains("x.url"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("2s").unwrap(), Some(Duration::from_secs(2)));
+        assert_eq!(
+            parse_duration("1.5").unwrap(),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            parse_duration("5m").unwrap(),
+            Some(Duration::from_secs(300))
+        );
+        assert_eq!(parse_duration("None").unwrap(), None);
+        for bad in ["", "s", "2 weeks", "-1s", "1e999"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -71,6 +71,8 @@ pub(crate) struct EngineInner {
     last_error: LastConnectError,
     pub(crate) hooks: Arc<Hooks>,
     pub(crate) tracker: Arc<Tracker>,
+    #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
+    pub(crate) telemetry: crate::telemetry::Fields,
 }
 
 impl Engine {
@@ -84,6 +86,7 @@ impl Engine {
         let counters = Arc::new(Counters::default());
         let last_error = LastConnectError::default();
         let pool = build_pool(&config, &counters, &last_error);
+        let config_pg = config.pg.clone();
         Ok(Engine {
             inner: Arc::new(EngineInner {
                 name: name.into(),
@@ -93,6 +96,7 @@ impl Engine {
                 last_error,
                 hooks,
                 tracker,
+                telemetry: crate::telemetry::Fields::new(&config_pg),
             }),
         })
     }

@@ -52,6 +52,7 @@ mod registry;
 mod retry;
 mod session;
 mod sessions;
+mod telemetry;
 mod tracker;
 mod transaction;
 

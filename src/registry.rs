@@ -42,6 +42,37 @@ impl Registry {
         RegistryBuilder::default()
     }
 
+    /// Builds a whole registry from the environment: one engine per
+    /// `PGASSIST_<NAME>_URL` (named `<name>` in lower case, configured by
+    /// [`EngineConfig::from_env`]); the default engine is
+    /// `PGASSIST_DEFAULT_ENGINE`, else `writer` if configured, else the first
+    /// name in alphabetical order.
+    pub async fn from_env() -> Result<Registry> {
+        let mut names: Vec<String> = std::env::vars()
+            .filter_map(|(k, _)| {
+                let name = k.strip_prefix("PGASSIST_")?.strip_suffix("_URL")?;
+                (!name.is_empty()).then(|| name.to_ascii_lowercase())
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        if names.is_empty() {
+            return Err(Error::Config(
+                "no PGASSIST_<ENGINE>_URL variable is set".into(),
+            ));
+        }
+        let mut builder = Registry::builder();
+        for name in &names {
+            builder = builder.engine(name.clone(), EngineConfig::from_env(name)?);
+        }
+        let default = match std::env::var("PGASSIST_DEFAULT_ENGINE") {
+            Ok(d) => d.to_ascii_lowercase(),
+            Err(_) if names.iter().any(|n| n == "writer") => "writer".into(),
+            Err(_) => names[0].clone(),
+        };
+        builder.default_engine(default).build().await
+    }
+
     /// The engine called `name`, or [`Error::UnknownEngine`].
     pub fn engine(&self, name: &str) -> Result<&Engine> {
         self.inner

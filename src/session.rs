@@ -69,6 +69,11 @@ impl Session {
     }
 
     async fn run(&self, sql: &str, params: &[&(dyn ToSql + Sync)], op: Op) -> Result<Out> {
+        crate::telemetry::statement(&self.engine, None, sql, self.run_untraced(sql, params, op))
+            .await
+    }
+
+    async fn run_untraced(&self, sql: &str, params: &[&(dyn ToSql + Sync)], op: Op) -> Result<Out> {
         reject_transaction_control(sql)?;
         if self.scope.is_some() {
             if let Some(tx) = self.request_tx().await? {
@@ -263,7 +268,7 @@ fn reject_transaction_control(sql: &str) -> Result<()> {
 }
 
 /// The first keyword of `sql`, after white space and comments.
-fn first_keyword(mut sql: &str) -> &str {
+pub(crate) fn first_keyword(mut sql: &str) -> &str {
     loop {
         sql = sql.trim_start();
         if let Some(rest) = sql.strip_prefix("--") {

@@ -152,6 +152,7 @@ pub(crate) struct TxCore {
     ended: AtomicBool,
     /// The per-request container this transaction reports to, if any.
     scope: Option<ScopeRef>,
+    span: crate::telemetry::TxSpan,
 }
 
 fn savepoint_name(number: u32) -> String {
@@ -248,7 +249,8 @@ impl TxCore {
         self.ready().await?;
         self.engine.inner.counters.inc(|c| &c.statements);
         let started = self.scope.as_ref().map(|_| Instant::now());
-        let out = self.run_inner(sql, params, op).await;
+        let run = self.run_inner(sql, params, op);
+        let out = crate::telemetry::statement(&self.engine, Some(&self.span), sql, run).await;
         if let (Some(scope), Some(started)) = (&self.scope, started) {
             scope.record(self.conn.backend_pid, started.elapsed());
         }
@@ -365,6 +367,7 @@ impl<'a> Transaction<'a> {
                 depth_now: AtomicU32::new(0),
                 ended: AtomicBool::new(false),
                 scope,
+                span: crate::telemetry::transaction_span(engine, id),
             }),
             depth: 0,
             number: 0,
@@ -655,6 +658,7 @@ impl<'a> Transaction<'a> {
             Outcome::Unknown => inner.counters.inc(|c| &c.commit_unknown),
         }
         inner.hooks.end(&core.event, outcome);
+        crate::telemetry::record_outcome(&core.span, outcome);
         let callbacks = std::mem::take(&mut *core.on_commit.lock().expect("on_commit"));
         if outcome == Outcome::Committed {
             for f in callbacks {
@@ -692,6 +696,7 @@ impl Drop for Transaction<'_> {
         let inner = core.engine.inner.clone();
         inner.counters.inc(|c| &c.rolled_back);
         inner.hooks.end(&core.event, Outcome::RolledBack);
+        crate::telemetry::record_outcome(&core.span, Outcome::RolledBack);
         core.on_commit.lock().expect("on_commit").clear();
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {

@@ -242,3 +242,53 @@ async fn transaction_per_request_commits_or_rolls_back_every_touched_engine() {
     db.wait_no_transactions().await;
     assert_eq!(registry.stats().open_transactions, 0);
 }
+
+#[tokio::test]
+async fn reinit_lets_work_in_flight_finish_and_serves_new_work_from_new_backends() {
+    let db = Db::new().await;
+    let registry = registry(&db).await;
+    let s = registry.session("writer").unwrap();
+    let pid = |s: pgassist::Session| async move {
+        s.query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0)
+    };
+    let old = pid(s.clone()).await;
+    // In flight during reinit: an open transaction and a running statement.
+    let tx = s.begin().await.unwrap();
+    tx.execute("INSERT INTO items(name) VALUES ('in flight')", &[])
+        .await
+        .unwrap();
+    let slow = tokio::spawn({
+        let s = s.clone();
+        async move {
+            s.query_one("SELECT pg_sleep(0.3)::text, pg_backend_pid()", &[])
+                .await
+                .map(|r| r.get::<_, i32>(1))
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    registry.reinit("writer").await.unwrap();
+    let fresh = pid(s.clone()).await;
+    let slow_pid = slow.await.unwrap().expect("the running statement finishes");
+    tx.commit()
+        .await
+        .expect("the open transaction finishes on its old connection");
+    assert_ne!(fresh, old);
+    assert_ne!(fresh, slow_pid);
+    assert_eq!(db.plain_names().await, ["in flight"]);
+    // The old pool's connections close once returned.
+    for _ in 0..100 {
+        let pids: Vec<i32> = db.backends().await.iter().map(|b| b.0).collect();
+        if !pids.contains(&old) && !pids.contains(&slow_pid) {
+            assert!(pids.contains(&fresh));
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "old backends still open after reinit: {:?}",
+        db.backends().await
+    );
+}

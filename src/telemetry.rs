@@ -1,0 +1,134 @@
+//! Tracing spans (feature `tracing`): one per statement and one per
+//! transaction, with OpenTelemetry's database fields — `db.system`,
+//! `db.namespace`, `db.operation.name`, `server.address` — plus the engine
+//! name and the outcome. Never parameter values, never the password, never
+//! the statement text (it may carry literals).
+//!
+//! Without the feature everything here compiles to nothing.
+
+#[cfg(feature = "tracing")]
+mod enabled {
+    use std::future::Future;
+
+    use tracing::Instrument;
+
+    use crate::engine::Engine;
+    use crate::error::Result;
+
+    /// What every span of one engine repeats, computed once.
+    #[derive(Debug)]
+    pub(crate) struct Fields {
+        namespace: String,
+        address: String,
+    }
+
+    impl Fields {
+        pub(crate) fn new(pg: &tokio_postgres::Config) -> Fields {
+            use tokio_postgres::config::Host;
+            let address = match pg.get_hosts().first() {
+                Some(Host::Tcp(h)) => h.clone(),
+                Some(Host::Unix(p)) => p.display().to_string(),
+                None => String::new(),
+            };
+            Fields {
+                namespace: pg.get_dbname().unwrap_or_default().to_owned(),
+                address,
+            }
+        }
+    }
+
+    /// A transaction's span.
+    pub(crate) type TxSpan = tracing::Span;
+
+    /// The span of one transaction, ended when the transaction ends.
+    pub(crate) fn transaction_span(engine: &Engine, id: u64) -> tracing::Span {
+        let f = &engine.inner.telemetry;
+        tracing::info_span!(
+            "pgassist.transaction",
+            db.system = "postgresql",
+            db.namespace = %f.namespace,
+            server.address = %f.address,
+            pgassist.engine = %engine.name(),
+            pgassist.transaction_id = id,
+            pgassist.outcome = tracing::field::Empty,
+        )
+    }
+
+    /// Records how a transaction ended on its span.
+    pub(crate) fn record_outcome(span: &tracing::Span, outcome: crate::hooks::Outcome) {
+        span.record("pgassist.outcome", tracing::field::debug(outcome));
+    }
+
+    /// Runs `fut` inside a statement span (a child of `parent`, if given).
+    pub(crate) async fn statement<T>(
+        engine: &Engine,
+        parent: Option<&tracing::Span>,
+        sql: &str,
+        fut: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let f = &engine.inner.telemetry;
+        let operation = crate::session::first_keyword(sql).to_ascii_uppercase();
+        let span = tracing::info_span!(
+            parent: parent.cloned().unwrap_or_else(tracing::Span::current),
+            "pgassist.statement",
+            db.system = "postgresql",
+            db.namespace = %f.namespace,
+            db.operation.name = %operation,
+            server.address = %f.address,
+            pgassist.engine = %engine.name(),
+            pgassist.outcome = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
+        let out = fut.instrument(span.clone()).await;
+        match &out {
+            Ok(_) => span.record("pgassist.outcome", "ok"),
+            Err(e) => {
+                span.record("pgassist.outcome", "error");
+                span.record("error.type", e.code().map_or("pgassist", |c| c.code()))
+            }
+        };
+        out
+    }
+}
+
+#[cfg(feature = "tracing")]
+pub(crate) use enabled::*;
+
+#[cfg(not(feature = "tracing"))]
+mod disabled {
+    use std::future::Future;
+
+    use crate::engine::Engine;
+    use crate::error::Result;
+
+    /// Nothing to remember without the feature.
+    #[derive(Debug)]
+    pub(crate) struct Fields;
+
+    impl Fields {
+        pub(crate) fn new(_: &tokio_postgres::Config) -> Fields {
+            Fields
+        }
+    }
+
+    /// No span without the feature.
+    pub(crate) type TxSpan = ();
+
+    pub(crate) fn transaction_span(_: &Engine, _: u64) -> TxSpan {}
+
+    pub(crate) fn record_outcome(_: &TxSpan, _: crate::hooks::Outcome) {}
+
+    /// Runs `fut` as is.
+    #[inline(always)]
+    pub(crate) async fn statement<T>(
+        _: &Engine,
+        _: Option<&()>,
+        _: &str,
+        fut: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        fut.await
+    }
+}
+
+#[cfg(not(feature = "tracing"))]
+pub(crate) use disabled::*;
