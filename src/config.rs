@@ -35,6 +35,9 @@ pub struct EngineConfig {
     pub(crate) max_lifetime: Option<Duration>,
     pub(crate) read_only: bool,
     pub(crate) statement_cache: usize,
+    pub(crate) replica_of: Option<String>,
+    pub(crate) replica_max_wait: Duration,
+    pub(crate) replica_fallback: bool,
 }
 
 impl EngineConfig {
@@ -67,6 +70,9 @@ impl EngineConfig {
             max_lifetime: Some(Duration::from_secs(1800)),
             read_only: false,
             statement_cache: DEFAULT_STATEMENT_CACHE,
+            replica_of: None,
+            replica_max_wait: Duration::ZERO,
+            replica_fallback: true,
         }
     }
 
@@ -120,6 +126,35 @@ impl EngineConfig {
     pub fn statement_cache(mut self, capacity: usize) -> Self {
         self.statement_cache = capacity;
         self
+    }
+
+    /// Declares this engine a read replica of engine `primary`: writes fail
+    /// with [`Error::ReadOnly`], and within a [`crate::Sessions`] scope a
+    /// read after a write on the primary goes to the replica only once it
+    /// has replayed that write (see the `replica` module docs).
+    pub fn replica_of(mut self, primary: &str) -> Self {
+        self.replica_of = Some(primary.to_owned());
+        self
+    }
+
+    /// How long a read waits for the replica to catch up with this
+    /// request's last write before reading from the primary (default 0:
+    /// read from the primary at once).
+    pub fn replica_max_wait(mut self, d: Duration) -> Self {
+        self.replica_max_wait = d;
+        self
+    }
+
+    /// Whether reads fall back to the primary while the replica is
+    /// unreachable (default true).
+    pub fn replica_fallback(mut self, yes: bool) -> Self {
+        self.replica_fallback = yes;
+        self
+    }
+
+    /// The engine this one replicates, if any.
+    pub fn replica_of_engine(&self) -> Option<&str> {
+        self.replica_of.as_deref()
     }
 
     /// The underlying driver configuration (host, port, user, …).
@@ -177,7 +212,7 @@ impl EngineConfig {
 }
 
 /// The settings keys an engine understands, besides `url`.
-pub const SETTING_KEYS: [&str; 8] = [
+pub const SETTING_KEYS: [&str; 11] = [
     "max_size",
     "min_idle",
     "connection_timeout",
@@ -186,6 +221,9 @@ pub const SETTING_KEYS: [&str; 8] = [
     "read_only",
     "application_name",
     "statement_cache",
+    "replica_of",
+    "replica_max_wait",
+    "replica_fallback",
 ];
 
 impl EngineConfig {
@@ -270,6 +308,9 @@ impl EngineConfig {
             "read_only" => self.read_only(parse_bool(v)?),
             "application_name" => self.application_name(v),
             "statement_cache" => self.statement_cache(parse_number(v)?),
+            "replica_of" => self.replica_of(v),
+            "replica_max_wait" => self.replica_max_wait(parse_duration(v)?.unwrap_or_default()),
+            "replica_fallback" => self.replica_fallback(parse_bool(v)?),
             _ => {
                 return Err(format!(
                     "unknown setting (known: url, {})",
@@ -379,6 +420,7 @@ impl fmt::Debug for EngineConfig {
             .field("max_lifetime", &self.max_lifetime)
             .field("read_only", &self.read_only)
             .field("statement_cache", &self.statement_cache)
+            .field("replica_of", &self.replica_of)
             .finish()
     }
 }

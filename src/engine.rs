@@ -73,11 +73,17 @@ pub(crate) struct EngineInner {
     pub(crate) tracker: Arc<Tracker>,
     #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
     pub(crate) telemetry: crate::telemetry::Fields,
+    /// Position in the registry (the index of its slot in a `Sessions` scope).
+    pub(crate) index: usize,
+    /// Some engine is a replica of this one: record WAL positions after commits.
+    pub(crate) has_replicas: std::sync::atomic::AtomicBool,
+    pub(crate) replica: crate::replica::ReplicaState,
 }
 
 impl Engine {
     pub(crate) fn new(
         name: &str,
+        index: usize,
         config: EngineConfig,
         hooks: Arc<Hooks>,
         tracker: Arc<Tracker>,
@@ -97,6 +103,9 @@ impl Engine {
                 hooks,
                 tracker,
                 telemetry: crate::telemetry::Fields::new(&config_pg),
+                index,
+                has_replicas: Default::default(),
+                replica: Default::default(),
             }),
         })
     }

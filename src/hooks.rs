@@ -77,3 +77,48 @@ impl Hooks {
         }
     }
 }
+
+/// A callback registered on a transaction.
+pub(crate) enum Callback {
+    /// Runs after the outermost COMMIT succeeded.
+    Commit(Box<dyn FnOnce() + Send>),
+    /// Awaited after the outermost COMMIT succeeded.
+    CommitAsync(Box<dyn FnOnce() -> futures::future::BoxFuture<'static, ()> + Send>),
+    /// Runs when the work it was registered with is rolled back.
+    Rollback(Box<dyn FnOnce() + Send>),
+}
+
+/// Runs the commit callbacks of `list`, in registration order, awaiting the
+/// async ones; panics are contained and logged, never turned into a failed
+/// commit (the data is committed by then).
+pub(crate) async fn run_after_commit(list: Vec<Callback>) {
+    use futures::FutureExt;
+    for callback in list {
+        let outcome = match callback {
+            Callback::Commit(f) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)),
+            Callback::CommitAsync(f) => {
+                std::panic::AssertUnwindSafe(async move { f().await })
+                    .catch_unwind()
+                    .await
+            }
+            Callback::Rollback(_) => Ok(()),
+        };
+        if outcome.is_err() {
+            crate::telemetry::warn(
+                "pgassist: an on_commit callback panicked (the transaction is committed)",
+            );
+        }
+    }
+}
+
+/// Runs the rollback callbacks of `list`, in registration order; commit
+/// callbacks are dropped.
+pub(crate) fn run_after_rollback(list: Vec<Callback>) {
+    for callback in list {
+        if let Callback::Rollback(f) = callback {
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+                crate::telemetry::warn("pgassist: an on_rollback callback panicked");
+            }
+        }
+    }
+}

@@ -49,6 +49,7 @@ mod hooks;
 mod manager;
 mod queryable;
 mod registry;
+mod replica;
 mod retry;
 mod session;
 mod sessions;

@@ -248,7 +248,38 @@ impl RegistryBuilder {
                     "engine `{name}` is configured twice"
                 )));
             }
-            engines.push(Engine::new(&name, config, hooks.clone(), tracker.clone())?);
+            engines.push(Engine::new(
+                &name,
+                engines.len(),
+                config,
+                hooks.clone(),
+                tracker.clone(),
+            )?);
+        }
+        for replica in &engines {
+            let Some(primary_name) = replica.config().replica_of.as_deref() else {
+                continue;
+            };
+            let primary = engines
+                .iter()
+                .find(|e| e.name() == primary_name)
+                .ok_or_else(|| {
+                    Error::Config(format!(
+                        "engine `{}` is a replica of unknown engine `{primary_name}`",
+                        replica.name()
+                    ))
+                })?;
+            if primary.config().replica_of.is_some() || primary.name() == replica.name() {
+                return Err(Error::Config(format!(
+                    "engine `{}`: replica_of must name a primary, not `{primary_name}`",
+                    replica.name()
+                )));
+            }
+            primary
+                .inner
+                .has_replicas
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = replica.inner.replica.primary.set(primary.clone());
         }
         let default = match &self.default {
             None => 0,

@@ -8,6 +8,7 @@ use tokio_postgres::types::ToSql;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::manager::{Op, Out};
+use crate::replica::Target;
 use crate::retry;
 use crate::sessions::ScopeRef;
 use crate::transaction::{Transaction, TxOptions};
@@ -80,12 +81,64 @@ impl Session {
                 return tx.run_op(sql, params, op).await;
             }
         }
+        let Some(primary) = self.engine.primary() else {
+            return self.run_here(sql, params, op).await;
+        };
+        // A replica: read here unless this request wrote something it has
+        // not replayed yet, or it is down.
+        let required = self
+            .scope
+            .as_ref()
+            .map_or(0, |s| s.required_lsn(primary.inner.index));
+        match self.engine.choose_target(required).await {
+            Target::Replica => match self.run_here(sql, params, op).await {
+                Err(e) if self.engine.should_fall_back(&e) => {
+                    self.on(primary).run_here(sql, params, op).await
+                }
+                other => other,
+            },
+            Target::Primary => self.on(primary).run_here(sql, params, op).await,
+        }
+    }
+
+    /// This session's scope, on another engine.
+    fn on(&self, engine: &Engine) -> Session {
+        Session {
+            engine: engine.clone(),
+            scope: self.scope.as_ref().map(|s| s.for_index(engine.inner.index)),
+        }
+    }
+
+    /// Runs one statement on this session's own engine.
+    async fn run_here(&self, sql: &str, params: &[&(dyn ToSql + Sync)], op: Op) -> Result<Out> {
         let conn = self.engine.checkout().await?;
         self.engine.inner.counters.inc(|c| &c.statements);
-        let started = self.scope.as_ref().map(|_| Instant::now());
+        let Some(scope) = &self.scope else {
+            return conn
+                .run(sql, params, op, true)
+                .await
+                .map_err(|e| Error::from_pg(self.engine.name(), e));
+        };
+        let started = Instant::now();
         let out = conn.run(sql, params, op, true).await;
-        if let (Some(scope), Some(started)) = (&self.scope, started) {
-            scope.record(conn.backend_pid, started.elapsed());
+        scope.record(conn.backend_pid, started.elapsed());
+        if out.is_ok()
+            && self
+                .engine
+                .inner
+                .has_replicas
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            // Read-your-writes: where this request's replicas must have got to.
+            if let Ok(messages) = conn
+                .client
+                .simple_query(crate::replica::INSERT_LSN_SQL)
+                .await
+            {
+                if let Some(lsn) = crate::replica::lsn_of(&messages) {
+                    scope.note_lsn(lsn);
+                }
+            }
         }
         out.map_err(|e| Error::from_pg(self.engine.name(), e))
     }
@@ -163,6 +216,12 @@ impl Session {
     ) -> Result<Transaction<'static>> {
         if self.scope.is_some() {
             if let Some(tx) = self.request_tx().await? {
+                if options.durable {
+                    return Err(Error::Usage(format!(
+                        "engine `{}`: a durable transaction cannot be nested, and this session runs inside the request's transaction",
+                        self.engine.name()
+                    )));
+                }
                 // Inside the request's transaction, a transaction is a savepoint.
                 return tx.savepoint().await;
             }
@@ -180,6 +239,15 @@ impl Session {
         options: TxOptions,
         attempt: u32,
     ) -> Result<Transaction<'static>> {
+        if let Some(primary) = self.engine.primary() {
+            let required = self
+                .scope
+                .as_ref()
+                .map_or(0, |s| s.required_lsn(primary.inner.index));
+            if let Target::Primary = self.engine.choose_target(required).await {
+                return Box::pin(self.on(primary).begin_outermost_attempt(options, attempt)).await;
+            }
+        }
         let conn = self.engine.checkout().await?;
         Transaction::start(&self.engine, conn, options, attempt, self.scope.clone())
     }

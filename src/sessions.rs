@@ -38,6 +38,8 @@ pub enum EngineState {
 #[derive(Debug, Default)]
 pub(crate) struct EngineUse {
     used: AtomicBool,
+    /// WAL insert position after this request's last commit here (0: none).
+    last_lsn: AtomicU64,
     statements: AtomicU64,
     busy_nanos: AtomicU64,
     backend_pids: Mutex<Vec<i32>>,
@@ -90,6 +92,24 @@ impl ScopeRef {
         }
         self.usage().used.store(true, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The same scope, for engine `index` (a read routed to the primary).
+    pub(crate) fn for_index(&self, index: usize) -> ScopeRef {
+        ScopeRef {
+            scope: self.scope.clone(),
+            index,
+        }
+    }
+
+    /// Records the WAL position of a commit on this engine.
+    pub(crate) fn note_lsn(&self, lsn: u64) {
+        self.usage().last_lsn.fetch_max(lsn, Ordering::AcqRel);
+    }
+
+    /// The WAL position a read must see on engine `index`'s replicas.
+    pub(crate) fn required_lsn(&self, index: usize) -> u64 {
+        self.scope.engines[index].last_lsn.load(Ordering::Acquire)
     }
 
     /// Records one statement: the backend that ran it and how long it took.
@@ -220,9 +240,19 @@ impl Sessions {
         })
     }
 
-    /// The `reader` engine's session.
+    /// The session for reads: the `reader` engine if configured, else the
+    /// first engine declared a replica, else the default engine (as
+    /// sqlassist falls back to the writer). On a replica, a read after this
+    /// request's writes waits for the replica or goes to the primary.
     pub fn reader(&self) -> Result<&Session> {
-        self.get("reader")
+        if let Ok(index) = self.registry.engine_index("reader") {
+            return Ok(self.slot(index));
+        }
+        let replica = self
+            .registry
+            .engines()
+            .position(|e| e.config().replica_of_engine().is_some());
+        Ok(self.slot(replica.unwrap_or_else(|| self.registry.default_index())))
     }
 
     /// The `writer` engine's session.

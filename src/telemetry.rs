@@ -94,6 +94,15 @@ mod enabled {
 #[cfg(feature = "tracing")]
 pub(crate) use enabled::*;
 
+/// One operational log line: through `tracing` with the feature, else on
+/// standard error (rare events only: a replica going down or coming back).
+pub(crate) fn warn(message: &str) {
+    #[cfg(feature = "tracing")]
+    tracing::warn!("{message}");
+    #[cfg(not(feature = "tracing"))]
+    eprintln!("{message}");
+}
+
 #[cfg(not(feature = "tracing"))]
 mod disabled {
     use std::future::Future;

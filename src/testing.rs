@@ -183,6 +183,31 @@ impl TestCluster {
         }
     }
 
+    /// Starts a streaming hot standby of this cluster: a base backup taken
+    /// with `pg_basebackup -R`, its own data directory, port, socket
+    /// directory and log, and the same cleanup guarantees. Reads on it see
+    /// the primary's commits once they are replayed
+    /// (`pg_last_wal_replay_lsn()`); `SELECT pg_wal_replay_pause()` on the
+    /// replica holds replay for read-your-writes tests.
+    pub fn start_replica(&self) -> HarnessResult<TestCluster> {
+        if self.local.is_none() {
+            return fail("a replica needs a cluster started by the harness, not DATABASE_URL");
+        }
+        let local = Local::create()?;
+        match local.init_replica(self.port) {
+            Ok(port) => Ok(TestCluster {
+                host: "127.0.0.1".to_owned(),
+                port,
+                external_url: None,
+                local: Some(local),
+            }),
+            Err(e) => {
+                local.shutdown();
+                Err(e)
+            }
+        }
+    }
+
     /// The cluster shared by all tests of this process, started on the first
     /// call; if `DATABASE_URL` is set, that server is used instead.
     ///
@@ -491,7 +516,42 @@ impl Local {
             conf.push_str(&format!("{key} = '{}'\n", value.replace('\'', "''")));
         }
         self.append_conf(&conf)?;
+        self.start_on_free_port()
+    }
 
+    /// Makes this cluster a streaming hot standby of the server on
+    /// `primary_port` (`pg_basebackup -R`: the standby signal file and
+    /// `primary_conninfo` are written for us) and starts it.
+    fn init_replica(&self, primary_port: u16) -> HarnessResult<u16> {
+        let mut backup = self.command("pg_basebackup");
+        backup
+            .arg("-D")
+            .arg(&self.data)
+            .args([
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-sync",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+            ])
+            .arg("-p")
+            .arg(primary_port.to_string());
+        self.run(&mut backup, Duration::from_secs(120))?;
+        let sock = self.sock.to_string_lossy();
+        self.append_conf(&format!(
+            "\n# pgassist::testing replica\nunix_socket_directories = '{sock}'\nhot_standby = on\n"
+        ))?;
+        self.start_on_free_port()
+    }
+
+    /// Starts the server on a free port, picking another one when the chosen
+    /// port was taken between our probe and the server's `bind`.
+    fn start_on_free_port(&self) -> HarnessResult<u16> {
         let mut attempts_left = PORT_ATTEMPTS;
         loop {
             let listener = std::net::TcpListener::bind("127.0.0.1:0");

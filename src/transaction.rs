@@ -30,7 +30,7 @@ use tokio_postgres::types::ToSql;
 
 use crate::engine::{Conn, Engine};
 use crate::error::{Error, Result, is_connection_loss};
-use crate::hooks::{Outcome, TxEvent};
+use crate::hooks::{Callback, Outcome, TxEvent, run_after_commit, run_after_rollback};
 use crate::manager::{ConnState, Op, Out};
 use crate::sessions::ScopeRef;
 
@@ -70,6 +70,7 @@ pub struct TxOptions {
     read_only: Option<bool>,
     deferrable: Option<bool>,
     pub(crate) retries: u32,
+    pub(crate) durable: bool,
 }
 
 impl TxOptions {
@@ -99,6 +100,15 @@ impl TxOptions {
         self
     }
 
+    /// Requires an outermost transaction (Django's `atomic(durable=True)`):
+    /// beginning it where it would become a savepoint — inside a
+    /// transaction-per-request scope — fails with [`Error::Usage`], so a
+    /// caller that needs its work committed when it returns can rely on it.
+    pub fn durable(mut self) -> Self {
+        self.durable = true;
+        self
+    }
+
     /// The BEGIN statement for these options.
     pub(crate) fn begin_sql(&self) -> Cow<'static, str> {
         if self.isolation.is_none() && self.read_only.is_none() && self.deferrable.is_none() {
@@ -122,8 +132,6 @@ impl TxOptions {
         Cow::Owned(sql)
     }
 }
-
-type Callback = Box<dyn FnOnce() + Send>;
 
 /// What one outermost transaction shares with its savepoints.
 pub(crate) struct TxCore {
@@ -197,8 +205,16 @@ impl TxCore {
 
     /// Runs a control statement inside the critical section.
     async fn control(&self, sql: &str) -> std::result::Result<(), tokio_postgres::Error> {
+        self.control_rows(sql).await.map(drop)
+    }
+
+    /// [`TxCore::control`], returning what the statements returned.
+    async fn control_rows(
+        &self,
+        sql: &str,
+    ) -> std::result::Result<Vec<tokio_postgres::SimpleQueryMessage>, tokio_postgres::Error> {
         self.in_doubt.store(true, Ordering::Release);
-        let r = self.conn.client.batch_execute(sql).await;
+        let r = self.conn.client.simple_query(sql).await;
         // The server answered (even with an error): its state is known again,
         // unless the connection itself is gone.
         if !matches!(&r, Err(e) if is_connection_loss(e)) {
@@ -420,15 +436,51 @@ impl<'a> Transaction<'a> {
         self.core().saw_retryable.load(Ordering::Acquire)
     }
 
-    /// Runs `f` after the outermost COMMIT succeeds, in registration order.
+    /// Runs `f` after the outermost COMMIT succeeds, in registration order
+    /// with the other commit callbacks (`commit()` returns after they ran).
     /// A rollback drops it; a savepoint rollback drops only the callbacks
-    /// registered inside that savepoint. A panicking callback is contained.
+    /// registered inside that savepoint, as does a failed retry attempt.
+    /// A panicking callback is logged, never turned into a failed commit.
     pub fn on_commit(&self, f: impl FnOnce() + Send + 'static) {
+        self.push_callback(Callback::Commit(Box::new(f)));
+    }
+
+    /// [`Transaction::on_commit`] for async work: `commit()` awaits the
+    /// future `f` returns, in registration order.
+    ///
+    /// ```no_run
+    /// # async fn demo(tx: pgassist::Transaction<'static>) {
+    /// tx.on_commit_async(|| Box::pin(async { /* send the welcome mail */ }));
+    /// # }
+    /// ```
+    pub fn on_commit_async(
+        &self,
+        f: impl FnOnce() -> futures::future::BoxFuture<'static, ()> + Send + 'static,
+    ) {
+        self.push_callback(Callback::CommitAsync(Box::new(f)));
+    }
+
+    /// Runs `f` when the work it was registered with is undone: when this
+    /// savepoint (or a savepoint registered inside) rolls back, or when the
+    /// outermost transaction rolls back, is dropped, or fails to commit.
+    /// Dropped after a successful commit.
+    pub fn on_rollback(&self, f: impl FnOnce() + Send + 'static) {
+        self.push_callback(Callback::Rollback(Box::new(f)));
+    }
+
+    fn push_callback(&self, callback: Callback) {
         self.core()
             .on_commit
             .lock()
             .expect("on_commit")
-            .push(Box::new(f));
+            .push(callback);
+    }
+
+    /// Takes the callbacks registered since this savepoint began.
+    fn callbacks_since_mark(&self) -> Vec<Callback> {
+        let mut list = self.core().on_commit.lock().expect("on_commit");
+        let mark = self.mark.min(list.len());
+        list.split_off(mark)
     }
 
     /// Runs a statement and returns its rows.
@@ -541,17 +593,31 @@ impl<'a> Transaction<'a> {
             });
         }
         if !core.begun.load(Ordering::Acquire) {
-            self.finish(Outcome::Committed, true);
+            run_after_commit(self.finish(Outcome::Committed, true)).await;
             return Ok(());
         }
-        match core.control("SELECT 1; COMMIT").await {
-            Ok(()) => {
-                self.finish(Outcome::Committed, true);
+        // With replicas to keep up with, read the WAL insert position in the
+        // same round trip: it covers this commit's record.
+        let track_lsn =
+            core.scope.is_some() && core.engine.inner.has_replicas.load(Ordering::Relaxed);
+        let sql = if track_lsn {
+            const COMMIT_AND_LSN: &str =
+                "SELECT 1; COMMIT; SELECT pg_current_wal_insert_lsn()::text";
+            COMMIT_AND_LSN
+        } else {
+            "SELECT 1; COMMIT"
+        };
+        match core.control_rows(sql).await {
+            Ok(messages) => {
+                if let (Some(scope), Some(lsn)) = (&core.scope, crate::replica::lsn_of(&messages)) {
+                    scope.note_lsn(lsn);
+                }
+                run_after_commit(self.finish(Outcome::Committed, true)).await;
                 Ok(())
             }
             Err(e) if is_connection_loss(&e) => {
                 let engine = core.name().to_owned();
-                self.finish(Outcome::Unknown, false);
+                let _ = self.finish(Outcome::Unknown, false);
                 Err(Error::CommitOutcomeUnknown { engine, source: e })
             }
             Err(e) => {
@@ -574,7 +640,7 @@ impl<'a> Transaction<'a> {
     async fn rollback_outermost(&mut self) {
         let core = self.core();
         let clean = !core.begun.load(Ordering::Acquire) || core.control("ROLLBACK").await.is_ok();
-        self.finish(Outcome::RolledBack, clean);
+        let _ = self.finish(Outcome::RolledBack, clean);
     }
 
     async fn release_savepoint(&mut self) -> Result<()> {
@@ -630,10 +696,7 @@ impl<'a> Transaction<'a> {
         .await
         .map_err(|e| core.statement_error(e))?;
         core.conn.state.set(ConnState::InTransaction);
-        core.on_commit
-            .lock()
-            .expect("on_commit")
-            .truncate(self.mark);
+        run_after_rollback(self.callbacks_since_mark());
         self.end_savepoint();
         Ok(())
     }
@@ -645,8 +708,10 @@ impl<'a> Transaction<'a> {
 
     /// Ends the outermost transaction: the connection map restores the
     /// connection (or leaves it dirty for the pool to discard), counters and
-    /// hooks see the outcome, and on-commit callbacks run after a commit.
-    fn finish(&mut self, outcome: Outcome, clean: bool) {
+    /// hooks see the outcome. Returns the registered callbacks: the caller
+    /// runs the commit ones after a commit (they may be async).
+    #[must_use = "commit callbacks must run after a commit"]
+    fn finish(&mut self, outcome: Outcome, clean: bool) -> Vec<Callback> {
         self.done = true;
         let core = self.core();
         core.ended.store(true, Ordering::Relaxed);
@@ -660,11 +725,13 @@ impl<'a> Transaction<'a> {
         inner.hooks.end(&core.event, outcome);
         crate::telemetry::record_outcome(&core.span, outcome);
         let callbacks = std::mem::take(&mut *core.on_commit.lock().expect("on_commit"));
-        if outcome == Outcome::Committed {
-            for f in callbacks {
-                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-            }
+        match outcome {
+            Outcome::Committed => return callbacks,
+            Outcome::RolledBack => run_after_rollback(callbacks),
+            // Neither committed nor rolled back for sure: run neither kind.
+            Outcome::Unknown => drop(callbacks),
         }
+        Vec::new()
     }
 }
 
@@ -676,10 +743,7 @@ impl Drop for Transaction<'_> {
         let core = self.core.clone();
         if self.depth > 0 {
             core.depth_now.fetch_sub(1, Ordering::Relaxed);
-            core.on_commit
-                .lock()
-                .expect("on_commit")
-                .truncate(self.mark);
+            run_after_rollback(self.callbacks_since_mark());
             let mut pending = core.pending_rollback.lock().expect("pending");
             if pending.is_none_or(|(d, _)| d > self.depth) {
                 *pending = Some((self.depth, self.number));
@@ -687,7 +751,7 @@ impl Drop for Transaction<'_> {
             return;
         }
         if !core.begun.load(Ordering::Acquire) {
-            self.finish(Outcome::RolledBack, true);
+            let _ = self.finish(Outcome::RolledBack, true);
             return;
         }
         // Fire the end hooks now; the map entry stays until the server confirms.
@@ -697,7 +761,9 @@ impl Drop for Transaction<'_> {
         inner.counters.inc(|c| &c.rolled_back);
         inner.hooks.end(&core.event, Outcome::RolledBack);
         crate::telemetry::record_outcome(&core.span, Outcome::RolledBack);
-        core.on_commit.lock().expect("on_commit").clear();
+        run_after_rollback(std::mem::take(
+            &mut *core.on_commit.lock().expect("on_commit"),
+        ));
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {

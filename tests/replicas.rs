@@ -1,0 +1,147 @@
+//! A real streaming hot standby next to the primary: routing, read-your-writes
+//! by WAL position (proved with replay paused), and fallback while the
+//! replica is down. One test: the scenarios share one replica and pause its
+//! replay, so they run in order.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Db;
+use pgassist::{EngineConfig, Error, Registry, Session};
+
+/// (served by a standby?, rows in items)
+async fn probe(s: &Session) -> (bool, i64) {
+    let row = s
+        .query_one(
+            "SELECT pg_is_in_recovery(), (SELECT count(*) FROM items)",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+async fn plain(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+async fn until<F: std::future::Future<Output = bool>>(what: &str, mut f: impl FnMut() -> F) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_routing_read_your_writes_and_fallback() {
+    let db = Db::new().await;
+    if db.cluster.is_external() {
+        eprintln!("DATABASE_URL is set: no replica can be started next to it; skipping");
+        return;
+    }
+    let replica = db.cluster.start_replica().expect("start a hot standby");
+    let replica_url = replica.url(&db.db.name);
+    // The standby replays CREATE DATABASE and CREATE TABLE.
+    until("the replica to have the test database", || async {
+        match tokio_postgres::connect(&replica_url, tokio_postgres::NoTls).await {
+            Ok((c, conn)) => {
+                tokio::spawn(conn);
+                c.query_one("SELECT count(*) FROM items", &[]).await.is_ok()
+            }
+            Err(_) => false,
+        }
+    })
+    .await;
+
+    let registry = Registry::builder()
+        .engine("writer", db.config())
+        .engine(
+            "replica",
+            EngineConfig::from_url(&replica_url)
+                .unwrap()
+                .application_name(&db.app)
+                .replica_of("writer")
+                .connection_timeout(Duration::from_millis(500)),
+        )
+        .build()
+        .await
+        .unwrap();
+
+    // 1. reader() is the replica; writes there are refused.
+    let sessions = registry.sessions();
+    let reader = sessions.reader().unwrap();
+    assert_eq!(reader.engine_name(), "replica");
+    assert_eq!(probe(reader).await, (true, 0));
+    let err = reader
+        .execute("INSERT INTO items(name) VALUES ('x')", &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::ReadOnly { .. }), "{err:?}");
+    drop(sessions);
+
+    // 2. Read-your-writes with replay paused: the replica cannot have our writes.
+    let control = plain(&replica_url).await;
+    control
+        .batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .unwrap();
+    let sessions = registry.sessions();
+    sessions
+        .writer()
+        .unwrap()
+        .execute("INSERT INTO items(name) VALUES ('autocommit')", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        probe(sessions.reader().unwrap()).await,
+        (false, 1),
+        "read after an autocommit write goes to the primary"
+    );
+    let tx = sessions.writer().unwrap().begin().await.unwrap();
+    tx.execute("INSERT INTO items(name) VALUES ('tx')", &[])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        probe(sessions.reader().unwrap()).await,
+        (false, 2),
+        "read after a commit goes to the primary"
+    );
+    // Another request that wrote nothing reads the (stale) replica.
+    let other = registry.sessions();
+    assert_eq!(
+        probe(other.reader().unwrap()).await,
+        (true, 0),
+        "no earlier write: the replica serves"
+    );
+    // Once replay catches up, this request's reads return to the replica.
+    control
+        .batch_execute("SELECT pg_wal_replay_resume()")
+        .await
+        .unwrap();
+    let reader = sessions.reader().unwrap();
+    until("reads to return to the caught-up replica", || async {
+        probe(reader).await == (true, 2)
+    })
+    .await;
+    drop((sessions, other));
+
+    // 3. Replica down: reads fall back to the primary, and return when it is back.
+    replica.stop_server().unwrap();
+    let sessions = registry.sessions();
+    assert_eq!(probe(sessions.reader().unwrap()).await, (false, 2));
+    assert_eq!(probe(sessions.reader().unwrap()).await, (false, 2));
+    replica.start_server().unwrap();
+    let reader = sessions.reader().unwrap();
+    until("reads to return to the restarted replica", || async {
+        probe(reader).await.0
+    })
+    .await;
+    replica.stop();
+}
