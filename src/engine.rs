@@ -78,6 +78,7 @@ pub(crate) struct EngineInner {
     /// Some engine is a replica of this one: record WAL positions after commits.
     pub(crate) has_replicas: std::sync::atomic::AtomicBool,
     pub(crate) replica: crate::replica::ReplicaState,
+    pub(crate) two_phase: crate::unit_of_work::TwoPhaseState,
 }
 
 impl Engine {
@@ -106,6 +107,7 @@ impl Engine {
                 index,
                 has_replicas: Default::default(),
                 replica: Default::default(),
+                two_phase: Default::default(),
             }),
         })
     }

@@ -19,6 +19,9 @@ pub enum Outcome {
     RolledBack,
     /// The connection broke during COMMIT; the server may or may not have committed.
     Unknown,
+    /// PREPARE TRANSACTION succeeded: the first phase of a two-phase commit
+    /// (the unit of work commits or rolls back the prepared transaction).
+    Prepared,
 }
 
 /// What a listener learns about a transaction.

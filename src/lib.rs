@@ -48,6 +48,7 @@ mod error;
 mod hooks;
 mod manager;
 mod queryable;
+pub mod recovery;
 mod registry;
 mod replica;
 mod retry;
@@ -56,6 +57,7 @@ mod sessions;
 mod telemetry;
 mod tracker;
 mod transaction;
+pub mod unit_of_work;
 
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -66,10 +68,12 @@ pub use error::{Error, Result};
 pub use hooks::{Outcome, TxEvent};
 pub use manager::PgConn;
 pub use queryable::Queryable;
+pub use recovery::{InDoubt, RecoveryReport};
 pub use registry::{Registry, RegistryBuilder, RegistryStats};
 pub use session::Session;
 pub use sessions::{EngineReport, EngineState, InfoMut, OpenTransaction, Sessions, SessionsReport};
 pub use transaction::{IsolationLevel, Transaction, TxOptions};
+pub use unit_of_work::UnitOfWork;
 
 pub use tokio_postgres;
 pub use tokio_postgres::types::{FromSql, ToSql};

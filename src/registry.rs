@@ -1,5 +1,6 @@
 //! The registry of named engines and its builder.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -11,6 +12,7 @@ use crate::session::Session;
 use crate::sessions::Sessions;
 use crate::tracker::Tracker;
 use crate::transaction::TxOptions;
+use crate::unit_of_work::UnitOfWork;
 
 /// The named engines of an application (writer, reader, logger, …), one of
 /// them the default. Cheap to clone: share one across the whole app.
@@ -23,6 +25,9 @@ struct RegistryInner {
     engines: Vec<Engine>,
     default: usize,
     tracker: Arc<Tracker>,
+    /// Table name → engine index (z3c.zalchemy's assignTable).
+    tables: HashMap<String, usize>,
+    two_phase_prefix: String,
 }
 
 impl fmt::Debug for Registry {
@@ -120,6 +125,32 @@ impl Registry {
         }
     }
 
+    /// The index of the engine that owns `table`, or the default engine's.
+    pub(crate) fn table_engine_index(&self, table: &str) -> usize {
+        self.inner
+            .tables
+            .get(table)
+            .copied()
+            .unwrap_or(self.inner.default)
+    }
+
+    /// The engine that owns `table` (see [`RegistryBuilder::route_table`]),
+    /// or the default engine for unmapped tables.
+    pub fn engine_for_table(&self, table: &str) -> &Engine {
+        &self.inner.engines[self.table_engine_index(table)]
+    }
+
+    /// The prefix of this registry's two-phase commit ids.
+    pub fn two_phase_prefix(&self) -> &str {
+        &self.inner.two_phase_prefix
+    }
+
+    /// A unit of work across engines: a transaction per engine as each is
+    /// touched, committed atomically (two-phase commit with several).
+    pub fn unit_of_work(&self) -> UnitOfWork {
+        UnitOfWork::new(self.clone(), None)
+    }
+
     /// A per-request container: sessions for any engine, created lazily.
     pub fn sessions(&self) -> Sessions {
         Sessions::new(self.clone(), None)
@@ -192,6 +223,8 @@ pub struct RegistryBuilder {
     engines: Vec<(String, EngineConfig)>,
     default: Option<String>,
     hooks: Hooks,
+    tables: Vec<(String, String)>,
+    two_phase_prefix: Option<String>,
 }
 
 impl fmt::Debug for RegistryBuilder {
@@ -214,6 +247,22 @@ impl RegistryBuilder {
     /// Which engine [`Registry::default_session`] uses (default: the first added).
     pub fn default_engine(mut self, name: impl Into<String>) -> Self {
         self.default = Some(name.into());
+        self
+    }
+
+    /// Assigns `table` to engine `engine` (z3c.zalchemy's `assignTable`):
+    /// [`crate::Sessions::for_table`] and [`UnitOfWork::for_table`] then use
+    /// that engine for it. Unmapped tables use the default engine.
+    pub fn route_table(mut self, table: impl Into<String>, engine: impl Into<String>) -> Self {
+        self.tables.push((table.into(), engine.into()));
+        self
+    }
+
+    /// The prefix of two-phase commit ids (default `pgassist`), so that
+    /// [`Registry::recover`] touches only this application's prepared
+    /// transactions. Letters, digits, `_` and `-` only.
+    pub fn two_phase_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.two_phase_prefix = Some(prefix.into());
         self
     }
 
@@ -295,11 +344,43 @@ impl RegistryBuilder {
                         .join(", "),
                 })?,
         };
+        let mut tables = HashMap::new();
+        for (table, engine) in self.tables {
+            let index = engines
+                .iter()
+                .position(|e| e.name() == engine)
+                .ok_or_else(|| {
+                    Error::Config(format!(
+                        "table `{table}` is routed to unknown engine `{engine}`"
+                    ))
+                })?;
+            if tables
+                .insert(table.clone(), index)
+                .is_some_and(|old| old != index)
+            {
+                return Err(Error::Config(format!(
+                    "table `{table}` is routed to two engines"
+                )));
+            }
+        }
+        let two_phase_prefix = self.two_phase_prefix.unwrap_or_else(|| "pgassist".into());
+        let prefix_ok = !two_phase_prefix.is_empty()
+            && two_phase_prefix.len() <= 64
+            && two_phase_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !prefix_ok {
+            return Err(Error::Config(format!(
+                "two_phase_prefix `{two_phase_prefix}`: use 1 to 64 letters, digits, `_` or `-`"
+            )));
+        }
         Ok(Registry {
             inner: Arc::new(RegistryInner {
                 engines,
                 default,
                 tracker,
+                tables,
+                two_phase_prefix,
             }),
         })
     }

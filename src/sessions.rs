@@ -255,6 +255,25 @@ impl Sessions {
         Ok(self.slot(replica.unwrap_or_else(|| self.registry.default_index())))
     }
 
+    /// The session of the engine that owns `table` (see
+    /// [`crate::RegistryBuilder::route_table`]), the default engine's for
+    /// unmapped tables.
+    pub fn for_table(&self, table: &str) -> &Session {
+        self.slot(self.registry.table_engine_index(table))
+    }
+
+    /// A unit of work whose transactions belong to this request (they show
+    /// in [`Sessions::report`]): see [`crate::UnitOfWork`].
+    pub fn unit_of_work(&self) -> crate::UnitOfWork {
+        crate::UnitOfWork::new(
+            self.registry.clone(),
+            Some(ScopeRef {
+                scope: self.scope.clone(),
+                index: self.registry.default_index(),
+            }),
+        )
+    }
+
     /// The `writer` engine's session.
     pub fn writer(&self) -> Result<&Session> {
         self.get("writer")

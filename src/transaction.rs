@@ -163,6 +163,11 @@ pub(crate) struct TxCore {
     span: crate::telemetry::TxSpan,
 }
 
+/// `text` as a SQL string literal.
+pub(crate) fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
 fn savepoint_name(number: u32) -> String {
     format!("pgassist_sp_{number}")
 }
@@ -583,6 +588,67 @@ impl<'a> Transaction<'a> {
         }
     }
 
+    /// First phase of a two-phase commit: `PREPARE TRANSACTION gid`,
+    /// confirmed through `pg_prepared_xacts` in the same round trip (the
+    /// server answers a PREPARE of an aborted transaction with a ROLLBACK,
+    /// not an error). Returns `None` if the transaction ran nothing (there
+    /// is nothing to prepare), else its commit callbacks, to run once the
+    /// whole unit of work has committed. The connection goes back clean.
+    pub(crate) async fn prepare(mut self, gid: &str) -> Result<Option<Vec<Callback>>> {
+        debug_assert_eq!(self.depth, 0, "only an outermost transaction is prepared");
+        let core = self.core();
+        if let Err(e) = core.ready().await {
+            self.rollback_outermost().await;
+            return Err(e);
+        }
+        if !core.begun.load(Ordering::Acquire) {
+            let _ = self.finish(Outcome::RolledBack, true);
+            return Ok(None);
+        }
+        let gid = quote_literal(gid);
+        let sql = format!(
+            "SELECT 1; PREPARE TRANSACTION {gid}; SELECT count(*) FROM pg_prepared_xacts WHERE gid = {gid}"
+        );
+        match core.control_rows(&sql).await {
+            Ok(messages) => {
+                let prepared = messages.iter().any(|m| {
+                    matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("1"))
+                });
+                if prepared {
+                    Ok(Some(self.finish(Outcome::Prepared, true)))
+                } else {
+                    let _ = self.finish(Outcome::RolledBack, true);
+                    Err(self
+                        .core()
+                        .aborted("PREPARE TRANSACTION rolled back instead of preparing"))
+                }
+            }
+            Err(e) if is_connection_loss(&e) => {
+                let engine = core.name().to_owned();
+                let _ = self.finish(Outcome::Unknown, false);
+                Err(Error::Closed {
+                    engine,
+                    reason: format!("connection lost during PREPARE TRANSACTION: {e}"),
+                })
+            }
+            Err(e) => {
+                let aborted = e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION);
+                self.rollback_outermost().await;
+                Err(if aborted {
+                    self.core()
+                        .aborted("an earlier statement failed; rolled back")
+                } else {
+                    Error::from_pg(self.core().name(), e)
+                })
+            }
+        }
+    }
+
+    /// The engine this transaction runs on.
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.core().engine
+    }
+
     async fn commit_outermost(&mut self) -> Result<()> {
         let core = self.core();
         if let Err(e) = core.ready().await {
@@ -721,12 +787,13 @@ impl<'a> Transaction<'a> {
             Outcome::Committed => inner.counters.inc(|c| &c.committed),
             Outcome::RolledBack => inner.counters.inc(|c| &c.rolled_back),
             Outcome::Unknown => inner.counters.inc(|c| &c.commit_unknown),
+            Outcome::Prepared => {}
         }
         inner.hooks.end(&core.event, outcome);
         crate::telemetry::record_outcome(&core.span, outcome);
         let callbacks = std::mem::take(&mut *core.on_commit.lock().expect("on_commit"));
         match outcome {
-            Outcome::Committed => return callbacks,
+            Outcome::Committed | Outcome::Prepared => return callbacks,
             Outcome::RolledBack => run_after_rollback(callbacks),
             // Neither committed nor rolled back for sure: run neither kind.
             Outcome::Unknown => drop(callbacks),
