@@ -17,7 +17,29 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let db = cluster.create_database().await?;
     println!("database: {}", db.name);
 
-    // Two engines on one database here; in production the reader would be a replica.
+    // A real streaming replica next to a throwaway primary; with DATABASE_URL,
+    // a read-only engine on the same database stands in for it.
+    let replica = if cluster.is_external() {
+        None
+    } else {
+        Some(cluster.start_replica()?)
+    };
+    let reader_url = match &replica {
+        Some(r) => {
+            wait_for_database(&r.url(&db.name)).await;
+            r.url(&db.name)
+        }
+        None => db.url.clone(),
+    };
+    println!(
+        "reader: {}",
+        if replica.is_some() {
+            "a streaming hot standby"
+        } else {
+            "read-only engine"
+        }
+    );
+
     let registry = Registry::builder()
         .engine(
             "writer",
@@ -27,7 +49,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .engine(
             "reader",
-            EngineConfig::from_url(&db.url)?.max_size(4).read_only(true),
+            EngineConfig::from_url(&reader_url)?
+                .max_size(4)
+                .read_only(true)
+                .replica_of("writer"),
         )
         .default_engine("writer")
         .on_begin(|ev| println!("  [hook] begin #{} on {}", ev.transaction_id(), ev.engine()))
@@ -41,8 +66,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build()
         .await?;
 
-    let writer = registry.session("writer")?;
-    let reader = registry.session("reader")?;
+    // One request's sessions: reads on the replica see this request's writes
+    // (read-your-writes by WAL position), or go to the primary until they can.
+    let request = registry.sessions();
+    let writer = request.writer()?;
+    let reader = request.reader()?;
 
     // Autocommit: no BEGIN, the connection goes back to the pool after each statement.
     writer
@@ -111,6 +139,29 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     println!("  inserted cy with id {id}");
 
+    let row = reader
+        .query_one("SELECT count(*), pg_is_in_recovery() FROM users", &[])
+        .await?;
+    println!(
+        "read after the last write: {} users, served by the {}",
+        row.get::<_, i64>(0),
+        if row.get::<_, bool>(1) {
+            "replica (it had replayed the write)"
+        } else {
+            "primary (the replica had not replayed it yet)"
+        }
+    );
+    println!(
+        "request report: {:?}",
+        request
+            .report()
+            .engines
+            .iter()
+            .map(|e| (&e.name, e.state, e.statements))
+            .collect::<Vec<_>>()
+    );
+    drop(request);
+
     let stats = registry.stats();
     for e in &stats.engines {
         println!(
@@ -129,6 +180,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     registry.close().await;
     Ok(())
+}
+
+/// Waits until the replica has replayed the database's creation.
+async fn wait_for_database(url: &str) {
+    for _ in 0..500 {
+        if let Ok((client, conn)) =
+            pgassist::tokio_postgres::connect(url, pgassist::tokio_postgres::NoTls).await
+        {
+            tokio::spawn(conn);
+            if client.simple_query("SELECT 1").await.is_ok() {
+                return;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 async fn count(db: &impl Queryable) -> Result<i64, Error> {

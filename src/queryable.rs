@@ -87,3 +87,39 @@ macro_rules! delegate_queryable {
 
 delegate_queryable!(Session);
 delegate_queryable!(Transaction<'_>);
+
+/// References run statements too, so `&Session` from a
+/// [`crate::Sessions`] container passes where `&impl Queryable` is expected.
+impl<Q: Queryable> Queryable for &Q {
+    fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Vec<Row>>> + Send {
+        (**self).query(sql, params)
+    }
+    fn query_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Row>> + Send {
+        (**self).query_one(sql, params)
+    }
+    fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Option<Row>>> + Send {
+        (**self).query_opt(sql, params)
+    }
+    fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<u64>> + Send {
+        (**self).execute(sql, params)
+    }
+    fn batch_execute(&self, sql: &str) -> impl Future<Output = Result<()>> + Send {
+        (**self).batch_execute(sql)
+    }
+}

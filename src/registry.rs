@@ -187,7 +187,16 @@ impl Registry {
     /// a failover or a credential change. Idle connections close at once;
     /// connections in use finish their work and close when returned.
     pub async fn reinit(&self, name: &str) -> Result<()> {
-        self.engine(name)?.reinit();
+        let engine = self.engine(name)?;
+        engine.reinit();
+        // Replicas' read-only pools on this engine follow it.
+        for replica in self.engines() {
+            if let Some(fallback) = replica.primary() {
+                if replica.primary_index() == engine.inner.index || replica.name() == name {
+                    fallback.reinit();
+                }
+            }
+        }
         Ok(())
     }
 
@@ -196,6 +205,9 @@ impl Registry {
     pub async fn close(&self) {
         for e in &self.inner.engines {
             e.close();
+            if let Some(fallback) = e.primary() {
+                fallback.close();
+            }
         }
     }
 }
@@ -328,7 +340,27 @@ impl RegistryBuilder {
                 .inner
                 .has_replicas
                 .store(true, std::sync::atomic::Ordering::Relaxed);
-            let _ = replica.inner.replica.primary.set(primary.clone());
+            // Reads that must go to the primary use a read-only pool of their
+            // own there: a replica's session stays read-only wherever it reads.
+            let mut fallback = primary
+                .config()
+                .clone()
+                .read_only(true)
+                .max_size(replica.config().max_size);
+            fallback.min_idle = None;
+            if let Some(app) = replica.config().pg.get_application_name() {
+                fallback = fallback.application_name(app);
+            }
+            let fallback_name = format!("{} (on {primary_name})", replica.name());
+            let fallback = Engine::new(
+                &fallback_name,
+                replica.inner.index,
+                fallback,
+                hooks.clone(),
+                tracker.clone(),
+            )?;
+            let _ = replica.inner.replica.primary.set(fallback);
+            let _ = replica.inner.replica.primary_index.set(primary.inner.index);
         }
         let default = match &self.default {
             None => 0,

@@ -29,8 +29,11 @@ const POLL: Duration = Duration::from_millis(5);
 /// Replica bookkeeping of one engine.
 #[derive(Debug, Default)]
 pub(crate) struct ReplicaState {
-    /// The engine this one replicates (set when the registry is built).
+    /// A read-only pool on the primary, for reads the replica cannot serve
+    /// yet (set when the registry is built).
     pub(crate) primary: OnceLock<Engine>,
+    /// The primary's index in the registry (whose commits reads must see).
+    pub(crate) primary_index: OnceLock<usize>,
     /// Highest replay position seen on this replica.
     replayed: AtomicU64,
     /// Skip the replica until then.
@@ -63,9 +66,19 @@ pub(crate) fn lsn_of(messages: &[tokio_postgres::SimpleQueryMessage]) -> Option<
 pub(crate) const INSERT_LSN_SQL: &str = "SELECT pg_current_wal_insert_lsn()::text";
 
 impl Engine {
-    /// The primary of a replica engine.
+    /// For a replica engine: the read-only pool on its primary.
     pub(crate) fn primary(&self) -> Option<&Engine> {
         self.inner.replica.primary.get()
+    }
+
+    /// For a replica engine: the primary's index in the registry.
+    pub(crate) fn primary_index(&self) -> usize {
+        self.inner
+            .replica
+            .primary_index
+            .get()
+            .copied()
+            .unwrap_or(self.inner.index)
     }
 
     /// Decides where a read that must see `required` (0: anything) goes.

@@ -89,7 +89,7 @@ impl Session {
         let required = self
             .scope
             .as_ref()
-            .map_or(0, |s| s.required_lsn(primary.inner.index));
+            .map_or(0, |s| s.required_lsn(self.engine.primary_index()));
         match self.engine.choose_target(required).await {
             Target::Replica => match self.run_here(sql, params, op).await {
                 Err(e) if self.engine.should_fall_back(&e) => {
@@ -243,7 +243,7 @@ impl Session {
             let required = self
                 .scope
                 .as_ref()
-                .map_or(0, |s| s.required_lsn(primary.inner.index));
+                .map_or(0, |s| s.required_lsn(self.engine.primary_index()));
             if let Target::Primary = self.engine.choose_target(required).await {
                 return Box::pin(self.on(primary).begin_outermost_attempt(options, attempt)).await;
             }

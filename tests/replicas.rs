@@ -103,6 +103,14 @@ async fn replica_routing_read_your_writes_and_fallback() {
         (false, 1),
         "read after an autocommit write goes to the primary"
     );
+    // Served by the primary, the reader is still read-only.
+    let err = sessions
+        .reader()
+        .unwrap()
+        .execute("INSERT INTO items(name) VALUES ('x')", &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::ReadOnly { .. }), "{err:?}");
     let tx = sessions.writer().unwrap().begin().await.unwrap();
     tx.execute("INSERT INTO items(name) VALUES ('tx')", &[])
         .await
