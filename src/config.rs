@@ -38,6 +38,8 @@ pub struct EngineConfig {
     pub(crate) replica_of: Option<String>,
     pub(crate) replica_max_wait: Duration,
     pub(crate) replica_fallback: bool,
+    pub(crate) tls: crate::tls::TlsSettings,
+    pub(crate) pgbouncer: bool,
 }
 
 impl EngineConfig {
@@ -50,13 +52,22 @@ impl EngineConfig {
         if url.is_empty() {
             return Err(Error::Config("the database URL is empty".into()));
         }
-        let pg = tokio_postgres::Config::from_str(url).map_err(|e| {
+        let (driver_url, tls) = crate::tls::split_tls_params(url).map_err(|e| match e {
+            Error::Config(m) => Error::Config(format!(
+                "cannot parse the database URL: {}",
+                redact(&m, url)
+            )),
+            other => other,
+        })?;
+        let pg = tokio_postgres::Config::from_str(&driver_url).map_err(|e| {
             Error::Config(format!(
                 "cannot parse the database URL: {}",
                 redact(&e.to_string(), url)
             ))
         })?;
-        Ok(Self::from_pg_config(pg))
+        let mut cfg = Self::from_pg_config(pg);
+        cfg.tls = tls;
+        Ok(cfg)
     }
 
     /// Uses an already built `tokio_postgres::Config`.
@@ -73,6 +84,8 @@ impl EngineConfig {
             replica_of: None,
             replica_max_wait: Duration::ZERO,
             replica_fallback: true,
+            tls: crate::tls::TlsSettings::default(),
+            pgbouncer: false,
         }
     }
 
@@ -152,6 +165,39 @@ impl EngineConfig {
         self
     }
 
+    /// How to secure connections (libpq's `sslmode`; also read from the
+    /// URL's `sslmode=`). `require` and the `verify-*` modes need the
+    /// `rustls` feature.
+    pub fn sslmode(mut self, mode: crate::tls::SslMode) -> Self {
+        self.tls.mode = mode;
+        self
+    }
+
+    /// A PEM file of trusted roots for `verify-ca` / `verify-full` (also
+    /// the URL's `sslrootcert=`); without it the system's roots are used.
+    pub fn root_cert(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.tls.root_cert = Some(path.into());
+        self
+    }
+
+    /// The engine connects through PgBouncer in transaction pooling mode:
+    /// no named prepared statement is kept across statements (each runs as
+    /// one unnamed Parse/Bind/Execute; `statement_cache(0)`), and a unit of
+    /// work refuses two-phase commit through it with a clear error
+    /// (PREPARE TRANSACTION cannot work there).
+    pub fn pgbouncer(mut self, yes: bool) -> Self {
+        self.pgbouncer = yes;
+        if yes {
+            self.statement_cache = 0;
+        }
+        self
+    }
+
+    /// Whether the engine is declared to run through PgBouncer.
+    pub fn is_pgbouncer(&self) -> bool {
+        self.pgbouncer
+    }
+
     /// The engine this one replicates, if any.
     pub fn replica_of_engine(&self) -> Option<&str> {
         self.replica_of.as_deref()
@@ -193,12 +239,30 @@ impl EngineConfig {
         if self.pg.get_hosts().is_empty() {
             return bad("the URL names no host".into());
         }
+        if self.pgbouncer && self.read_only {
+            return bad(
+                "read_only cannot be enforced through PgBouncer, which drops the `options` startup \
+                 parameter: set default_transaction_read_only on the role or in PgBouncer's database entry"
+                    .into(),
+            );
+        }
+        #[cfg(not(feature = "rustls"))]
+        if !matches!(
+            self.tls.mode,
+            crate::tls::SslMode::Disable | crate::tls::SslMode::Prefer
+        ) {
+            return bad(format!(
+                "sslmode {:?} needs TLS: build pgassist with the `rustls` feature",
+                self.tls.mode
+            ));
+        }
         Ok(())
     }
 
     /// The driver config with the engine's session settings applied.
     pub(crate) fn connect_config(&self) -> tokio_postgres::Config {
         let mut pg = self.pg.clone();
+        pg.ssl_mode(self.tls.mode.driver_mode());
         if self.read_only {
             let mut options = pg.get_options().unwrap_or_default().to_owned();
             if !options.is_empty() {
@@ -212,7 +276,7 @@ impl EngineConfig {
 }
 
 /// The settings keys an engine understands, besides `url`.
-pub const SETTING_KEYS: [&str; 11] = [
+pub const SETTING_KEYS: [&str; 12] = [
     "max_size",
     "min_idle",
     "connection_timeout",
@@ -224,6 +288,7 @@ pub const SETTING_KEYS: [&str; 11] = [
     "replica_of",
     "replica_max_wait",
     "replica_fallback",
+    "pgbouncer",
 ];
 
 impl EngineConfig {
@@ -311,6 +376,7 @@ impl EngineConfig {
             "replica_of" => self.replica_of(v),
             "replica_max_wait" => self.replica_max_wait(parse_duration(v)?.unwrap_or_default()),
             "replica_fallback" => self.replica_fallback(parse_bool(v)?),
+            "pgbouncer" => self.pgbouncer(parse_bool(v)?),
             _ => {
                 return Err(format!(
                     "unknown setting (known: url, {})",
@@ -421,6 +487,8 @@ impl fmt::Debug for EngineConfig {
             .field("read_only", &self.read_only)
             .field("statement_cache", &self.statement_cache)
             .field("replica_of", &self.replica_of)
+            .field("sslmode", &self.tls)
+            .field("pgbouncer", &self.pgbouncer)
             .finish()
     }
 }

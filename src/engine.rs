@@ -10,7 +10,7 @@ use bb8::{Pool, PooledConnection, RunError};
 use crate::config::EngineConfig;
 use crate::error::{Error, Result};
 use crate::hooks::Hooks;
-use crate::manager::Manager;
+use crate::manager::{Connector, Manager};
 use crate::tracker::Tracker;
 
 /// A pooled connection checked out of an engine.
@@ -49,7 +49,7 @@ struct LastConnectError(Arc<Mutex<Option<(Instant, String)>>>);
 
 impl bb8::ErrorSink<tokio_postgres::Error> for LastConnectError {
     fn sink(&self, e: tokio_postgres::Error) {
-        *self.0.lock().expect("connect error") = Some((Instant::now(), e.to_string()));
+        *self.0.lock().expect("connect error") = Some((Instant::now(), crate::error::describe(&e)));
     }
     fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<tokio_postgres::Error>> {
         Box::new(self.clone())
@@ -79,6 +79,7 @@ pub(crate) struct EngineInner {
     pub(crate) has_replicas: std::sync::atomic::AtomicBool,
     pub(crate) replica: crate::replica::ReplicaState,
     pub(crate) two_phase: crate::unit_of_work::TwoPhaseState,
+    connector: Connector,
 }
 
 impl Engine {
@@ -92,7 +93,8 @@ impl Engine {
         config.validate(name)?;
         let counters = Arc::new(Counters::default());
         let last_error = LastConnectError::default();
-        let pool = build_pool(&config, &counters, &last_error);
+        let connector = Connector::new(name, &config)?;
+        let pool = build_pool(&config, &connector, &counters, &last_error);
         let config_pg = config.pg.clone();
         Ok(Engine {
             inner: Arc::new(EngineInner {
@@ -108,6 +110,7 @@ impl Engine {
                 has_replicas: Default::default(),
                 replica: Default::default(),
                 two_phase: Default::default(),
+                connector,
             }),
         })
     }
@@ -158,7 +161,7 @@ impl Engine {
                 self.inner.counters.inc(|c| &c.connect_errors);
                 Error::Connect {
                     engine,
-                    message: e.to_string(),
+                    message: crate::error::describe(&e),
                 }
             }
             RunError::TimedOut => {
@@ -193,7 +196,12 @@ impl Engine {
     /// they are returned. Sessions already holding a connection finish on it.
     pub(crate) fn reinit(&self) {
         let inner = &self.inner;
-        let fresh = build_pool(&inner.config, &inner.counters, &inner.last_error);
+        let fresh = build_pool(
+            &inner.config,
+            &inner.connector,
+            &inner.counters,
+            &inner.last_error,
+        );
         *inner.pool.write().expect("engine pool") = Some(fresh);
     }
 
@@ -238,14 +246,11 @@ impl Engine {
 
 fn build_pool(
     config: &EngineConfig,
+    connector: &Connector,
     counters: &Arc<Counters>,
     sink: &LastConnectError,
 ) -> Pool<Manager> {
-    let manager = Manager::new(
-        config.connect_config(),
-        config.statement_cache,
-        counters.clone(),
-    );
+    let manager = Manager::new(connector.clone(), config.statement_cache, counters.clone());
     Pool::builder()
         .max_size(config.max_size)
         .min_idle(config.min_idle)

@@ -157,5 +157,21 @@ pub(crate) fn is_connection_loss(e: &tokio_postgres::Error) -> bool {
     e.is_closed() || e.source().is_some_and(|s| s.is::<std::io::Error>())
 }
 
+/// An error with its causes, `a: b: c`, for messages where the cause is
+/// the useful part (a TLS handshake that failed *because* of the certificate).
+pub(crate) fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
+}
+
 /// Result with pgassist's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

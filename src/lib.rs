@@ -55,6 +55,7 @@ mod retry;
 mod session;
 mod sessions;
 mod telemetry;
+pub mod tls;
 mod tracker;
 mod transaction;
 pub mod unit_of_work;
@@ -72,6 +73,7 @@ pub use recovery::{InDoubt, RecoveryReport};
 pub use registry::{Registry, RegistryBuilder, RegistryStats};
 pub use session::Session;
 pub use sessions::{EngineReport, EngineState, InfoMut, OpenTransaction, Sessions, SessionsReport};
+pub use tls::SslMode;
 pub use transaction::{IsolationLevel, Transaction, TxOptions};
 pub use unit_of_work::UnitOfWork;
 

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use bb8_postgres::PostgresConnectionManager;
 use tokio_postgres::types::ToSql;
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, NoTls, Row, Statement};
 
 use crate::engine::Counters;
@@ -59,7 +60,11 @@ pub struct PgConn {
     pub(crate) id: u64,
     /// The server process serving this connection (`pg_backend_pid()`).
     pub(crate) backend_pid: i32,
-    cache: Mutex<StatementCache>,
+    cache: Mutex<Lru<Statement>>,
+    /// Unnamed-statement mode (`statement_cache(0)`, PgBouncer): parameter
+    /// types per SQL text, so each statement runs as one unnamed
+    /// Parse/Bind/Execute; no prepared statement outlives it on the server.
+    types: Option<Mutex<Lru<Arc<[Type]>>>>,
 }
 
 impl std::fmt::Debug for PgConn {
@@ -104,6 +109,9 @@ impl PgConn {
         op: Op,
         may_replan: bool,
     ) -> Result<Out, tokio_postgres::Error> {
+        if let Some(types) = &self.types {
+            return self.run_unnamed(types, sql, params, op, !may_replan).await;
+        }
         let stmt = self.prepared(sql).await?;
         match self.exec(&stmt, params, op).await {
             Err(e) if is_stale_plan(&e) => {
@@ -132,6 +140,70 @@ impl PgConn {
         })
     }
 
+    /// Runs `sql` as an unnamed statement with explicit parameter types, all
+    /// in one round trip. The types are learnt once per SQL text by
+    /// preparing it inside a transaction (so that, through PgBouncer's
+    /// transaction pooling, the prepare and the closing of the statement
+    /// reach the same server and nothing is left behind there).
+    async fn run_unnamed(
+        &self,
+        types: &Mutex<Lru<Arc<[Type]>>>,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        op: Op,
+        in_transaction: bool,
+    ) -> Result<Out, tokio_postgres::Error> {
+        let known = types.lock().expect("type cache").get(sql);
+        let tys = match known {
+            Some(t) => t,
+            None => {
+                if !in_transaction {
+                    // Dirty until COMMIT answers: a future dropped in between
+                    // leaves the connection to be discarded, not reused.
+                    self.state.set(ConnState::InTransaction);
+                    self.client.batch_execute("BEGIN").await?;
+                }
+                let described = self.client.prepare(sql).await;
+                let tys: Option<Arc<[Type]>> = described.as_ref().ok().map(|s| s.params().into());
+                drop(described); // queues Close before the COMMIT below
+                if !in_transaction {
+                    self.client.batch_execute("COMMIT").await?;
+                    self.state.set(ConnState::Idle);
+                }
+                let Some(tys) = tys else {
+                    // Report the server's error for the statement itself.
+                    return self.exec_unprepared(sql, params, op).await;
+                };
+                types.lock().expect("type cache").insert(sql, tys.clone());
+                tys
+            }
+        };
+        if tys.len() != params.len() {
+            // Let the driver report the mismatch as it always does.
+            return self.exec_unprepared(sql, params, op).await;
+        }
+        let typed: Vec<(&(dyn ToSql + Sync), Type)> =
+            params.iter().copied().zip(tys.iter().cloned()).collect();
+        Ok(match op {
+            Op::Query => Out::Rows(self.client.query_typed(sql, &typed).await?),
+            Op::One => Out::Row(self.client.query_typed_one(sql, &typed).await?),
+            Op::Opt => Out::MaybeRow(self.client.query_typed_opt(sql, &typed).await?),
+            Op::Execute => Out::Count(self.client.execute_typed(sql, &typed).await?),
+        })
+    }
+
+    /// The driver's own path for SQL text (prepare, run, close), used only
+    /// to obtain its error for a statement that cannot run.
+    async fn exec_unprepared(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        op: Op,
+    ) -> Result<Out, tokio_postgres::Error> {
+        let stmt = self.client.prepare(sql).await?;
+        self.exec(&stmt, params, op).await
+    }
+
     /// The cached prepared statement for `sql`, preparing it on a miss.
     async fn prepared(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
         if let Some(stmt) = self.cache.lock().expect("statement cache").get(sql) {
@@ -157,26 +229,29 @@ fn is_stale_plan(e: &tokio_postgres::Error) -> bool {
     })
 }
 
-/// A small LRU of prepared statements keyed by SQL text.
+/// SQL texts whose parameter types are remembered in unnamed-statement mode.
+const UNNAMED_TYPE_CACHE: usize = 256;
+
+/// A small LRU keyed by SQL text (prepared statements, or parameter types).
 ///
 /// Eviction scans for the least recently used entry, which only happens on
 /// a miss with a full cache; hits cost one hash lookup.
-struct StatementCache {
+struct Lru<V> {
     capacity: usize,
     tick: u64,
-    map: HashMap<Box<str>, (Statement, u64)>,
+    map: HashMap<Box<str>, (V, u64)>,
 }
 
-impl StatementCache {
+impl<V: Clone> Lru<V> {
     fn new(capacity: usize) -> Self {
-        StatementCache {
+        Lru {
             capacity,
             tick: 0,
             map: HashMap::with_capacity(capacity.min(64)),
         }
     }
 
-    fn get(&mut self, sql: &str) -> Option<Statement> {
+    fn get(&mut self, sql: &str) -> Option<V> {
         self.tick += 1;
         let tick = self.tick;
         self.map.get_mut(sql).map(|(stmt, used)| {
@@ -185,7 +260,7 @@ impl StatementCache {
         })
     }
 
-    fn insert(&mut self, sql: &str, stmt: Statement) {
+    fn insert(&mut self, sql: &str, stmt: V) {
         if self.capacity == 0 {
             return;
         }
@@ -208,9 +283,28 @@ impl StatementCache {
     }
 }
 
+/// How connections are made: plain, or TLS through rustls.
+#[derive(Clone)]
+pub(crate) enum Connector {
+    Plain(PostgresConnectionManager<NoTls>),
+    #[cfg(feature = "rustls")]
+    Rustls(PostgresConnectionManager<tokio_postgres_rustls::MakeRustlsConnect>),
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // bb8-postgres' own Debug prints tokio-postgres' Config, which redacts the password.
+        match self {
+            Connector::Plain(m) => m.fmt(f),
+            #[cfg(feature = "rustls")]
+            Connector::Rustls(m) => m.fmt(f),
+        }
+    }
+}
+
 /// bb8 manager: connects through bb8-postgres and wraps the client.
 pub struct Manager {
-    inner: PostgresConnectionManager<NoTls>,
+    inner: Connector,
     statement_cache: usize,
     counters: Arc<Counters>,
     next_id: AtomicU64,
@@ -225,14 +319,39 @@ impl std::fmt::Debug for Manager {
     }
 }
 
+impl Connector {
+    /// The connector for an engine's settings: plain for `sslmode=disable`
+    /// (or without the `rustls` feature), else rustls with the engine's
+    /// verification mode. Built once per engine (roots are loaded here).
+    pub(crate) fn new(engine: &str, config: &crate::EngineConfig) -> crate::Result<Connector> {
+        let pg = config.connect_config();
+        #[cfg(feature = "rustls")]
+        if config.tls.mode != crate::tls::SslMode::Disable {
+            let tls = crate::tls::connector(engine, &config.tls)?;
+            return Ok(Connector::Rustls(PostgresConnectionManager::new(pg, tls)));
+        }
+        let _ = engine;
+        Ok(Connector::Plain(PostgresConnectionManager::new(pg, NoTls)))
+    }
+
+    async fn connect(&self) -> Result<Client, tokio_postgres::Error> {
+        use bb8::ManageConnection;
+        match self {
+            Connector::Plain(m) => m.connect().await,
+            #[cfg(feature = "rustls")]
+            Connector::Rustls(m) => m.connect().await,
+        }
+    }
+}
+
 impl Manager {
     pub(crate) fn new(
-        pg: tokio_postgres::Config,
+        connector: Connector,
         statement_cache: usize,
         counters: Arc<Counters>,
     ) -> Self {
         Manager {
-            inner: PostgresConnectionManager::new(pg, NoTls),
+            inner: connector,
             statement_cache,
             counters,
             next_id: AtomicU64::new(1),
@@ -265,7 +384,8 @@ impl bb8::ManageConnection for Manager {
             backend_pid,
             state: Arc::new(StateCell::default()),
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            cache: Mutex::new(StatementCache::new(self.statement_cache)),
+            cache: Mutex::new(Lru::new(self.statement_cache)),
+            types: (self.statement_cache == 0).then(|| Mutex::new(Lru::new(UNNAMED_TYPE_CACHE))),
         })
     }
 

@@ -70,7 +70,7 @@ ours() {
   ls -l /proc/[0-9]*/cwd 2>/dev/null | sed -n 's|^.* /proc/\([0-9]*\)/cwd -> \(.*\)$|\1 \2|p' |
     while read -r pid dir; do
       case "$dir" in "$1" | "$1"/*)
-        case "$(cat "/proc/$pid/comm" 2>/dev/null)" in initdb | pg_ctl | postgres) echo "$pid" ;; esac
+        case "$(cat "/proc/$pid/comm" 2>/dev/null)" in initdb | pg_ctl | postgres | pgbouncer) echo "$pid" ;; esac
       esac
     done
 }
@@ -127,6 +127,10 @@ pub struct ClusterOptions {
     /// they override them. Values are quoted for you: write
     /// `("shared_buffers".into(), "16MB".into())`.
     pub extra_conf: Vec<(String, String)>,
+    /// A server certificate and its private key (PEM) to serve TLS with
+    /// (`ssl = on`); the harness writes them into the data directory with
+    /// the permissions the server demands.
+    pub tls: Option<(String, String)>,
 }
 
 /// A PostgreSQL server for tests: either a private cluster this process
@@ -201,6 +205,34 @@ impl TestCluster {
                 external_url: None,
                 local: Some(local),
             }),
+            Err(e) => {
+                local.shutdown();
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts PgBouncer (transaction pooling) in front of this cluster, if
+    /// the `pgbouncer` binary is installed: `Ok(None)` when it is not. It
+    /// runs as the `postgres` user when we are root (it refuses root), with
+    /// its log and pid file in its own temp directory, and is stopped with
+    /// the same watchdog guarantees as a cluster.
+    pub fn start_pgbouncer(&self) -> HarnessResult<Option<PgBouncer>> {
+        let Some(binary) = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+            .into_iter()
+            .map(Path::new)
+            .find(|p| p.is_file())
+        else {
+            return Ok(None);
+        };
+        let local = Local::create()?;
+        let started = local.start_pgbouncer(binary, self.port);
+        match started {
+            Ok((port, child)) => Ok(Some(PgBouncer {
+                port,
+                local,
+                child: Mutex::new(Some(child)),
+            })),
             Err(e) => {
                 local.shutdown();
                 Err(e)
@@ -404,6 +436,51 @@ impl Drop for TestCluster {
     }
 }
 
+/// PgBouncer in transaction pooling mode in front of a [`TestCluster`].
+#[derive(Debug)]
+pub struct PgBouncer {
+    port: u16,
+    local: Local,
+    child: Mutex<Option<Child>>,
+}
+
+impl PgBouncer {
+    /// TCP port PgBouncer listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// URL of database `dbname` through PgBouncer.
+    pub fn url(&self, dbname: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{dbname}", self.port)
+    }
+
+    /// PgBouncer's log file.
+    pub fn log_path(&self) -> &Path {
+        &self.local.log
+    }
+
+    /// Stops PgBouncer and removes its files (idempotent).
+    pub fn stop(&self) {
+        if let Some(mut child) = self
+            .child
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.local.shutdown();
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// A cluster this process created, under `root` = `/tmp/pgassist-<pid>-<n>`.
 #[derive(Debug)]
 struct Local {
@@ -501,6 +578,9 @@ impl Local {
             "--no-sync",
         ]);
         self.run(&mut initdb, Duration::from_secs(120))?;
+        if let Some((cert, key)) = &opts.tls {
+            self.install_tls(cert, key)?;
+        }
 
         let sock = self.sock.to_string_lossy();
         let ours = BASE_CONF
@@ -569,6 +649,67 @@ impl Local {
             let port_taken = || self.log_since(offset).contains("could not bind");
             if started.is_ok() || attempts_left == 0 || !port_taken() {
                 return started.map(|()| port);
+            }
+        }
+    }
+
+    /// Writes the server certificate and key (the key readable by its
+    /// owner only, as the server requires) and switches TLS on.
+    fn install_tls(&self, cert: &str, key: &str) -> HarnessResult<()> {
+        for (name, contents, mode) in [("server.crt", cert, 0o644), ("server.key", key, 0o600)] {
+            let path = self.data.join(name);
+            fs::write(&path, contents).ctx(format!("writing {}", path.display()))?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).ctx("chmod")?;
+            if let Some((uid, gid)) = self.owner {
+                chown(&path, Some(uid), Some(gid)).ctx(format!("chown {}", path.display()))?;
+            }
+        }
+        self.append_conf("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n")
+    }
+
+    /// Writes a PgBouncer configuration for the server on `pg_port` and
+    /// starts it on a free port (transaction pooling, trust auth on
+    /// loopback), waiting until it answers.
+    fn start_pgbouncer(&self, binary: &Path, pg_port: u16) -> HarnessResult<(u16, Child)> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .ctx("finding a free port")?
+            .port();
+        let root = self.root.display();
+        let ini = format!(
+            "[databases]\n* = host=127.0.0.1 port={pg_port}\n\n[pgbouncer]\n\
+             listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+             auth_type = trust\nauth_file = {root}/userlist.txt\n\
+             pool_mode = transaction\nmax_client_conn = 500\ndefault_pool_size = 10\n\
+             ignore_startup_parameters = extra_float_digits,options\n\
+             logfile = {root}/postgres.log\npidfile = {root}/pgbouncer.pid\n\
+             admin_users = postgres\n"
+        );
+        let ini_path = self.root.join("pgbouncer.ini");
+        fs::write(&ini_path, ini).ctx("writing pgbouncer.ini")?;
+        fs::write(self.root.join("userlist.txt"), "\"postgres\" \"\"\n")
+            .ctx("writing userlist.txt")?;
+        if let Some((uid, gid)) = self.owner {
+            for name in ["pgbouncer.ini", "userlist.txt"] {
+                chown(self.root.join(name), Some(uid), Some(gid)).ctx("chown pgbouncer files")?;
+            }
+        }
+        let mut cmd = Command::new(binary);
+        cmd.arg(&ini_path)
+            .current_dir(&self.root)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some((uid, gid)) = self.owner {
+            cmd.uid(uid).gid(gid);
+        }
+        let mut child = cmd.spawn().ctx("starting pgbouncer")?;
+        match self.wait_ready(port) {
+            Ok(()) => Ok((port, child)),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e)
             }
         }
     }

@@ -128,6 +128,14 @@ impl UnitOfWork {
             .expect("engine index")
             .clone();
         if !self.enlisted.is_empty() {
+            let engines = self.enlisted.iter().map(|(_, tx)| tx.engine());
+            if let Some(e) = engines.chain([&engine]).find(|e| e.config().is_pgbouncer()) {
+                return Err(Error::Config(format!(
+                    "engine `{}` runs through PgBouncer: a unit of work across several engines needs \
+                     two-phase commit, and PREPARE TRANSACTION cannot work through transaction pooling",
+                    e.name()
+                )));
+            }
             allows_prepare(&engine).await?;
         }
         let session = match &self.scope {

@@ -233,6 +233,7 @@ async fn two_phase_commit_without_prepared_transactions_fails_before_writing() {
     }
     let no_2pc = TestCluster::start(ClusterOptions {
         extra_conf: vec![("max_prepared_transactions".into(), "0".into())],
+        ..Default::default()
     })
     .unwrap();
     let other = no_2pc.create_database().await.unwrap();

@@ -1,0 +1,335 @@
+//! TLS for engine connections (feature `rustls`).
+//!
+//! `sslmode` follows libpq: `disable`, `prefer` and `require` encrypt
+//! without checking the server's certificate (libpq's `require` without a
+//! root certificate); `verify-ca` checks the chain; `verify-full` checks the
+//! chain and that the certificate names the host connected to. Roots come
+//! from `sslrootcert` (a PEM file) or, without it, the system's store.
+//! tokio-postgres knows only disable / prefer / require, so pgassist takes
+//! `sslmode` and `sslrootcert` out of the URL itself.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use crate::error::{Error, Result};
+
+/// How to secure connections, as libpq's `sslmode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SslMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS if the server offers it, without checking its certificate (libpq's default).
+    #[default]
+    Prefer,
+    /// TLS, without checking the certificate.
+    Require,
+    /// TLS; the certificate must chain to a trusted root.
+    VerifyCa,
+    /// TLS; the certificate must chain to a trusted root and name the host.
+    VerifyFull,
+}
+
+impl SslMode {
+    fn parse(v: &str) -> Result<SslMode> {
+        Ok(match v {
+            "disable" => SslMode::Disable,
+            "allow" | "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            other => return Err(Error::Config(format!("unknown sslmode `{other}`"))),
+        })
+    }
+
+    /// The mode tokio-postgres negotiates with: verification is ours.
+    pub(crate) fn driver_mode(self) -> tokio_postgres::config::SslMode {
+        match self {
+            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+            SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            _ => tokio_postgres::config::SslMode::Require,
+        }
+    }
+}
+
+/// The TLS part of an engine's configuration.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub(crate) struct TlsSettings {
+    pub(crate) mode: SslMode,
+    pub(crate) root_cert: Option<PathBuf>,
+}
+
+impl fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.mode)?;
+        if let Some(p) = &self.root_cert {
+            write!(f, " (sslrootcert {})", p.display())?;
+        }
+        Ok(())
+    }
+}
+
+/// Takes `sslmode` and `sslrootcert` out of a URL or key=value string:
+/// returns the string for tokio-postgres and the TLS settings.
+pub(crate) fn split_tls_params(url: &str) -> Result<(String, TlsSettings)> {
+    let mut tls = TlsSettings::default();
+    let mut take = |key: &str, value: &str| -> Result<bool> {
+        match key {
+            "sslmode" => tls.mode = SslMode::parse(value)?,
+            "sslrootcert" => tls.root_cert = Some(PathBuf::from(value)),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    };
+    if url.contains("://") {
+        let Some((base, query)) = url.split_once('?') else {
+            return Ok((url.to_owned(), tls));
+        };
+        let mut kept = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            if !take(k, &percent_decode(v))? {
+                kept.push(pair);
+            }
+        }
+        let rebuilt = if kept.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        return Ok((rebuilt, tls));
+    }
+    // key=value form (values with spaces would be quoted; sslmode and paths rarely are).
+    let mut kept = Vec::new();
+    for token in url.split_whitespace() {
+        match token.split_once('=') {
+            Some((k, v)) if take(k, v.trim_matches('\''))? => {}
+            _ => kept.push(token),
+        }
+    }
+    Ok((kept.join(" "), tls))
+}
+
+fn percent_decode(v: &str) -> String {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push(hi << 4 | lo);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(feature = "rustls")]
+pub(crate) use enabled::connector;
+
+#[cfg(feature = "rustls")]
+mod enabled {
+    use std::sync::Arc;
+
+    use rustls::client::WebPkiServerVerifier;
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{
+        CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+    };
+    use tokio_postgres_rustls::MakeRustlsConnect;
+
+    use super::{SslMode, TlsSettings};
+    use crate::error::{Error, Result};
+
+    /// The rustls connector for `settings` (roots loaded now, so a bad
+    /// `sslrootcert` is a configuration error at build time).
+    pub(crate) fn connector(engine: &str, settings: &TlsSettings) -> Result<MakeRustlsConnect> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Config(format!("engine `{engine}`: TLS setup: {e}")))?;
+        let config = match settings.mode {
+            SslMode::Disable | SslMode::Prefer | SslMode::Require => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
+                .with_no_client_auth(),
+            SslMode::VerifyCa | SslMode::VerifyFull => {
+                let roots = Arc::new(roots(engine, settings)?);
+                let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider)
+                    .build()
+                    .map_err(|e| Error::Config(format!("engine `{engine}`: TLS roots: {e}")))?;
+                let verifier: Arc<dyn ServerCertVerifier> = if settings.mode == SslMode::VerifyCa {
+                    Arc::new(ChainOnly(webpki))
+                } else {
+                    webpki
+                };
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(verifier)
+                    .with_no_client_auth()
+            }
+        };
+        Ok(MakeRustlsConnect::new(config))
+    }
+
+    fn roots(engine: &str, settings: &TlsSettings) -> Result<RootCertStore> {
+        let mut store = RootCertStore::empty();
+        match &settings.root_cert {
+            Some(path) => {
+                let certs = CertificateDer::pem_file_iter(path)
+                    .and_then(|it| it.collect::<std::result::Result<Vec<_>, _>>())
+                    .map_err(|e| {
+                        Error::Config(format!(
+                            "engine `{engine}`: sslrootcert {}: {e}",
+                            path.display()
+                        ))
+                    })?;
+                let (added, _) = store.add_parsable_certificates(certs);
+                if added == 0 {
+                    return Err(Error::Config(format!(
+                        "engine `{engine}`: sslrootcert {} holds no certificate",
+                        path.display()
+                    )));
+                }
+            }
+            None => {
+                let native = rustls_native_certs::load_native_certs();
+                store.add_parsable_certificates(native.certs);
+                if store.is_empty() {
+                    return Err(Error::Config(format!(
+                        "engine `{engine}`: sslmode {:?} needs trusted roots: set sslrootcert=<PEM file>",
+                        settings.mode
+                    )));
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    /// `prefer` / `require`: encrypt, accept any certificate, but still
+    /// check the handshake signatures.
+    #[derive(Debug)]
+    struct EncryptOnly(Arc<rustls::crypto::CryptoProvider>);
+
+    impl ServerCertVerifier for EncryptOnly {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    /// `verify-ca`: the chain must verify; the host name is not checked.
+    #[derive(Debug)]
+    struct ChainOnly(Arc<WebPkiServerVerifier>);
+
+    impl ServerCertVerifier for ChainOnly {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            intermediates: &[CertificateDer<'_>],
+            server_name: &ServerName<'_>,
+            ocsp: &[u8],
+            now: UnixTime,
+        ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+            match self
+                .0
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+            {
+                Err(rustls::Error::InvalidCertificate(
+                    CertificateError::NotValidForName
+                    | CertificateError::NotValidForNameContext { .. },
+                )) => Ok(ServerCertVerified::assertion()),
+                other => other,
+            }
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+            self.0.verify_tls12_signature(message, cert, dss)
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+            self.0.verify_tls13_signature(message, cert, dss)
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.supported_verify_schemes()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_parameters_are_taken_out_of_urls() {
+        let (url, tls) =
+            split_tls_params("postgres://u:p@h/db?sslmode=verify-full&application_name=x&sslrootcert=%2Ftmp%2Fca.pem")
+                .unwrap();
+        assert_eq!(url, "postgres://u:p@h/db?application_name=x");
+        assert_eq!(tls.mode, SslMode::VerifyFull);
+        assert_eq!(
+            tls.root_cert.as_deref(),
+            Some(std::path::Path::new("/tmp/ca.pem"))
+        );
+        let (url, tls) = split_tls_params("host=h sslmode=verify-ca dbname=d").unwrap();
+        assert_eq!(
+            (url.as_str(), tls.mode),
+            ("host=h dbname=d", SslMode::VerifyCa)
+        );
+        let (url, tls) = split_tls_params("postgres://h/db").unwrap();
+        assert_eq!(
+            (url.as_str(), tls.mode),
+            ("postgres://h/db", SslMode::Prefer)
+        );
+        assert!(split_tls_params("postgres://h/db?sslmode=bogus").is_err());
+    }
+}
