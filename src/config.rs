@@ -144,7 +144,7 @@ impl EngineConfig {
     /// Declares this engine a read replica of engine `primary`: writes fail
     /// with [`Error::ReadOnly`], and within a [`crate::Sessions`] scope a
     /// read after a write on the primary goes to the replica only once it
-    /// has replayed that write (see the `replica` module docs).
+    /// has replayed that write (see [`crate::Sessions::reader`]).
     pub fn replica_of(mut self, primary: &str) -> Self {
         self.replica_of = Some(primary.to_owned());
         self

@@ -39,6 +39,36 @@
 //! tx.commit().await?;
 //! # let _ = rows; Ok(()) }
 //! ```
+//!
+//! ## How transactions work
+//!
+//! A [`Transaction`] pins one pooled connection for its life. BEGIN is sent
+//! lazily, pipelined with the first statement (one round trip saved; a
+//! transaction that runs nothing sends nothing). Nested [`Transaction::begin`]
+//! is a SAVEPOINT. The connection goes back to the pool only once the server
+//! has confirmed COMMIT or ROLLBACK; otherwise it stays marked dirty and the
+//! pool discards it (closing it makes the server roll back).
+//!
+//! Cancellation: every control statement (BEGIN, SAVEPOINT, RELEASE, ROLLBACK
+//! TO) runs inside a critical section — a flag set synchronously before the
+//! await and cleared after the server answered. A future dropped in between
+//! leaves the flag set, and the transaction then refuses everything but a
+//! rollback. COMMIT is sent as `SELECT 1; COMMIT`: in an aborted transaction
+//! the probe fails and COMMIT is skipped, so a COMMIT the server would turn
+//! into a ROLLBACK can never be reported as success, whatever our bookkeeping
+//! missed (for example a statement whose future was dropped).
+//!
+//! ## The per-request container
+//!
+//! A request asks for `reader()`, `writer()`, `logger()` or any engine by
+//! name; each session is created on first use and memoised, and nothing is
+//! checked out until a statement runs. The container records what the
+//! request used (engine states INIT / START / END, statements, time, backend
+//! pids, open transactions) for [`Sessions::report`], carries a typed info
+//! stash that every session it hands out can read, and — in
+//! transaction-per-request mode — holds one transaction per engine the
+//! request touched, committed or rolled back by [`Sessions::finish`].
+//! Dropping the container rolls back whatever it holds, at once.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 

@@ -167,7 +167,7 @@ impl Scope {
     }
 }
 
-/// The per-request container. See the [module docs](self).
+/// The per-request container. See [how transactions work](crate#how-transactions-work) and [the per-request container](crate#the-per-request-container).
 ///
 /// ```no_run
 /// # async fn handler(registry: pgassist::Registry) -> Result<(), pgassist::Error> {

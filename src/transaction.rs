@@ -319,7 +319,7 @@ impl TxCore {
     }
 }
 
-/// An open transaction or savepoint. See the [module docs](self).
+/// An open transaction or savepoint. See [how transactions work](crate#how-transactions-work) and [the per-request container](crate#the-per-request-container).
 ///
 /// Statements take `&self`, so several can be in flight at once and are
 /// pipelined on the one connection. `commit` / `rollback` consume the guard;

@@ -48,7 +48,7 @@ pub enum Step {
 }
 
 /// Several engines' transactions, committed together. See the
-/// [module docs](self).
+/// [module docs](crate::unit_of_work).
 ///
 /// ```no_run
 /// # async fn demo(registry: pgassist::Registry) -> Result<(), pgassist::Error> {
