@@ -45,6 +45,7 @@
 mod config;
 mod engine;
 mod error;
+pub mod helpers;
 mod hooks;
 mod manager;
 mod queryable;
@@ -65,6 +66,10 @@ pub mod testing;
 pub use config::{DEFAULT_STATEMENT_CACHE, EngineConfig};
 pub use engine::{Engine, EngineStats};
 pub use error::{Error, Result};
+pub use helpers::{
+    Direction, MAX_IDENTIFIER_LEN, RangeQuery, Similar, Table, Value, columns_as_dict, escape_like,
+    quote_ident,
+};
 pub use hooks::{Outcome, TxEvent};
 pub use manager::PgConn;
 pub use queryable::Queryable;
