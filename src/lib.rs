@@ -13,6 +13,10 @@
 //! - Listeners see every outermost transaction begin and end; the
 //!   per-transaction connection map shows which connections are out of
 //!   autocommit ([`Registry::stats`]).
+//! - [`Table`] builds and runs the everyday statements (by key, by column
+//!   ignoring case, by prefix, a page, a race-free find-or-create) on
+//!   anything [`Queryable`], with names quoted and values bound
+//!   ([`helpers`]).
 //!
 //! ```no_run
 //! use pgassist::{EngineConfig, Registry};
