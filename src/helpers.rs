@@ -508,6 +508,7 @@ impl Table {
             params.push(*value);
         }
         let table = self.sql_name()?;
+        let find_names = find.iter().map(|(c, _)| *c).collect::<Vec<_>>().join(", ");
         let key_columns = &columns[..find.len()];
         let placeholders: Vec<String> = (1..=columns.len()).map(|i| format!("${i}")).collect();
         let insert = format!(
@@ -530,7 +531,7 @@ impl Table {
                 return Ok((row, true));
             }
             let rows = db.query(&select, &params[..find.len()]).await?;
-            if let Some(row) = self.at_most_one(rows, find[0].0)? {
+            if let Some(row) = self.at_most_one(rows, &find_names)? {
                 return Ok((row, false));
             }
         }

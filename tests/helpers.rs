@@ -1167,3 +1167,21 @@ async fn find_or_create_tries_again_when_the_row_vanishes() {
         0
     );
 }
+
+/// Every helper's future is Send (checked at compile time, for any
+/// `Queryable`), so it can run in `tokio::spawn`.
+#[test]
+fn helper_futures_are_send() {
+    fn send<T: Send>(_: T) {}
+    fn check<Q: Queryable>(db: &Q, t: &Table, q: &RangeQuery<'_>) {
+        send(t.get_by_id(db, &1_i32));
+        send(t.get_by_ids(db, &[1_i32]));
+        send(t.get_by_column_lower(db, "c", "v", false));
+        send(t.get_by_column_similar(db, "c", "v", Similar::Prefix, None));
+        send(t.get_by_column_exact_then_ilike(db, "c", "v"));
+        send(t.get_range(db, q, &[]));
+        send(t.find_or_create(db, &[("c", &"v")], &[]));
+    }
+    let _ = check::<pgassist::Session>;
+    let _ = check::<pgassist::Transaction<'static>>;
+}
