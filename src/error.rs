@@ -100,6 +100,33 @@ pub enum Error {
     /// control statement sent through an autocommit session).
     #[error("invalid use: {0}")]
     Usage(String),
+    /// More rows matched than the call allows: a lookup that expects at most
+    /// one row found several (see [`crate::Table::get_by_column_lower`]).
+    #[error("table `{table}`: more than one row matches on `{column}`")]
+    MultipleRows {
+        /// The table that was searched, as given to [`crate::Table::new`].
+        table: String,
+        /// The column that was matched.
+        column: String,
+    },
+    /// A column name that the caller's whitelist does not allow, for example
+    /// an ORDER BY column taken from a request (see [`crate::Table::get_range`]).
+    /// Nothing was sent to the server.
+    #[error("column {column:?} is not allowed here (allowed: {allowed})")]
+    ColumnNotAllowed {
+        /// The refused column name, as given.
+        column: String,
+        /// The allowed names, comma separated.
+        allowed: String,
+    },
+    /// [`crate::Table::find_or_create`]: twice in a row the INSERT found a
+    /// conflicting row and the SELECT that followed no longer saw it (it was
+    /// deleted in between). Nothing was created.
+    #[error("table `{table}`: the row with this key was deleted between INSERT and SELECT, twice")]
+    RowVanished {
+        /// The table, as given to [`crate::Table::new`].
+        table: String,
+    },
 }
 
 impl Error {

@@ -13,6 +13,10 @@
 //! - Listeners see every outermost transaction begin and end; the
 //!   per-transaction connection map shows which connections are out of
 //!   autocommit ([`Registry::stats`]).
+//! - [`Table`] builds and runs the everyday statements (by key, by column
+//!   ignoring case, by prefix, a page, a race-free find-or-create) on
+//!   anything [`Queryable`], with names quoted and values bound
+//!   ([`helpers`]).
 //!
 //! ```no_run
 //! use pgassist::{EngineConfig, Registry};
@@ -75,6 +79,7 @@
 mod config;
 mod engine;
 mod error;
+pub mod helpers;
 mod hooks;
 mod manager;
 mod queryable;
@@ -96,6 +101,10 @@ pub mod testing;
 pub use config::{DEFAULT_STATEMENT_CACHE, EngineConfig};
 pub use engine::{Engine, EngineStats};
 pub use error::{Error, Result};
+pub use helpers::{
+    Direction, MAX_IDENTIFIER_LEN, RangeQuery, Similar, Table, Value, columns_as_dict, escape_like,
+    quote_ident,
+};
 pub use hooks::{Outcome, TxEvent};
 pub use manager::PgConn;
 pub use queryable::Queryable;
