@@ -55,6 +55,8 @@ mod sessions;
 mod tracker;
 mod transaction;
 
+#[cfg(feature = "tower")]
+pub mod integrations;
 #[cfg(feature = "testing")]
 pub mod testing;
 
