@@ -75,7 +75,10 @@ pub fn error_message(e: &pgassist::Error) -> String {
     let mut message = e.to_string();
     let mut cause = std::error::Error::source(e);
     while let Some(c) = cause {
-        message = format!("{message}: {c}");
+        let text = c.to_string();
+        if !message.ends_with(&text) {
+            message = format!("{message}: {text}");
+        }
         cause = c.source();
     }
     message

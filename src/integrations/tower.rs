@@ -218,13 +218,16 @@ fn commit_failed<B: From<String>>(error: &crate::Error) -> Response<B> {
         "500 Internal Server Error: the request's database transaction failed to commit, \
          so nothing it wrote was saved: ",
     );
-    // The error and its causes: the server's message is in the source.
-    let mut cause: Option<&dyn std::error::Error> = Some(error);
+    // The error and its causes (the server's message is in a source), each
+    // once: a wrapper's text often ends with its source's.
+    body.push_str(&error.to_string());
+    let mut cause = std::error::Error::source(error);
     while let Some(e) = cause {
-        if !body.ends_with(": ") {
+        let text = e.to_string();
+        if !body.ends_with(&text) {
             body.push_str(": ");
+            body.push_str(&text);
         }
-        body.push_str(&e.to_string());
         cause = e.source();
     }
     body.push('\n');
