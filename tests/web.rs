@@ -306,17 +306,26 @@ async fn a_client_that_disconnects_mid_request_gets_its_transaction_rolled_back_
     let registry = registry(&db).await;
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<bool>();
     let done_tx = Arc::new(Mutex::new(Some(done_tx)));
+    // The handler says when its UPDATE has run. (pg_stat_activity alone is
+    // not enough: the backend can show "idle in transaction" between the
+    // lazy BEGIN and the UPDATE.)
+    let (updated_tx, updated_rx) = tokio::sync::oneshot::channel::<()>();
+    let updated_tx = Arc::new(Mutex::new(Some(updated_tx)));
     let app = Router::new()
         .route(
             "/slow",
             get(move |db: DbExtractor| {
                 let completion = Completion(done_tx.lock().unwrap().take());
+                let updated = updated_tx.clone();
                 async move {
                     db.writer()
                         .unwrap()
                         .execute("UPDATE counters SET n = n + 1 WHERE id = 1", &[])
                         .await
                         .unwrap();
+                    if let Some(tx) = updated.lock().unwrap().take() {
+                        let _ = tx.send(());
+                    }
                     // A slow call to something else; the client gives up first.
                     tokio::time::sleep(Duration::from_secs(30)).await;
                     completion.done();
@@ -344,14 +353,15 @@ async fn a_client_that_disconnects_mid_request_gets_its_transaction_rolled_back_
 
     let request = tokio::spawn(client().get(format!("{base}/slow")).send());
     // The server side: the update ran, the request holds its transaction.
-    let started = Instant::now();
-    while in_transaction_backends(&db).await == 0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the handler never updated"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    tokio::time::timeout(Duration::from_secs(10), updated_rx)
+        .await
+        .expect("the handler never updated")
+        .unwrap();
+    assert_eq!(
+        in_transaction_backends(&db).await,
+        1,
+        "the request holds its transaction"
+    );
     // A second connection queues on the row lock the request holds.
     let plain = db.plain().await;
     let waiter = tokio::spawn(async move {

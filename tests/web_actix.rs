@@ -241,11 +241,11 @@ impl Drop for Completion {
 /// actix-web keeps running a handler whose client disconnected (upstream
 /// issues 1313, 3029, 3462), so the example's middleware bounds every
 /// request: past its deadline the handler is dropped and its transaction
-/// rolled back at once. Here the deadline is 1.5 s and the handler would
+/// rolled back at once. Here the deadline is 2 s and the handler would
 /// sleep 30 s.
 #[tokio::test]
 async fn actix_client_that_disconnects_mid_request_is_rolled_back_at_the_deadline() {
-    const DEADLINE: Duration = Duration::from_millis(1500);
+    const DEADLINE: Duration = Duration::from_secs(2);
     let db = Db::new().await;
     db.plain()
         .await
@@ -255,18 +255,28 @@ async fn actix_client_that_disconnects_mid_request_is_rolled_back_at_the_deadlin
     let registry = actix_app::connect(&db.db.url, &db.app).await.unwrap();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<bool>();
     let done_tx = Arc::new(Mutex::new(done_tx));
+    // The handler says when its UPDATE has run. (pg_stat_activity alone is
+    // not enough: the backend can show "idle in transaction" between the
+    // lazy BEGIN and the UPDATE.)
+    let (updated_tx, updated_rx) = tokio::sync::oneshot::channel::<()>();
+    let updated_tx = Arc::new(Mutex::new(Some(updated_tx)));
     let (base, handle) = serve(registry.clone(), DEADLINE, move |cfg| {
         let done_tx = done_tx.clone();
+        let updated_tx = updated_tx.clone();
         cfg.route(
             "/slow",
             web::post().to(move |db: actix_app::Db| {
                 let mut completion = Completion(Some(done_tx.lock().unwrap().clone()));
+                let updated = updated_tx.clone();
                 async move {
                     db.writer()
                         .unwrap()
                         .execute("UPDATE counters SET n = n + 1 WHERE id = 1", &[])
                         .await
                         .unwrap();
+                    if let Some(tx) = updated.lock().unwrap().take() {
+                        let _ = tx.send(());
+                    }
                     tokio::time::sleep(Duration::from_secs(30)).await;
                     let _ = completion.0.take().unwrap().send(true);
                     HttpResponse::Ok().body("too late")
@@ -277,13 +287,15 @@ async fn actix_client_that_disconnects_mid_request_is_rolled_back_at_the_deadlin
 
     let sent = Instant::now();
     let request = tokio::spawn(client().post(format!("{base}/slow")).send());
-    while in_transaction_backends(&db).await == 0 {
-        assert!(
-            sent.elapsed() < Duration::from_secs(10),
-            "the handler never updated"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    tokio::time::timeout(Duration::from_secs(10), updated_rx)
+        .await
+        .expect("the handler never updated")
+        .unwrap();
+    assert_eq!(
+        in_transaction_backends(&db).await,
+        1,
+        "the request holds its transaction"
+    );
     let plain = db.plain().await;
     let waiter = tokio::spawn(async move {
         plain
