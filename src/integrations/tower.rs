@@ -194,8 +194,8 @@ where
         let response = self.inner.call(req);
         Box::pin(async move {
             let result = response.await;
-            let commit = transactional
-                && matches!(&result, Ok(r) if !(r.status().is_client_error() || r.status().is_server_error()));
+            // Commit on 1xx-3xx only (not on a nonstandard status >= 600).
+            let commit = transactional && matches!(&result, Ok(r) if r.status().as_u16() < 400);
             match (shared.finish(commit).await, result) {
                 (Ok(report), Ok(mut response)) => {
                     response.extensions_mut().insert(report);
