@@ -95,6 +95,8 @@ mod tracker;
 mod transaction;
 pub mod unit_of_work;
 
+#[cfg(feature = "tower")]
+pub mod integrations;
 #[cfg(feature = "testing")]
 pub mod testing;
 

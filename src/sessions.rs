@@ -151,6 +151,8 @@ impl ScopeRef {
         if let Some(tx) = usage.request_tx.lock().expect("request tx").clone() {
             return Ok(tx);
         }
+        // `finish` may have run while we waited: begin nothing after it.
+        self.touch(session.engine_name())?;
         let options = self.scope.per_request_tx.clone().unwrap_or_default();
         let tx = Arc::new(session.begin_outermost(options).await?);
         *usage.request_tx.lock().expect("request tx") = Some(tx.clone());
@@ -356,9 +358,20 @@ impl Sessions {
     /// used engine END; refuses later statements from sessions handed out.
     /// Returns the final report, or the first commit error (the remaining
     /// transactions are then rolled back).
-    pub async fn finish(&mut self, commit: bool) -> Result<SessionsReport> {
+    ///
+    /// Takes `&self` so that a container shared by a web framework's request
+    /// (an `Arc`, cloned into the handler) can be finished by the middleware
+    /// even when a clone outlived the handler: the request ends all the same,
+    /// and that clone's statements get [`Error::Closed`]. Later statements are
+    /// refused from the moment `finish` is called, and a request transaction
+    /// being begun concurrently is waited for and ended with the others.
+    pub async fn finish(&self, commit: bool) -> Result<SessionsReport> {
+        self.scope.ended.store(true, Ordering::Release);
         let mut first_error = None;
         for usage in self.scope.engines.iter() {
+            // A statement that passed its check before `ended` was set may be
+            // beginning this engine's request transaction: let it finish.
+            let _creating = usage.creating.lock().await;
             let taken = usage.request_tx.lock().expect("request tx").take();
             let Some(tx) = taken else { continue };
             let tx = match Arc::try_unwrap(tx) {
@@ -382,7 +395,6 @@ impl Sessions {
                 first_error.get_or_insert(e);
             }
         }
-        self.scope.ended.store(true, Ordering::Release);
         match first_error {
             Some(e) => Err(e),
             None => Ok(self.report()),

@@ -185,7 +185,7 @@ async fn transaction_per_request_commits_or_rolls_back_every_touched_engine() {
     let registry = registry(&db).await;
     let from = db.log_offset();
 
-    let mut sessions = registry.sessions_in_transaction(TxOptions::new());
+    let sessions = registry.sessions_in_transaction(TxOptions::new());
     let writer = sessions.writer().unwrap();
     writer
         .execute("INSERT INTO items(name) VALUES ('w')", &[])
@@ -230,7 +230,7 @@ async fn transaction_per_request_commits_or_rolls_back_every_touched_engine() {
         assert!(log.contains("SAVEPOINT"), "{log}");
     }
 
-    let mut sessions = registry.sessions_in_transaction(TxOptions::new());
+    let sessions = registry.sessions_in_transaction(TxOptions::new());
     sessions
         .writer()
         .unwrap()
@@ -291,4 +291,69 @@ async fn reinit_lets_work_in_flight_finish_and_serves_new_work_from_new_backends
         "old backends still open after reinit: {:?}",
         db.backends().await
     );
+}
+
+#[tokio::test]
+async fn finish_through_a_shared_handle_ends_the_request_for_every_clone() {
+    let db = Db::new().await;
+    let registry = registry(&db).await;
+
+    // A web framework shares the container: the middleware and the handler
+    // each hold a clone, and the middleware finishes it.
+    let shared = std::sync::Arc::new(registry.sessions_in_transaction(TxOptions::new()));
+    let handler = shared.clone();
+    handler
+        .writer()
+        .unwrap()
+        .execute("INSERT INTO items(name) VALUES ('kept')", &[])
+        .await
+        .unwrap();
+    shared.finish(true).await.unwrap();
+    assert_eq!(db.plain_names().await, ["kept"]);
+    // The clone that outlived the request can run nothing more.
+    let err = handler
+        .writer()
+        .unwrap()
+        .execute("INSERT INTO items(name) VALUES ('late')", &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Closed { .. }), "{err:?}");
+
+    // A statement racing with finish either runs inside the request
+    // transaction and is committed, or is refused, or (still in flight when
+    // finish takes the transaction) is rolled back and finish says so; it
+    // never begins a transaction that outlives the request. A fresh registry
+    // per round makes the statement connect first, and finish starts at a
+    // different moment each round, some while the request transaction is
+    // being begun.
+    for i in 0..30u64 {
+        let registry = self::registry(&db).await;
+        let shared = std::sync::Arc::new(registry.sessions_in_transaction(TxOptions::new()));
+        let handler = shared.clone();
+        let name = format!("race{i}");
+        let statement = tokio::spawn(async move {
+            handler
+                .logger()
+                .unwrap()
+                .execute("INSERT INTO items(name) VALUES ($1)", &[&name])
+                .await
+        });
+        tokio::time::sleep(Duration::from_micros(i * 700)).await;
+        let finished = shared.finish(true).await;
+        let ran = statement.await.unwrap();
+        let visible = db
+            .plain_count(&format!(
+                "SELECT count(*) FROM items WHERE name = 'race{i}'"
+            ))
+            .await;
+        match (&finished, &ran) {
+            (Ok(_), Ok(_)) => assert_eq!(visible, 1, "round {i}: ran, so committed"),
+            (Ok(_), Err(Error::Closed { .. })) => assert_eq!(visible, 0, "round {i}: refused"),
+            (Err(Error::Usage(_)), _) => assert_eq!(visible, 0, "round {i}: rolled back"),
+            other => panic!("round {i}: unexpected outcome {other:?}"),
+        }
+        drop(shared);
+        db.wait_no_transactions().await;
+        registry.close().await;
+    }
 }

@@ -1,0 +1,557 @@
+//! The tower layer and the axum extractor over real HTTP: an axum server on
+//! 127.0.0.1:0, a reqwest client, and the server's side seen through a plain
+//! connection and `pg_stat_activity`. Needs the features `axum` and `serde`.
+
+mod common;
+
+#[path = "../examples/axum_app.rs"]
+#[allow(dead_code)]
+mod axum_app;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use common::{Db, in_transaction_backends};
+use pgassist::integrations::axum::Db as DbExtractor;
+use pgassist::integrations::tower::{COMMIT_FAILED_HEADER, RequestSessions, SessionsLayer};
+use pgassist::{EngineState, Error, Registry, SessionsReport, TxOptions};
+use serde_json::Value;
+
+/// Serves `app` on a free loopback port for the rest of the test.
+async fn serve(app: Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// writer (default), read-only reader and logger, all on the test database.
+async fn registry(db: &Db) -> Registry {
+    Registry::builder()
+        .engine("writer", db.config())
+        .engine("reader", db.config().read_only(true))
+        .engine("logger", db.config())
+        .default_engine("writer")
+        .build()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn axum_example_lists_creates_and_reports_over_http() {
+    let db = Db::new().await;
+    let registry = axum_app::connect(&db.db.url, &db.app).await.unwrap();
+    axum_app::create_schema(&registry).await.unwrap();
+    let base = serve(axum_app::app(registry.clone())).await;
+    let http = client();
+
+    // POST /users: 201, the user (writer) and its audit row (logger) committed.
+    let res = http
+        .post(format!("{base}/users"))
+        .json(&serde_json::json!({ "name": "ann" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let ann: axum_app::User = res.json().await.unwrap();
+    assert_eq!(ann.name, "ann");
+    assert_eq!(db.plain_count("SELECT count(*) FROM users").await, 1);
+    assert_eq!(db.plain_count("SELECT count(*) FROM audit").await, 1);
+
+    // A duplicate is a 409 and an empty name a 422; neither writes anything.
+    let dup = http
+        .post(format!("{base}/users"))
+        .json(&serde_json::json!({ "name": "ann" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(dup.status(), StatusCode::CONFLICT);
+    let body: Value = dup.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("duplicate key"),
+        "{body}"
+    );
+    let empty = http
+        .post(format!("{base}/users"))
+        .json(&serde_json::json!({ "name": " " }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(empty.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(db.plain_count("SELECT count(*) FROM users").await, 1);
+    assert_eq!(db.plain_count("SELECT count(*) FROM audit").await, 1);
+
+    // GET /users through the reader.
+    let users: Vec<axum_app::User> = http
+        .get(format!("{base}/users"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(users, [ann]);
+
+    // GET /debug/db: this request's report, every engine touched once.
+    let report: Value = http
+        .get(format!("{base}/debug/db"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let engines = report["engines"].as_array().unwrap();
+    let names: Vec<&str> = engines
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["writer", "reader", "logger"]);
+    let server_pids: Vec<i64> = db.backends().await.iter().map(|b| b.0 as i64).collect();
+    for e in engines {
+        assert_eq!(e["state"], "Start", "{e}");
+        assert_eq!(e["statements"], 1, "{e}");
+        assert_eq!(e["pool_size"], 8, "{e}");
+        let pids = e["backend_pids"].as_array().unwrap();
+        assert_eq!(pids.len(), 1, "{e}");
+        assert!(
+            server_pids.contains(&pids[0].as_i64().unwrap()),
+            "{e} not among {server_pids:?}"
+        );
+    }
+    assert_eq!(engines[0]["is_default"], true);
+    assert_eq!(engines[1]["read_only"], true);
+
+    // GET /debug/db.html: the same as a page.
+    let page = http
+        .get(format!("{base}/debug/db.html"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(
+        page.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let html = page.text().await.unwrap();
+    for needle in [
+        "<table>",
+        "<td>writer</td>",
+        "<td>reader</td>",
+        "<td>logger</td>",
+        "START",
+    ] {
+        assert!(html.contains(needle), "{needle} missing from {html}");
+    }
+
+    db.wait_no_transactions().await;
+    assert_eq!(registry.stats().open_transactions, 0);
+}
+
+/// A router whose handlers write through the writer and the logger inside
+/// the request's transactions, then answer with the status in the path.
+fn writes_then_answers(registry: Registry) -> Router {
+    Router::new()
+        .route(
+            "/write/{status}/{name}",
+            post(
+                |db: DbExtractor,
+                 axum::extract::Path((status, name)): axum::extract::Path<(u16, String)>| async move {
+                    for engine in ["writer", "logger"] {
+                        db.get(engine)
+                            .unwrap()
+                            .execute(
+                                "INSERT INTO items(name) VALUES ($1)",
+                                &[&format!("{name}-{engine}")],
+                            )
+                            .await
+                            .unwrap();
+                    }
+                    (StatusCode::from_u16(status).unwrap(), format!("answered {status}"))
+                },
+            ),
+        )
+        .layer(SessionsLayer::per_request_transaction(
+            registry,
+            TxOptions::new(),
+        ))
+}
+
+#[tokio::test]
+async fn transaction_per_request_commits_on_1xx_to_3xx_and_rolls_back_on_4xx_5xx() {
+    let db = Db::new().await;
+    let registry = registry(&db).await;
+    let base = serve(writes_then_answers(registry.clone())).await;
+    let http = client();
+
+    for (status, committed) in [
+        (200, true),
+        (201, true),
+        (303, true),
+        (400, false),
+        (404, false),
+        (409, false),
+        (500, false),
+        (503, false),
+    ] {
+        let res = http
+            .post(format!("{base}/write/{status}/s{status}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            res.status().as_u16(),
+            status,
+            "the handler's status goes out"
+        );
+        let visible = db
+            .plain_count(&format!(
+                "SELECT count(*) FROM items WHERE name LIKE 's{status}-%'"
+            ))
+            .await;
+        assert_eq!(
+            visible,
+            if committed { 2 } else { 0 },
+            "status {status}: both engines committed, or neither"
+        );
+    }
+    db.wait_no_transactions().await;
+    assert_eq!(registry.stats().open_transactions, 0);
+}
+
+#[tokio::test]
+async fn a_commit_that_fails_turns_the_success_into_a_500() {
+    let db = Db::new().await;
+    db.plain()
+        .await
+        .batch_execute("CREATE TABLE once (x int UNIQUE DEFERRABLE INITIALLY DEFERRED)")
+        .await
+        .unwrap();
+    let registry = registry(&db).await;
+    let app = Router::new()
+        .route(
+            "/twice",
+            post(|db: DbExtractor| async move {
+                let writer = db.writer().unwrap();
+                writer
+                    .execute("INSERT INTO items(name) VALUES ('written')", &[])
+                    .await
+                    .unwrap();
+                // Both inserts succeed; the deferred check fails at COMMIT.
+                writer
+                    .execute("INSERT INTO once VALUES (1), (1)", &[])
+                    .await
+                    .unwrap();
+                (StatusCode::CREATED, "created")
+            }),
+        )
+        .layer(SessionsLayer::per_request_transaction(
+            registry.clone(),
+            TxOptions::new(),
+        ));
+    let base = serve(app).await;
+    let res = client().post(format!("{base}/twice")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(res.headers()[COMMIT_FAILED_HEADER], "failed");
+    let body = res.text().await.unwrap();
+    assert!(body.contains("failed to commit"), "{body}");
+    assert!(
+        body.contains("duplicate key"),
+        "the server's reason: {body}"
+    );
+    assert_eq!(db.plain_count("SELECT count(*) FROM items").await, 0);
+    assert_eq!(db.plain_count("SELECT count(*) FROM once").await, 0);
+    db.wait_no_transactions().await;
+}
+
+/// Sends `Some(true)` when the handler ran to its end, `Some(false)` when its
+/// future was dropped before.
+struct Completion(Option<tokio::sync::oneshot::Sender<bool>>);
+
+impl Completion {
+    fn done(mut self) {
+        let _ = self.0.take().unwrap().send(true);
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(false);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_request_gets_its_transaction_rolled_back_at_once() {
+    let db = Db::new().await;
+    db.plain()
+        .await
+        .batch_execute("CREATE TABLE counters (id int PRIMARY KEY, n int NOT NULL); INSERT INTO counters VALUES (1, 0)")
+        .await
+        .unwrap();
+    let registry = registry(&db).await;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<bool>();
+    let done_tx = Arc::new(Mutex::new(Some(done_tx)));
+    // The handler says when its UPDATE has run. (pg_stat_activity alone is
+    // not enough: the backend can show "idle in transaction" between the
+    // lazy BEGIN and the UPDATE.)
+    let (updated_tx, updated_rx) = tokio::sync::oneshot::channel::<()>();
+    let updated_tx = Arc::new(Mutex::new(Some(updated_tx)));
+    let app = Router::new()
+        .route(
+            "/slow",
+            get(move |db: DbExtractor| {
+                let completion = Completion(done_tx.lock().unwrap().take());
+                let updated = updated_tx.clone();
+                async move {
+                    db.writer()
+                        .unwrap()
+                        .execute("UPDATE counters SET n = n + 1 WHERE id = 1", &[])
+                        .await
+                        .unwrap();
+                    if let Some(tx) = updated.lock().unwrap().take() {
+                        let _ = tx.send(());
+                    }
+                    // A slow call to something else; the client gives up first.
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    completion.done();
+                    "too late"
+                }
+            }),
+        )
+        .route(
+            "/count",
+            get(|db: DbExtractor| async move {
+                let row = db
+                    .writer()
+                    .unwrap()
+                    .query_one("SELECT n FROM counters WHERE id = 1", &[])
+                    .await
+                    .unwrap();
+                row.get::<_, i32>(0).to_string()
+            }),
+        )
+        .layer(SessionsLayer::per_request_transaction(
+            registry.clone(),
+            TxOptions::new(),
+        ));
+    let base = serve(app).await;
+
+    let request = tokio::spawn(client().get(format!("{base}/slow")).send());
+    // The server side: the update ran, the request holds its transaction.
+    tokio::time::timeout(Duration::from_secs(10), updated_rx)
+        .await
+        .expect("the handler never updated")
+        .unwrap();
+    assert_eq!(
+        in_transaction_backends(&db).await,
+        1,
+        "the request holds its transaction"
+    );
+    // A second connection queues on the row lock the request holds.
+    let plain = db.plain().await;
+    let waiter = tokio::spawn(async move {
+        plain
+            .query_one(
+                "UPDATE counters SET n = n + 10 WHERE id = 1 RETURNING n",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i32>(0)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiter.is_finished(), "the row is locked by the request");
+
+    // The client gives up: its request future is dropped, closing the socket.
+    let gave_up = Instant::now();
+    request.abort();
+    assert!(request.await.unwrap_err().is_cancelled());
+
+    let n = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("the row lock was released")
+        .unwrap();
+    let lock_released = gave_up.elapsed();
+    assert_eq!(
+        n, 10,
+        "the request's +1 was rolled back, only the +10 counts"
+    );
+    while in_transaction_backends(&db).await > 0 {
+        assert!(
+            gave_up.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            db.backends().await
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let clean = gave_up.elapsed();
+    eprintln!(
+        "client disconnect -> row lock released in {lock_released:?}, no backend idle in transaction after {clean:?}"
+    );
+    assert!(lock_released < Duration::from_secs(1), "{lock_released:?}");
+    assert!(clean < Duration::from_secs(1), "{clean:?}");
+
+    // The server dropped the handler's future; it did not run to its end.
+    let completed = tokio::time::timeout(Duration::from_secs(5), done_rx)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!completed, "the handler was cancelled");
+    assert_eq!(registry.stats().open_transactions, 0);
+    // The connection came back clean: the next request runs on the pool.
+    let body = client()
+        .get(format!("{base}/count"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(body, "10");
+    db.wait_no_transactions().await;
+}
+
+#[tokio::test]
+async fn the_request_ends_when_the_response_is_ready() {
+    let db = Db::new().await;
+    let registry = registry(&db).await;
+    let kept: Arc<Mutex<Option<DbExtractor>>> = Arc::default();
+    let slot = kept.clone();
+    let app = Router::new()
+        .route(
+            "/keep",
+            get(move |db: DbExtractor| async move {
+                db.writer()
+                    .unwrap()
+                    .execute("INSERT INTO items(name) VALUES ('autocommit')", &[])
+                    .await
+                    .unwrap();
+                // A clone that outlives the handler, as a spawned task's would.
+                *slot.lock().unwrap() = Some(db.clone());
+                "ok"
+            }),
+        )
+        .layer(SessionsLayer::new(registry.clone()));
+    let base = serve(app).await;
+    let res = client().get(format!("{base}/keep")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(db.plain_names().await, ["autocommit"]);
+
+    let late = kept.lock().unwrap().take().unwrap();
+    let writer = late.report().engines.into_iter().next().unwrap();
+    assert_eq!(
+        (writer.name.as_str(), writer.state),
+        ("writer", EngineState::End)
+    );
+    let err = late
+        .writer()
+        .unwrap()
+        .execute("INSERT INTO items(name) VALUES ('late')", &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Closed { .. }), "{err:?}");
+    assert_eq!(db.plain_names().await, ["autocommit"]);
+}
+
+#[tokio::test]
+async fn the_extractor_without_the_layer_is_a_500_that_says_why() {
+    let app = Router::new().route("/", get(|_db: DbExtractor| async { "unreachable" }));
+    let base = serve(app).await;
+    let res = client().get(&base).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let body = res.text().await.unwrap();
+    assert!(body.contains("SessionsLayer"), "{body}");
+}
+
+#[derive(Debug)]
+struct RequestPath(String);
+
+#[tokio::test]
+async fn on_request_fills_the_info_stash_that_sessions_deep_down_can_read() {
+    let db = Db::new().await;
+    let registry = registry(&db).await;
+    let app = Router::new()
+        .route(
+            "/who/{x}",
+            get(|db: DbExtractor| async move {
+                // Code deep down gets only a Session, and finds the request.
+                let session = db.logger().unwrap();
+                session.info::<RequestPath>().unwrap().0.clone()
+            }),
+        )
+        .layer(SessionsLayer::new(registry).on_request(|parts, sessions| {
+            sessions
+                .info_mut()
+                .insert(RequestPath(parts.uri.path().to_owned()))
+        }));
+    let base = serve(app).await;
+    let body = client()
+        .get(format!("{base}/who/42"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(body, "/who/42");
+}
+
+/// The layer on a plain tower service (no HTTP server): an `Err` from the
+/// service rolls back, and a response carries the request's final report.
+#[tokio::test]
+async fn a_service_error_rolls_back_and_responses_carry_the_final_report() {
+    use axum::http::{Request, Response};
+    use tower::{Layer, ServiceExt};
+
+    let db = Db::new().await;
+    let registry = registry(&db).await;
+    let layer = SessionsLayer::per_request_transaction(registry.clone(), TxOptions::new());
+    let service = layer.layer(tower::service_fn(|req: Request<()>| async move {
+        let db = RequestSessions::from_extensions(req.extensions())
+            .unwrap()
+            .clone();
+        let name = req.uri().path().trim_start_matches('/').to_owned();
+        db.writer()
+            .unwrap()
+            .execute("INSERT INTO items(name) VALUES ($1)", &[&name])
+            .await
+            .unwrap();
+        if name == "fails" {
+            Err("the service failed")
+        } else {
+            Ok(Response::new(String::from("ok")))
+        }
+    }));
+
+    let err = service
+        .clone()
+        .oneshot(Request::get("/fails").body(()).unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(err, "the service failed");
+    let res = service
+        .oneshot(Request::get("/works").body(()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(db.plain_names().await, ["works"]);
+    let report = res.extensions().get::<SessionsReport>().unwrap();
+    let writer = &report.engines[0];
+    assert_eq!((writer.state, writer.statements), (EngineState::End, 1));
+    assert!(writer.open_transactions.is_empty());
+    db.wait_no_transactions().await;
+}

@@ -1,0 +1,346 @@
+//! examples/actix_app.rs over real HTTP: actix-web on 127.0.0.1:0, a reqwest
+//! client, and the server's side seen through a plain connection and
+//! `pg_stat_activity`. Needs the feature `serde`.
+
+mod common;
+
+#[path = "../examples/actix_app.rs"]
+#[allow(dead_code)]
+mod actix_app;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix_web::dev::ServerHandle;
+use actix_web::http::StatusCode;
+use actix_web::middleware::from_fn;
+use actix_web::{App, HttpResponse, HttpServer, web};
+use common::{Db, in_transaction_backends};
+use serde_json::Value;
+
+/// An actix server with the example's middleware and routes plus `extra`,
+/// one worker, on a free loopback port. Stop it with the handle.
+fn serve(
+    registry: pgassist::Registry,
+    timeout: Duration,
+    extra: impl Fn(&mut web::ServiceConfig) + Clone + Send + 'static,
+) -> (String, ServerHandle) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(web::Data::new(registry.clone()))
+            .app_data(web::Data::new(actix_app::RequestTimeout(timeout)))
+            .wrap(from_fn(actix_app::sessions_per_request))
+            .configure(actix_app::routes)
+            .configure(extra.clone())
+    })
+    .listen(listener)
+    .unwrap()
+    .workers(1)
+    .disable_signals()
+    .run();
+    let handle = server.handle();
+    tokio::spawn(server);
+    (format!("http://{addr}"), handle)
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+#[tokio::test]
+async fn actix_example_lists_creates_and_reports_over_http() {
+    let db = Db::new().await;
+    let registry = actix_app::connect(&db.db.url, &db.app).await.unwrap();
+    actix_app::create_schema(&registry).await.unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let server = actix_app::server(registry.clone(), listener).unwrap();
+    let handle = server.handle();
+    tokio::spawn(server);
+    let http = client();
+
+    let res = http
+        .post(format!("{base}/users"))
+        .json(&serde_json::json!({ "name": "ann" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 201);
+    let ann: actix_app::User = res.json().await.unwrap();
+    assert_eq!(ann.name, "ann");
+    assert_eq!(db.plain_count("SELECT count(*) FROM users").await, 1);
+    assert_eq!(db.plain_count("SELECT count(*) FROM audit").await, 1);
+
+    let dup = http
+        .post(format!("{base}/users"))
+        .json(&serde_json::json!({ "name": "ann" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(dup.status().as_u16(), 409);
+    let body: Value = dup.json().await.unwrap();
+    let message = body["error"].as_str().unwrap();
+    assert!(message.contains("duplicate key"), "{body}");
+    assert_eq!(message.matches("db error").count(), 1, "{message}");
+    let empty = http
+        .post(format!("{base}/users"))
+        .json(&serde_json::json!({ "name": "" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(empty.status().as_u16(), 422);
+    assert_eq!(db.plain_count("SELECT count(*) FROM users").await, 1);
+    assert_eq!(db.plain_count("SELECT count(*) FROM audit").await, 1);
+
+    let users: Vec<actix_app::User> = http
+        .get(format!("{base}/users"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(users, [ann]);
+
+    let report: Value = http
+        .get(format!("{base}/debug/db"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let engines = report["engines"].as_array().unwrap();
+    let server_pids: Vec<i64> = db.backends().await.iter().map(|b| b.0 as i64).collect();
+    assert_eq!(engines.len(), 3);
+    for e in engines {
+        assert_eq!(
+            (&e["state"], &e["statements"]),
+            (&Value::from("Start"), &Value::from(1)),
+            "{e}"
+        );
+        let pid = e["backend_pids"][0].as_i64().unwrap();
+        assert!(server_pids.contains(&pid), "{e} not among {server_pids:?}");
+    }
+
+    let page = http
+        .get(format!("{base}/debug/db.html"))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        page.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let html = page.text().await.unwrap();
+    for needle in [
+        "<table>",
+        "<td>writer</td>",
+        "<td>reader</td>",
+        "<td>logger</td>",
+        "START",
+    ] {
+        assert!(html.contains(needle), "{needle} missing from {html}");
+    }
+
+    db.wait_no_transactions().await;
+    assert_eq!(registry.stats().open_transactions, 0);
+    handle.stop(false).await;
+}
+
+async fn write_then_answer(db: actix_app::Db, path: web::Path<(u16, String)>) -> HttpResponse {
+    let (status, name) = path.into_inner();
+    for engine in ["writer", "logger"] {
+        db.get(engine)
+            .unwrap()
+            .execute(
+                "INSERT INTO items(name) VALUES ($1)",
+                &[&format!("{name}-{engine}")],
+            )
+            .await
+            .unwrap();
+    }
+    if name == "deferred" {
+        // Succeeds now; the deferred unique check fails at COMMIT.
+        db.writer()
+            .unwrap()
+            .execute("INSERT INTO once VALUES (1), (1)", &[])
+            .await
+            .unwrap();
+    }
+    HttpResponse::build(StatusCode::from_u16(status).unwrap()).body(format!("answered {status}"))
+}
+
+#[tokio::test]
+async fn actix_middleware_commits_on_success_and_rolls_back_on_error_statuses() {
+    let db = Db::new().await;
+    db.plain()
+        .await
+        .batch_execute("CREATE TABLE once (x int UNIQUE DEFERRABLE INITIALLY DEFERRED)")
+        .await
+        .unwrap();
+    let registry = actix_app::connect(&db.db.url, &db.app).await.unwrap();
+    let (base, handle) = serve(registry.clone(), Duration::from_secs(30), |cfg| {
+        cfg.route("/write/{status}/{name}", web::post().to(write_then_answer));
+    });
+    let http = client();
+    for (status, committed) in [(200, true), (201, true), (400, false), (500, false)] {
+        let res = http
+            .post(format!("{base}/write/{status}/s{status}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status().as_u16(), status);
+        let visible = db
+            .plain_count(&format!(
+                "SELECT count(*) FROM items WHERE name LIKE 's{status}-%'"
+            ))
+            .await;
+        assert_eq!(visible, if committed { 2 } else { 0 }, "status {status}");
+    }
+
+    // A 201 whose commit fails is a 500 that says why; nothing is saved.
+    let res = http
+        .post(format!("{base}/write/201/deferred"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 500);
+    assert_eq!(res.headers()["x-pgassist-commit"], "failed");
+    let body = res.text().await.unwrap();
+    assert!(
+        body.contains("failed to commit") && body.contains("duplicate key"),
+        "{body}"
+    );
+    assert_eq!(
+        db.plain_count("SELECT count(*) FROM items WHERE name LIKE 'deferred-%'")
+            .await,
+        0
+    );
+    db.wait_no_transactions().await;
+    assert_eq!(registry.stats().open_transactions, 0);
+    handle.stop(false).await;
+}
+
+/// Sends `true` when the handler ran to its end, `false` when its future was
+/// dropped before.
+struct Completion(Option<std::sync::mpsc::Sender<bool>>);
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(false);
+        }
+    }
+}
+
+/// actix-web keeps running a handler whose client disconnected (upstream
+/// issues 1313, 3029, 3462), so the example's middleware bounds every
+/// request: past its deadline the handler is dropped and its transaction
+/// rolled back at once. Here the deadline is 2 s and the handler would
+/// sleep 30 s.
+#[tokio::test]
+async fn actix_client_that_disconnects_mid_request_is_rolled_back_at_the_deadline() {
+    const DEADLINE: Duration = Duration::from_secs(2);
+    let db = Db::new().await;
+    db.plain()
+        .await
+        .batch_execute("CREATE TABLE counters (id int PRIMARY KEY, n int NOT NULL); INSERT INTO counters VALUES (1, 0)")
+        .await
+        .unwrap();
+    let registry = actix_app::connect(&db.db.url, &db.app).await.unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<bool>();
+    let done_tx = Arc::new(Mutex::new(done_tx));
+    // The handler says when its UPDATE has run. (pg_stat_activity alone is
+    // not enough: the backend can show "idle in transaction" between the
+    // lazy BEGIN and the UPDATE.)
+    let (updated_tx, updated_rx) = tokio::sync::oneshot::channel::<()>();
+    let updated_tx = Arc::new(Mutex::new(Some(updated_tx)));
+    let (base, handle) = serve(registry.clone(), DEADLINE, move |cfg| {
+        let done_tx = done_tx.clone();
+        let updated_tx = updated_tx.clone();
+        cfg.route(
+            "/slow",
+            web::post().to(move |db: actix_app::Db| {
+                let mut completion = Completion(Some(done_tx.lock().unwrap().clone()));
+                let updated = updated_tx.clone();
+                async move {
+                    db.writer()
+                        .unwrap()
+                        .execute("UPDATE counters SET n = n + 1 WHERE id = 1", &[])
+                        .await
+                        .unwrap();
+                    if let Some(tx) = updated.lock().unwrap().take() {
+                        let _ = tx.send(());
+                    }
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    let _ = completion.0.take().unwrap().send(true);
+                    HttpResponse::Ok().body("too late")
+                }
+            }),
+        );
+    });
+
+    let sent = Instant::now();
+    let request = tokio::spawn(client().post(format!("{base}/slow")).send());
+    tokio::time::timeout(Duration::from_secs(10), updated_rx)
+        .await
+        .expect("the handler never updated")
+        .unwrap();
+    assert_eq!(
+        in_transaction_backends(&db).await,
+        1,
+        "the request holds its transaction"
+    );
+    let plain = db.plain().await;
+    let waiter = tokio::spawn(async move {
+        plain
+            .query_one(
+                "UPDATE counters SET n = n + 10 WHERE id = 1 RETURNING n",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i32>(0)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiter.is_finished(), "the row is locked by the request");
+
+    // The client gives up: its request future is dropped, closing the socket.
+    let gave_up = Instant::now();
+    request.abort();
+    assert!(request.await.unwrap_err().is_cancelled());
+    let n = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the row lock was released")
+        .unwrap();
+    let lock_released = sent.elapsed();
+    let after_disconnect = gave_up.elapsed();
+    assert_eq!(n, 10, "the request's +1 was rolled back");
+    while in_transaction_backends(&db).await > 0 {
+        assert!(
+            sent.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            db.backends().await
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let clean = sent.elapsed();
+    eprintln!(
+        "actix: deadline {DEADLINE:?}; row lock released {lock_released:?} after the request was sent \
+         ({after_disconnect:?} after the client disconnected); no backend idle in transaction after {clean:?}"
+    );
+    assert!(
+        lock_released < DEADLINE + Duration::from_secs(1),
+        "{lock_released:?}"
+    );
+    assert!(clean < DEADLINE + Duration::from_secs(1), "{clean:?}");
+    let completed = done_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(!completed, "the middleware dropped the handler");
+    assert_eq!(registry.stats().open_transactions, 0);
+    handle.stop(false).await;
+}
