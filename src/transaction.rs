@@ -139,6 +139,9 @@ pub(crate) struct TxCore {
     pending_rollback: Mutex<Option<u32>>,
     /// A statement failed with 40001 / 40P01: the closure form may retry.
     saw_retryable: AtomicBool,
+    /// COMMIT is on the wire. Still set when the transaction is dropped
+    /// means its commit future was cut off: the outcome is unknown.
+    committing: AtomicBool,
     on_commit: Mutex<Vec<Callback>>,
     attempt: u32,
 }
@@ -321,6 +324,7 @@ impl<'a> Transaction<'a> {
                 in_doubt: AtomicBool::new(false),
                 pending_rollback: Mutex::new(None),
                 saw_retryable: AtomicBool::new(false),
+                committing: AtomicBool::new(false),
                 on_commit: Mutex::new(Vec::new()),
                 attempt,
             }))),
@@ -479,7 +483,10 @@ impl<'a> Transaction<'a> {
             self.finish(Outcome::Committed, true);
             return Ok(());
         }
-        match core.control("SELECT 1; COMMIT").await {
+        core.committing.store(true, Ordering::Release);
+        let committed = core.control("SELECT 1; COMMIT").await;
+        core.committing.store(false, Ordering::Release);
+        match committed {
             Ok(()) => {
                 self.finish(Outcome::Committed, true);
                 Ok(())
@@ -619,8 +626,15 @@ impl Drop for Transaction<'_> {
         };
         let core = slot.take().expect("root core");
         let inner = core.engine.inner.clone();
-        inner.counters.inc(|c| &c.rolled_back);
-        inner.hooks.end(&core.event, Outcome::RolledBack);
+        // A commit future cut off while COMMIT was on the wire: the server
+        // may have committed, so the outcome is unknown, not a rollback.
+        if core.committing.load(Ordering::Acquire) {
+            inner.counters.inc(|c| &c.commit_unknown);
+            inner.hooks.end(&core.event, Outcome::Unknown);
+        } else {
+            inner.counters.inc(|c| &c.rolled_back);
+            inner.hooks.end(&core.event, Outcome::RolledBack);
+        }
         core.on_commit.lock().expect("on_commit").clear();
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
