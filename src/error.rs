@@ -78,8 +78,9 @@ pub enum Error {
         /// Why the transaction is aborted.
         reason: String,
     },
-    /// The connection broke while COMMIT was in flight: the transaction may or
-    /// may not have been committed. Never retried automatically.
+    /// The connection broke (or the server ended the session with a FATAL
+    /// error) while COMMIT was in flight: the transaction may or may not have
+    /// been committed. Never retried automatically.
     #[error("engine `{engine}`: connection lost during COMMIT, the outcome is unknown: {source}")]
     CommitOutcomeUnknown {
         /// The engine of the transaction.
@@ -155,6 +156,22 @@ impl Error {
 pub(crate) fn is_connection_loss(e: &tokio_postgres::Error) -> bool {
     use std::error::Error as _;
     e.is_closed() || e.source().is_some_and(|s| s.is::<std::io::Error>())
+}
+
+/// True when the server ended the session with this error (severity FATAL
+/// or PANIC): it closes the connection right after sending it. During
+/// COMMIT such an error does not prove a rollback: a backend terminated
+/// after writing the commit record (at the interrupt check of a LOG line,
+/// for example) sends `CommandComplete` for COMMIT and then
+/// `FATAL 57P01`, and a PANIC after the commit record does the same.
+pub(crate) fn ends_session(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::Severity;
+    e.as_db_error().is_some_and(|db| {
+        matches!(
+            db.parsed_severity(),
+            Some(Severity::Fatal | Severity::Panic)
+        )
+    })
 }
 
 /// Result with pgassist's [`Error`].

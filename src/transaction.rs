@@ -27,7 +27,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
 use crate::engine::{Conn, Engine};
-use crate::error::{Error, Result, is_connection_loss};
+use crate::error::{Error, Result, ends_session, is_connection_loss};
 use crate::hooks::{Outcome, TxEvent};
 use crate::manager::{ConnState, Op, Out};
 
@@ -491,7 +491,9 @@ impl<'a> Transaction<'a> {
                 self.finish(Outcome::Committed, true);
                 Ok(())
             }
-            Err(e) if is_connection_loss(&e) => {
+            // The connection broke, or the server ended the session (FATAL),
+            // while COMMIT was in flight: it may have committed.
+            Err(e) if is_connection_loss(&e) || ends_session(&e) => {
                 let engine = core.name().to_owned();
                 self.finish(Outcome::Unknown, false);
                 Err(Error::CommitOutcomeUnknown { engine, source: e })
