@@ -1,0 +1,799 @@
+//! Cancellation safety and fault tolerance (issue 3), observed from the
+//! server: `pg_stat_activity`, a plain second connection, VACUUM through
+//! every pooled connection, and a TCP proxy that cuts connections exactly
+//! while COMMIT is in flight.
+//!
+//! Tests that restart or stop the server live in `tests/faults.rs`, which
+//! has a cluster of its own.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use common::proxy::{CommitMode, Proxy};
+use common::{Db, Rng, assert_pool_clean, env_u64, eventually, within};
+use pgassist::testing::{ClusterOptions, TestCluster};
+use pgassist::{EngineConfig, Error, IsolationLevel, Outcome, Registry, TxOptions};
+
+// ---------------------------------------------------------------------------
+// 1. Randomized cancellation
+// ---------------------------------------------------------------------------
+
+/// How a future is cut off, if at all.
+#[derive(Clone, Copy, Debug)]
+enum Cut {
+    Never,
+    /// Dropped on its (n+1)-th poll: polled at most n times (0 = never).
+    AfterPolls(u32),
+    /// Dropped when the timeout fires (`tokio::time::timeout`).
+    After(Duration),
+}
+
+impl Cut {
+    fn random(rng: &mut Rng, percent: u64) -> Cut {
+        if !rng.percent(percent) {
+            return Cut::Never;
+        }
+        if rng.percent(50) {
+            Cut::AfterPolls(rng.below(4) as u32)
+        } else {
+            Cut::After(Duration::from_micros(rng.below(2500)))
+        }
+    }
+}
+
+/// Polls the inner future at most `left` times, then drops it.
+struct PollLimit<F: Future> {
+    inner: Option<Pin<Box<F>>>,
+    left: u32,
+}
+
+impl<F: Future> Future for PollLimit<F> {
+    type Output = Option<F::Output>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if self.left == 0 {
+            self.inner = None; // dropped here, mid-flight
+            return Poll::Ready(None);
+        }
+        self.left -= 1;
+        let inner = self.inner.as_mut().expect("polled after completion");
+        match inner.as_mut().poll(cx) {
+            Poll::Ready(v) => Poll::Ready(Some(v)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// Runs `fut` unless `cut` drops it first; `None` means it was cut off.
+async fn run_cut<F: Future>(cut: Cut, fut: F) -> Option<F::Output> {
+    match cut {
+        Cut::Never => Some(fut.await),
+        Cut::AfterPolls(n) => {
+            PollLimit {
+                inner: Some(Box::pin(fut)),
+                left: n,
+            }
+            .await
+        }
+        Cut::After(d) => tokio::time::timeout(d, fut).await.ok(),
+    }
+}
+
+/// How an operation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+enum End {
+    #[default]
+    NotTried,
+    Ok,
+    Err,
+    Cut,
+}
+
+impl<T> From<Option<Result<T, Error>>> for End {
+    fn from(r: Option<Result<T, Error>>) -> End {
+        match r {
+            None => End::Cut,
+            Some(Ok(_)) => End::Ok,
+            Some(Err(_)) => End::Err,
+        }
+    }
+}
+
+/// What one iteration did, to be checked against the table afterwards.
+#[derive(Clone, Debug, Default)]
+struct Record {
+    id: i64,
+    tx_id: Option<u64>,
+    insert: End,
+    savepoint: bool,
+    sp_insert: End,
+    sp_release: End,
+    sp_rollback: End,
+    commit: End,
+    /// Ended by `rollback()` (whatever its result) or by drop.
+    abandoned: bool,
+}
+
+#[derive(Default)]
+struct Totals {
+    iterations: AtomicU64,
+    cut_ops: AtomicU64,
+    acked: AtomicU64,
+    commit_cut: AtomicU64,
+    commit_err: AtomicU64,
+    aborted_errors: AtomicU64,
+}
+
+struct Shared {
+    totals: Totals,
+    /// Errors other than `TransactionAborted`: none are expected without faults.
+    unexpected: Mutex<Vec<String>>,
+    /// Ids whose on-commit callback ran.
+    on_commit_ran: Arc<Mutex<HashSet<i64>>>,
+    /// Transaction id -> outcomes reported by the end hook.
+    outcomes: Arc<Mutex<HashMap<u64, Vec<Outcome>>>>,
+}
+
+impl Shared {
+    fn check<T>(&self, what: &str, r: &Option<Result<T, Error>>) {
+        if let Some(Err(e)) = r {
+            if matches!(e, Error::TransactionAborted { .. }) {
+                self.totals.aborted_errors.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.unexpected
+                    .lock()
+                    .unwrap()
+                    .push(format!("{what}: {e:?}"));
+            }
+        }
+    }
+}
+
+/// One transaction whose every step may be cut off at a random point.
+async fn one_iteration(
+    session: &mut pgassist::Session,
+    rng: &mut Rng,
+    id: i64,
+    shared: &Shared,
+) -> Record {
+    const CUT: u64 = 22;
+    let mut rec = Record {
+        id,
+        ..Record::default()
+    };
+    let cut = |rng: &mut Rng| {
+        let c = Cut::random(rng, CUT);
+        if !matches!(c, Cut::Never) {
+            shared.totals.cut_ops.fetch_add(1, Ordering::Relaxed);
+        }
+        c
+    };
+    let c = cut(rng);
+    let mut tx = match run_cut(c, session.begin()).await {
+        None => return rec,
+        Some(Err(e)) => {
+            shared
+                .unexpected
+                .lock()
+                .unwrap()
+                .push(format!("begin: {e:?}"));
+            return rec;
+        }
+        Some(Ok(tx)) => tx,
+    };
+    rec.tx_id = Some(tx.id());
+    let ran = shared.on_commit_ran.clone();
+    tx.on_commit(move || {
+        ran.lock().unwrap().insert(id);
+    });
+
+    let c = cut(rng);
+    let r = run_cut(
+        c,
+        tx.execute("INSERT INTO t(id, kind) VALUES ($1, 'main')", &[&id]),
+    )
+    .await;
+    shared.check("insert", &r);
+    rec.insert = End::from(r);
+
+    if rng.percent(50) {
+        rec.savepoint = true;
+        let c = cut(rng);
+        match run_cut(c, tx.begin()).await {
+            None => {}
+            Some(Err(e)) => shared.check::<()>("savepoint", &Some(Err(e))),
+            Some(Ok(sp)) => {
+                let c = cut(rng);
+                let r = run_cut(
+                    c,
+                    sp.execute("INSERT INTO t(id, kind) VALUES ($1, 'sp')", &[&-id]),
+                )
+                .await;
+                shared.check("savepoint insert", &r);
+                rec.sp_insert = End::from(r);
+                match rng.below(3) {
+                    0 => {
+                        let c = cut(rng);
+                        let r = run_cut(c, sp.commit()).await;
+                        shared.check("release", &r);
+                        rec.sp_release = End::from(r);
+                    }
+                    1 => {
+                        let c = cut(rng);
+                        let r = run_cut(c, sp.rollback()).await;
+                        shared.check("rollback to savepoint", &r);
+                        rec.sp_rollback = End::from(r);
+                    }
+                    _ => drop(sp),
+                }
+            }
+        }
+    }
+
+    if rng.percent(30) {
+        let c = cut(rng);
+        let r = run_cut(c, tx.query("SELECT count(*) FROM t WHERE id = $1", &[&id])).await;
+        shared.check("select", &r);
+    }
+
+    match rng.below(10) {
+        0..=5 => {
+            let c = cut(rng);
+            let r = run_cut(c, tx.commit()).await;
+            shared.check("commit", &r);
+            rec.commit = End::from(r);
+            match rec.commit {
+                End::Ok => shared.totals.acked.fetch_add(1, Ordering::Relaxed),
+                End::Cut => shared.totals.commit_cut.fetch_add(1, Ordering::Relaxed),
+                _ => shared.totals.commit_err.fetch_add(1, Ordering::Relaxed),
+            };
+        }
+        6..=7 => {
+            rec.abandoned = true;
+            let c = cut(rng);
+            let r = run_cut(c, tx.rollback()).await;
+            shared.check("rollback", &r);
+        }
+        _ => {
+            rec.abandoned = true;
+            drop(tx);
+        }
+    }
+    rec
+}
+
+const CANCEL_POOL: u32 = 4;
+const CANCEL_TASKS: u64 = 8;
+const CANCEL_PER_TASK: u64 = 50;
+
+/// Checks one batch against the server's truth.
+async fn verify_batch(db: &Db, registry: &Registry, shared: &Shared, recs: &[Record]) {
+    // Nothing dirty: no backend idle in transaction, the connection map
+    // empty, and every pooled connection's next statement outside a
+    // transaction block.
+    assert_pool_clean(db, registry, CANCEL_POOL as usize, "t").await;
+    let backends = db.backends().await;
+    assert!(
+        backends.len() <= CANCEL_POOL as usize,
+        "more backends than the pool allows: {backends:?}"
+    );
+    let unexpected = std::mem::take(&mut *shared.unexpected.lock().unwrap());
+    assert!(unexpected.is_empty(), "unexpected errors: {unexpected:#?}");
+
+    let ids: Vec<i64> = recs.iter().flat_map(|r| [r.id, -r.id]).collect();
+    let present: HashSet<i64> = db
+        .plain()
+        .await
+        .query("SELECT id FROM t WHERE id = ANY($1)", &[&ids])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let ran = shared.on_commit_ran.lock().unwrap().clone();
+    let outcomes = shared.outcomes.lock().unwrap().clone();
+    let (mut rows, mut acked_all, mut acked_rows, mut cut) = (0, 0, 0, 0);
+    for rec in recs {
+        let main = present.contains(&rec.id);
+        let sp = present.contains(&-rec.id);
+        let commit_maybe = matches!(rec.commit, End::Ok | End::Cut);
+        rows += main as u64;
+        acked_all += (rec.commit == End::Ok) as u64;
+        acked_rows += (rec.commit == End::Ok && rec.insert == End::Ok) as u64;
+        cut += (rec.commit == End::Cut) as u64;
+        // Nothing of a transaction that was rolled back, dropped, or whose
+        // commit returned an error is visible.
+        assert!(
+            !(main || sp) || commit_maybe,
+            "rows of an uncommitted tx: {rec:?}"
+        );
+        // An acknowledged insert in an acknowledged commit is there.
+        if rec.commit == End::Ok && rec.insert == End::Ok {
+            assert!(main, "acknowledged commit lost: {rec:?}");
+        }
+        // Savepoints: rolled back work is gone, released work is kept.
+        if sp {
+            assert!(
+                rec.sp_rollback != End::Ok,
+                "rolled back savepoint kept: {rec:?}"
+            );
+        }
+        if rec.commit == End::Ok && rec.sp_insert == End::Ok && rec.sp_release == End::Ok {
+            assert!(sp, "released savepoint lost: {rec:?}");
+        }
+        // On-commit callbacks run exactly for acknowledged commits.
+        assert_eq!(
+            ran.contains(&rec.id),
+            rec.commit == End::Ok,
+            "on_commit vs commit result: {rec:?}"
+        );
+        // The end hook fired once, and never calls a committed tx rolled back.
+        if let Some(tx_id) = rec.tx_id {
+            let seen = outcomes.get(&tx_id).cloned().unwrap_or_default();
+            assert_eq!(seen.len(), 1, "end hook fired {seen:?} for {rec:?}");
+            let outcome = seen[0];
+            match rec.commit {
+                End::Ok => assert_eq!(outcome, Outcome::Committed, "{rec:?}"),
+                End::Err | End::NotTried => assert_eq!(outcome, Outcome::RolledBack, "{rec:?}"),
+                End::Cut => {}
+            }
+            if main || sp {
+                assert_ne!(
+                    outcome,
+                    Outcome::RolledBack,
+                    "committed, reported rolled back: {rec:?}"
+                );
+            }
+        }
+    }
+    assert!(rows >= acked_rows && rows <= acked_all + cut);
+    let st = registry.stats();
+    let w = st.engine("writer").unwrap();
+    assert_eq!(w.in_transaction, 0, "{w:?}");
+    assert_eq!(
+        w.begun,
+        w.committed + w.rolled_back + w.commit_unknown,
+        "every begun transaction ended once: {w:?}"
+    );
+}
+
+async fn cancellation_run(total: u64, budget: Duration) {
+    let db = Db::new().await;
+    db.plain()
+        .await
+        .batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, kind text NOT NULL)")
+        .await
+        .unwrap();
+    let outcomes: Arc<Mutex<HashMap<u64, Vec<Outcome>>>> = Arc::default();
+    let hook = outcomes.clone();
+    let registry = Registry::builder()
+        .engine(
+            "writer",
+            db.config()
+                .max_size(CANCEL_POOL)
+                .connection_timeout(Duration::from_secs(10)),
+        )
+        .on_end(move |ev, outcome| {
+            hook.lock()
+                .unwrap()
+                .entry(ev.transaction_id())
+                .or_default()
+                .push(outcome)
+        })
+        .build()
+        .await
+        .unwrap();
+    let shared = Arc::new(Shared {
+        totals: Totals::default(),
+        unexpected: Mutex::default(),
+        on_commit_ran: Arc::default(),
+        outcomes,
+    });
+    let seed = Rng::seed("cancellation");
+    let started = Instant::now();
+    let (mut next_id, mut batches, mut done) = (1_i64, 0_u64, 0_u64);
+    while done < total {
+        if started.elapsed() > budget {
+            println!("cancellation: time budget of {budget:?} reached");
+            break;
+        }
+        let mut handles = Vec::new();
+        for t in 0..CANCEL_TASKS {
+            let mut session = registry.session("writer").unwrap();
+            let shared = shared.clone();
+            let mut rng = Rng::new(seed ^ (batches * CANCEL_TASKS + t).wrapping_mul(0x2545_f491));
+            let first = next_id + (t * CANCEL_PER_TASK) as i64;
+            handles.push(tokio::spawn(async move {
+                let mut recs = Vec::new();
+                for k in 0..CANCEL_PER_TASK as i64 {
+                    recs.push(one_iteration(&mut session, &mut rng, first + k, &shared).await);
+                    shared.totals.iterations.fetch_add(1, Ordering::Relaxed);
+                }
+                recs
+            }));
+        }
+        next_id += (CANCEL_TASKS * CANCEL_PER_TASK) as i64;
+        let mut recs = Vec::new();
+        for h in handles {
+            recs.extend(
+                within(Duration::from_secs(120), "a batch of iterations", h)
+                    .await
+                    .unwrap(),
+            );
+        }
+        done += recs.len() as u64;
+        batches += 1;
+        verify_batch(&db, &registry, &shared, &recs).await;
+    }
+    let t = &shared.totals;
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let st = registry.stats();
+    let w = st.engine("writer").unwrap();
+    println!(
+        "cancellation: {} iterations in {} batches in {:.1?} (pool {CANCEL_POOL}, {CANCEL_TASKS} tasks): \
+         {} futures cut off, {} commits acknowledged, {} commits cut off, {} commits failed, \
+         {} TransactionAborted errors; {} dirty connections discarded, {} rolled back, {} commit outcomes unknown",
+        get(&t.iterations),
+        batches,
+        started.elapsed(),
+        get(&t.cut_ops),
+        get(&t.acked),
+        get(&t.commit_cut),
+        get(&t.commit_err),
+        get(&t.aborted_errors),
+        w.discarded_dirty,
+        w.rolled_back,
+        w.commit_unknown,
+    );
+    assert!(done >= total.min(1000), "too few iterations ran: {done}");
+}
+
+/// Thousands of transactions whose begin, statements, savepoint begin /
+/// release / rollback, commit and rollback futures are dropped at random
+/// points (after a random number of polls, or by a timeout of a random
+/// fraction of a millisecond), by 8 tasks over a pool of 4. After every
+/// batch of 400: nothing dirty on the server or in the pool, nothing lost,
+/// nothing uncommitted visible, hooks and callbacks truthful.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_cancellation_leaves_nothing_dirty_and_loses_nothing() {
+    let total = env_u64("PGASSIST_CANCEL_ITERS", 50_000);
+    let budget = Duration::from_secs(env_u64("PGASSIST_CANCEL_SECS", 45));
+    cancellation_run(total, budget).await;
+}
+
+/// The long run: `cargo test --all-features --test reliability -- --ignored`
+/// (`PGASSIST_CANCEL_ITERS`, default 100 000, and `PGASSIST_CANCEL_SECS`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn randomized_cancellation_long_run() {
+    let total = env_u64("PGASSIST_CANCEL_ITERS", 100_000);
+    let budget = Duration::from_secs(env_u64("PGASSIST_CANCEL_SECS", 3600));
+    cancellation_run(total, budget).await;
+}
+
+// ---------------------------------------------------------------------------
+// 3. COMMIT with an unknown outcome
+// ---------------------------------------------------------------------------
+
+/// A registry whose connections go through `proxy`.
+async fn via_proxy(db: &Db, proxy: &Proxy, max_size: u32) -> Registry {
+    let config = EngineConfig::from_url(&proxy.url(&db.db.name))
+        .unwrap()
+        .application_name(&db.app)
+        .max_size(max_size)
+        .connection_timeout(Duration::from_secs(2));
+    Registry::builder()
+        .engine("writer", config)
+        .build()
+        .await
+        .unwrap()
+}
+
+async fn items_named(db: &Db, name: &str) -> i64 {
+    db.plain()
+        .await
+        .query_one("SELECT count(*) FROM items WHERE name = $1", &[&name])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Cuts the connection exactly while COMMIT is in flight, in each way the
+/// proxy can, and checks the error (always `CommitOutcomeUnknown`), the
+/// server's truth, the counters, and that the pool heals.
+#[tokio::test]
+async fn a_connection_cut_during_commit_is_commit_outcome_unknown() {
+    let db = Db::new().await;
+    let proxy = Proxy::start(db.cluster.port()).await;
+    let registry = via_proxy(&db, &proxy, 2).await;
+    let mut s = registry.session("writer").unwrap();
+    s.query("SELECT 1", &[]).await.expect("the proxy forwards");
+
+    // (mode, row name, committed on the server?)
+    let cases = [
+        (
+            CommitMode::DropBeforeServer,
+            "dropped before the server",
+            false,
+        ),
+        (CommitMode::DropReply, "reply dropped", true),
+        (CommitMode::FatalAfterCommit, "fatal after commit", true),
+    ];
+    for (i, (mode, name, committed)) in cases.into_iter().enumerate() {
+        proxy.set_commit_mode(mode);
+        let tx = s.begin().await.unwrap();
+        tx.execute("INSERT INTO items(name) VALUES ($1)", &[&name])
+            .await
+            .unwrap();
+        let err = within(Duration::from_secs(10), "commit", tx.commit())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::CommitOutcomeUnknown { .. }),
+            "{mode:?}: {err:?}"
+        );
+        assert!(err.is_connection_error() && !err.is_retryable());
+        // The server's truth, from a plain connection.
+        assert_eq!(
+            items_named(&db, name).await,
+            committed as i64,
+            "{mode:?}: committed on the server?"
+        );
+        proxy.set_commit_mode(CommitMode::Forward);
+        // Nothing dirty, and the pool heals at once.
+        db.wait_no_transactions().await;
+        let w = registry.stats().engines[0].clone();
+        assert_eq!(w.commit_unknown, i as u64 + 1, "{w:?}");
+        assert_eq!(
+            (w.in_transaction, registry.stats().open_transactions),
+            (0, 0)
+        );
+        let tx = s.begin().await.unwrap();
+        tx.execute("INSERT INTO items(name) VALUES ('after')", &[])
+            .await
+            .unwrap();
+        tx.commit()
+            .await
+            .expect("the pool heals after a cut COMMIT");
+    }
+    assert_eq!((proxy.commits_dropped(), proxy.replies_dropped()), (1, 2));
+    assert_eq!(items_named(&db, "after").await, 3);
+}
+
+/// The closure form never runs the closure again after
+/// `CommitOutcomeUnknown`, even with retries allowed.
+#[tokio::test]
+async fn the_closure_form_never_retries_an_unknown_commit() {
+    let db = Db::new().await;
+    let proxy = Proxy::start(db.cluster.port()).await;
+    let registry = via_proxy(&db, &proxy, 2).await;
+    let mut s = registry.session("writer").unwrap();
+    for mode in [CommitMode::DropBeforeServer, CommitMode::DropReply] {
+        proxy.set_commit_mode(mode);
+        let runs = Arc::new(AtomicU64::new(0));
+        let r: Result<(), Error> = s
+            .transaction(
+                TxOptions::new()
+                    .isolation(IsolationLevel::Serializable)
+                    .retries(5),
+                |tx| {
+                    let runs = runs.clone();
+                    Box::pin(async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        tx.execute("INSERT INTO items(name) VALUES ('closure')", &[])
+                            .await?;
+                        Ok(())
+                    })
+                },
+            )
+            .await;
+        assert!(
+            matches!(r, Err(Error::CommitOutcomeUnknown { .. })),
+            "{mode:?}: {r:?}"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "{mode:?}: retried");
+    }
+    proxy.set_commit_mode(CommitMode::Forward);
+    // Dropped before the server: not committed; reply dropped: committed.
+    assert_eq!(items_named(&db, "closure").await, 1);
+    db.wait_no_transactions().await;
+}
+
+/// A real server-side "committed, but the client cannot know": COMMIT waits
+/// for a synchronous standby that does not exist (the commit record is
+/// already written locally), and the backend is terminated in that wait.
+/// PostgreSQL then closes the connection without an answer.
+#[tokio::test]
+async fn a_backend_terminated_while_commit_waits_for_a_standby_is_outcome_unknown() {
+    if TestCluster::shared().is_external() {
+        println!("skipped: needs a cluster of its own (DATABASE_URL is set)");
+        return;
+    }
+    let cluster = tokio::task::spawn_blocking(|| {
+        TestCluster::start(ClusterOptions {
+            extra_conf: vec![("synchronous_standby_names".into(), "nobody".into())],
+        })
+        .expect("start a cluster with a synchronous standby that never comes")
+    })
+    .await
+    .unwrap();
+    let db = cluster.create_database().await.unwrap();
+    let plain = connect_plain(&db.url).await;
+    plain
+        .batch_execute("CREATE TABLE items (id serial PRIMARY KEY, name text NOT NULL)")
+        .await
+        .unwrap();
+    let app = "pgassist_syncrep";
+    let registry = Registry::builder()
+        .engine(
+            "writer",
+            EngineConfig::from_url(&db.url)
+                .unwrap()
+                .application_name(app)
+                .max_size(2),
+        )
+        .build()
+        .await
+        .unwrap();
+    let mut s = registry.session("writer").unwrap();
+    let tx = s.begin().await.unwrap();
+    // The cluster runs with synchronous_commit = off; this COMMIT waits.
+    tx.batch_execute("SET LOCAL synchronous_commit = on")
+        .await
+        .unwrap();
+    tx.execute("INSERT INTO items(name) VALUES ('local')", &[])
+        .await
+        .unwrap();
+    // Commit, and meanwhile terminate the backend once it waits for the standby.
+    let killer = async {
+        let waiting = eventually(Duration::from_secs(5), || {
+            let plain = &plain;
+            async move {
+                plain
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity \
+                         WHERE application_name = $1 AND wait_event = 'SyncRep'",
+                        &[&app],
+                    )
+                    .await
+                    .unwrap()
+                    .get::<_, i64>(0)
+                    == 1
+            }
+        })
+        .await;
+        assert!(waiting, "COMMIT never waited for the standby");
+        common::terminate_backends(&plain, app).await
+    };
+    let (r, killed) = within(Duration::from_secs(10), "commit", async {
+        tokio::join!(tx.commit(), killer)
+    })
+    .await;
+    assert_eq!(killed, 1);
+    assert!(
+        matches!(r, Err(Error::CommitOutcomeUnknown { .. })),
+        "{r:?}"
+    );
+    let n: i64 = plain
+        .query_one("SELECT count(*) FROM items WHERE name = 'local'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "the server had committed locally");
+    assert_eq!(registry.stats().open_transactions, 0);
+    // The pool heals.
+    let s = registry.session("writer").unwrap();
+    within(
+        Duration::from_secs(5),
+        "statement",
+        s.query("SELECT 1", &[]),
+    )
+    .await
+    .unwrap();
+    drop(registry);
+    drop(plain);
+    cluster.stop();
+}
+
+async fn connect_plain(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+/// Cuts every proxied connection at random moments while 6 tasks commit
+/// transactions through the proxy: an `Ok` commit is always on the server,
+/// an error other than `CommitOutcomeUnknown` never is, nothing is left
+/// dirty, and the pool keeps healing by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_connection_cuts_never_misreport_a_commit() {
+    let db = Db::new().await;
+    let proxy = Arc::new(Proxy::start(db.cluster.port()).await);
+    let registry = via_proxy(&db, &proxy, 4).await;
+    let seed = Rng::seed("random cuts");
+    let deadline = Instant::now() + Duration::from_secs(env_u64("PGASSIST_CUT_SECS", 6));
+    // (row name, result, was it CommitOutcomeUnknown)
+    type Results = Arc<Mutex<Vec<(String, Result<(), String>, bool)>>>;
+    let results: Results = Arc::default();
+    let mut tasks = Vec::new();
+    for t in 0..6_u64 {
+        let mut s = registry.session("writer").unwrap();
+        let results = results.clone();
+        let mut rng = Rng::new(seed.wrapping_add(t));
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0;
+            while Instant::now() < deadline {
+                n += 1;
+                let name = format!("cut-{t}-{n}");
+                let work = async {
+                    let tx = s.begin().await?;
+                    tx.execute("INSERT INTO items(name) VALUES ($1)", &[&name])
+                        .await?;
+                    if rng.percent(50) {
+                        tx.query("SELECT pg_sleep(0.002)", &[]).await?;
+                    }
+                    tx.commit().await
+                };
+                let r = within(Duration::from_secs(10), "transaction", work).await;
+                let unknown = matches!(r, Err(Error::CommitOutcomeUnknown { .. }));
+                results
+                    .lock()
+                    .unwrap()
+                    .push((name, r.map_err(|e| format!("{e:?}")), unknown));
+            }
+        }));
+    }
+    let cutter = {
+        let proxy = proxy.clone();
+        let mut rng = Rng::new(seed ^ 0xc0ffee);
+        tokio::spawn(async move {
+            let mut cuts = 0;
+            while Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20 + rng.below(80))).await;
+                cuts += proxy.cut_all();
+            }
+            cuts
+        })
+    };
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let cuts = cutter.await.unwrap();
+    let results = std::mem::take(&mut *results.lock().unwrap());
+    let present: HashSet<String> = db.plain_names().await.into_iter().collect();
+    let (mut ok, mut unknown, mut failed, mut unknown_committed) = (0, 0, 0, 0);
+    for (name, r, is_unknown) in &results {
+        match (r, is_unknown) {
+            (Ok(()), _) => {
+                ok += 1;
+                assert!(present.contains(name), "acknowledged commit lost: {name}");
+            }
+            (Err(_), true) => {
+                unknown += 1;
+                unknown_committed += present.contains(name) as u32;
+            }
+            (Err(e), false) => {
+                failed += 1;
+                assert!(
+                    !present.contains(name),
+                    "{name} failed with {e} but is committed"
+                );
+            }
+        }
+    }
+    println!(
+        "random cuts: {} transactions, {cuts} connections cut: {ok} ok, {failed} failed, \
+         {unknown} unknown ({unknown_committed} of them committed)",
+        results.len()
+    );
+    assert!(cuts > 0 && ok > 0 && failed > 0, "the faults did not bite");
+    assert_pool_clean(&db, &registry, 4, "items").await;
+}
