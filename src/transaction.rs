@@ -144,6 +144,9 @@ pub(crate) struct TxCore {
     committing: AtomicBool,
     on_commit: Mutex<Vec<Callback>>,
     attempt: u32,
+    /// The runtime the transaction began on: the drop path spawns its
+    /// ROLLBACK there, from whatever thread the guard is dropped on.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 fn savepoint(depth: u32) -> String {
@@ -327,6 +330,7 @@ impl<'a> Transaction<'a> {
                 committing: AtomicBool::new(false),
                 on_commit: Mutex::new(Vec::new()),
                 attempt,
+                runtime: tokio::runtime::Handle::try_current().ok(),
             }))),
             depth: 0,
             mark: 0,
@@ -638,8 +642,13 @@ impl Drop for Transaction<'_> {
             inner.hooks.end(&core.event, Outcome::RolledBack);
         }
         core.on_commit.lock().expect("on_commit").clear();
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
+        // The runtime the transaction began on, even when dropped on a thread
+        // outside it. Entered while spawning: should that runtime be shutting
+        // down, the task is dropped at once, its connection goes back to the
+        // pool, and the pool may spawn a replacement.
+        match core.runtime.clone() {
+            Some(rt) => {
+                let _entered = rt.enter();
                 rt.spawn(async move {
                     let clean = core.conn.client.batch_execute("ROLLBACK").await.is_ok();
                     inner.tracker.after_end(core.event.id, clean);
@@ -647,7 +656,7 @@ impl Drop for Transaction<'_> {
                 });
             }
             // No runtime to send ROLLBACK on: the pool discards the connection.
-            Err(_) => inner.tracker.after_end(core.event.id, false),
+            None => inner.tracker.after_end(core.event.id, false),
         }
     }
 }
