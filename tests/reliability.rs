@@ -277,7 +277,7 @@ async fn verify_batch(db: &Db, registry: &Registry, shared: &Shared, recs: &[Rec
     // Nothing dirty: no backend idle in transaction, the connection map
     // empty, and every pooled connection's next statement outside a
     // transaction block.
-    assert_pool_clean(db, registry, CANCEL_POOL as usize, "t").await;
+    assert_pool_clean(db, registry, CANCEL_POOL as usize).await;
     let backends = db.backends().await;
     assert!(
         backends.len() <= CANCEL_POOL as usize,
@@ -795,5 +795,152 @@ async fn random_connection_cuts_never_misreport_a_commit() {
         results.len()
     );
     assert!(cuts > 0 && ok > 0 && failed > 0, "the faults did not bite");
-    assert_pool_clean(&db, &registry, 4, "items").await;
+    assert_pool_clean(&db, &registry, 4).await;
+}
+
+// ---------------------------------------------------------------------------
+// 2. The drop path is prompt
+// ---------------------------------------------------------------------------
+
+/// How the transaction holding the lock goes away.
+#[derive(Clone, Copy, Debug)]
+enum Release {
+    /// `drop(tx)` on a runtime thread.
+    DropGuard,
+    /// The request future holding it loses a `select!` (a client that went away).
+    SelectDropsRequest,
+    /// The spawned task holding it is aborted.
+    AbortTask,
+    /// Dropped on a plain thread with no runtime.
+    DropOffRuntime,
+}
+
+/// Has a transaction lock row 1, has a second session block on it, ends
+/// the transaction as `how` says, and returns how long the second session
+/// then waited for the lock.
+async fn lock_wait_after(db: &Db, registry: &Registry, how: Release) -> Duration {
+    let watcher = &db.plain().await;
+    let app = &db.app;
+    let waiting = move || async move {
+        watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                     WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                &[app],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    };
+    let start_waiter = || {
+        let s = registry.session("writer").unwrap();
+        tokio::spawn(async move {
+            s.execute("UPDATE items SET name = 'waiter' WHERE id = 1", &[])
+                .await
+                .expect("the waiter's update");
+            Instant::now()
+        })
+    };
+    const LOCK: &str = "UPDATE items SET name = 'holder' WHERE id = 1";
+    let (released_at, waiter) = match how {
+        Release::DropGuard | Release::DropOffRuntime => {
+            let mut s = registry.session("writer").unwrap();
+            let tx = s.begin().await.unwrap();
+            tx.execute(LOCK, &[]).await.unwrap();
+            let waiter = start_waiter();
+            assert!(eventually(Duration::from_secs(5), &waiting).await);
+            let at = Instant::now();
+            if let Release::DropOffRuntime = how {
+                std::thread::scope(|scope| {
+                    scope
+                        .spawn(move || drop(tx))
+                        .join()
+                        .expect("dropped off the runtime")
+                });
+            } else {
+                drop(tx);
+            }
+            (at, waiter)
+        }
+        Release::SelectDropsRequest => {
+            let mut s = registry.session("writer").unwrap();
+            let (locked_tx, locked_rx) = tokio::sync::oneshot::channel();
+            let request = async {
+                let tx = s.begin().await.unwrap();
+                tx.execute(LOCK, &[]).await.unwrap();
+                locked_tx.send(()).unwrap();
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                tx.commit().await
+            };
+            let mut waiter = None;
+            tokio::select! {
+                _ = request => panic!("the request should have been dropped"),
+                _ = async {
+                    locked_rx.await.unwrap();
+                    waiter = Some(start_waiter());
+                    assert!(eventually(Duration::from_secs(5), &waiting).await);
+                } => {}
+            }
+            (Instant::now(), waiter.unwrap())
+        }
+        Release::AbortTask => {
+            let mut s = registry.session("writer").unwrap();
+            let (locked_tx, locked_rx) = tokio::sync::oneshot::channel();
+            let holder = tokio::spawn(async move {
+                let tx = s.begin().await.unwrap();
+                tx.execute(LOCK, &[]).await.unwrap();
+                locked_tx.send(()).unwrap();
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                tx.commit().await
+            });
+            locked_rx.await.unwrap();
+            let waiter = start_waiter();
+            assert!(eventually(Duration::from_secs(5), &waiting).await);
+            let at = Instant::now();
+            holder.abort();
+            (at, waiter)
+        }
+    };
+    let got_lock = within(Duration::from_secs(10), "the waiter", waiter)
+        .await
+        .unwrap();
+    got_lock.saturating_duration_since(released_at)
+}
+
+/// A second session blocked on a row lock held by a transaction that is
+/// dropped unfinished gets the lock promptly: the drop path sends ROLLBACK
+/// at once, not when the connection is next used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_transaction_releases_its_locks_promptly() {
+    let db = Db::new().await;
+    // min_idle = max_size: the pool replaces a connection it discards at
+    // once, by spawning from the thread that gave it back.
+    let registry = db.registry(|c| c.max_size(3).min_idle(3)).await;
+    db.plain()
+        .await
+        .batch_execute("INSERT INTO items(id, name) VALUES (1, 'row')")
+        .await
+        .unwrap();
+    let mut report = Vec::new();
+    for round in 0..3 {
+        for how in [
+            Release::DropGuard,
+            Release::SelectDropsRequest,
+            Release::AbortTask,
+            Release::DropOffRuntime,
+        ] {
+            let waited = lock_wait_after(&db, &registry, how).await;
+            assert!(
+                waited < Duration::from_secs(1),
+                "{how:?}: the lock was released only after {waited:?}"
+            );
+            report.push(format!("{how:?} {:.1} ms", waited.as_secs_f64() * 1e3));
+            if round == 0 {
+                assert_pool_clean(&db, &registry, 3).await;
+            }
+        }
+    }
+    println!("drop path, lock wait after the drop: {}", report.join(", "));
+    assert_pool_clean(&db, &registry, 3).await;
 }

@@ -232,8 +232,11 @@ pub async fn terminate_backends(client: &tokio_postgres::Client, app: &str) -> u
 /// queue behind a lock we hold, so each needs a connection of its own) and
 /// has each run VACUUM, which fails inside a transaction block. Also waits
 /// until the server shows no backend of ours in a transaction and the
-/// connection map is empty.
-pub async fn assert_pool_clean(db: &Db, registry: &Registry, max_size: usize, table: &str) {
+/// connection map is empty. The VACUUMs run on an empty table of their own,
+/// so that none has work to do (truncating a churned table makes each wait
+/// for the others' lock requests).
+pub async fn assert_pool_clean(db: &Db, registry: &Registry, max_size: usize) {
+    let table = "pgassist_probe";
     db.wait_no_transactions().await;
     assert!(
         eventually(Duration::from_secs(5), || async move {
@@ -244,6 +247,10 @@ pub async fn assert_pool_clean(db: &Db, registry: &Registry, max_size: usize, ta
         registry.stats()
     );
     let locker = db.plain().await;
+    locker
+        .batch_execute(&format!("CREATE TABLE IF NOT EXISTS {table} ()"))
+        .await
+        .unwrap();
     locker
         .batch_execute(&format!(
             "BEGIN; LOCK TABLE {table} IN SHARE UPDATE EXCLUSIVE MODE"
@@ -260,7 +267,7 @@ pub async fn assert_pool_clean(db: &Db, registry: &Registry, max_size: usize, ta
     // one of them ended early (an error: it ran inside a transaction).
     let (app, watcher) = (&db.app, &db.plain().await);
     let running = &vacuums;
-    eventually(Duration::from_secs(5), || async move {
+    let queued = eventually(Duration::from_secs(5), || async move {
         if running.iter().any(|v| v.is_finished()) {
             return true;
         }
@@ -276,11 +283,41 @@ pub async fn assert_pool_clean(db: &Db, registry: &Registry, max_size: usize, ta
         waiting as usize == max_size
     })
     .await;
+    if !queued {
+        println!(
+            "not all VACUUMs queued: {:#?}\n{:#?}",
+            activity(watcher).await,
+            registry.stats()
+        );
+    }
     locker.batch_execute("COMMIT").await.unwrap();
     for v in vacuums {
-        within(Duration::from_secs(10), "VACUUM through the pool", v)
-            .await
-            .unwrap()
+        let done = tokio::time::timeout(Duration::from_secs(10), v).await;
+        let Ok(done) = done else {
+            panic!(
+                "VACUUM through the pool hangs: {:#?}\n{:#?}",
+                activity(watcher).await,
+                registry.stats()
+            );
+        };
+        done.unwrap()
             .expect("a pooled connection ran its next statement inside a transaction");
     }
+}
+
+/// Every backend of the server but ours, for diagnostics.
+pub async fn activity(client: &tokio_postgres::Client) -> Vec<String> {
+    client
+        .query(
+            "SELECT format('%s pid=%s app=%s state=%s wait=%s/%s xact=%s query=%s', \
+             datname, pid, application_name, state, wait_event_type, wait_event, \
+             xact_start, left(query, 80)) \
+             FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
 }
