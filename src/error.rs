@@ -152,10 +152,15 @@ impl Error {
 }
 
 /// True when the driver reports that the connection is gone, as opposed to a
-/// statement that failed on a healthy connection.
+/// statement that failed on a healthy connection. An I/O error of kind
+/// `InvalidInput` is the driver refusing to encode a message (a NUL byte in
+/// the SQL, a message too large): nothing was sent and the connection is fine.
 pub(crate) fn is_connection_loss(e: &tokio_postgres::Error) -> bool {
     use std::error::Error as _;
-    e.is_closed() || e.source().is_some_and(|s| s.is::<std::io::Error>())
+    e.is_closed()
+        || e.source()
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| io.kind() != std::io::ErrorKind::InvalidInput)
 }
 
 /// True when the server ended the session with this error (severity FATAL
