@@ -219,7 +219,21 @@ impl TxCore {
         Ok(())
     }
 
+    /// Refuses BEGIN / COMMIT / ROLLBACK / SAVEPOINT / RELEASE / … sent as a
+    /// statement: the server would end or reshape the transaction behind our
+    /// back (after a COMMIT, later statements would run in autocommit).
+    fn refuse_control(&self, sql: &str) -> Result<()> {
+        crate::session::reject_transaction_control(sql).map_err(|_| {
+            Error::Usage(format!(
+                "engine `{}`: a transaction control statement cannot run inside a transaction; \
+                 use commit() / rollback(), and begin() for a savepoint",
+                self.name()
+            ))
+        })
+    }
+
     async fn run(&self, sql: &str, params: &[&(dyn ToSql + Sync)], op: Op) -> Result<Out> {
+        self.refuse_control(sql)?;
         self.ready().await?;
         self.engine.inner.counters.inc(|c| &c.statements);
         let result = if self.begun.swap(true, Ordering::AcqRel) {
@@ -242,6 +256,7 @@ impl TxCore {
     }
 
     async fn batch(&self, sql: &str) -> Result<()> {
+        self.refuse_control(sql)?;
         self.ready().await?;
         self.engine.inner.counters.inc(|c| &c.statements);
         let r = if self.begun.swap(true, Ordering::AcqRel) {
