@@ -944,3 +944,425 @@ async fn a_dropped_transaction_releases_its_locks_promptly() {
     println!("drop path, lock wait after the drop: {}", report.join(", "));
     assert_pool_clean(&db, &registry, 3).await;
 }
+
+// ---------------------------------------------------------------------------
+// 6. Retries
+// ---------------------------------------------------------------------------
+
+/// 8 tasks increment one counter under SERIALIZABLE through the closure
+/// form with retries: the final value is exactly the number of `Ok`
+/// results, retries happened, and the failures are exhausted retries of
+/// serialization failures only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serializable_increments_are_retried_and_counted_exactly() {
+    let db = Db::new().await;
+    db.plain()
+        .await
+        .batch_execute("CREATE TABLE counter (id int PRIMARY KEY, v bigint NOT NULL); INSERT INTO counter VALUES (1, 0)")
+        .await
+        .unwrap();
+    let registry = db.registry(|c| c.max_size(8)).await;
+    let per_task = env_u64("PGASSIST_RETRY_INCREMENTS", 25);
+    let max_attempt = Arc::new(AtomicU64::new(0));
+    let retried = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let mut s = registry.session("writer").unwrap();
+        let (max_attempt, retried) = (max_attempt.clone(), retried.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0_u64, Vec::new());
+            for _ in 0..per_task {
+                let r = s
+                    .transaction(
+                        TxOptions::new()
+                            .isolation(IsolationLevel::Serializable)
+                            .retries(10),
+                        |tx| {
+                            let (max_attempt, retried) = (max_attempt.clone(), retried.clone());
+                            Box::pin(async move {
+                                let attempt = tx.attempt() as u64;
+                                max_attempt.fetch_max(attempt, Ordering::Relaxed);
+                                retried.fetch_add((attempt > 1) as u64, Ordering::Relaxed);
+                                // Read, think, write: a lost update unless serialized.
+                                let v: i64 = tx
+                                    .query_one("SELECT v FROM counter WHERE id = 1", &[])
+                                    .await?
+                                    .get(0);
+                                tokio::time::sleep(Duration::from_millis(1)).await;
+                                tx.execute("UPDATE counter SET v = $1 WHERE id = 1", &[&(v + 1)])
+                                    .await?;
+                                Ok::<_, Error>(())
+                            })
+                        },
+                    )
+                    .await;
+                match r {
+                    Ok(()) => ok += 1,
+                    Err(e) => failed.push(e),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    let (mut ok, mut failed) = (0, Vec::new());
+    for t in tasks {
+        let (o, f) = within(Duration::from_secs(120), "incrementers", t)
+            .await
+            .unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    let v: i64 = db
+        .plain()
+        .await
+        .query_one("SELECT v FROM counter WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    println!(
+        "retries: {ok} increments ok, {} failed after 10 retries, {} retried attempts, \
+         highest attempt {}",
+        failed.len(),
+        retried.load(Ordering::Relaxed),
+        max_attempt.load(Ordering::Relaxed)
+    );
+    assert_eq!(
+        v as u64, ok,
+        "the counter equals the acknowledged increments"
+    );
+    assert!(retried.load(Ordering::Relaxed) > 0, "no retry happened");
+    for e in &failed {
+        assert!(e.is_retryable(), "only exhausted retries may fail: {e:?}");
+    }
+    db.wait_no_transactions().await;
+    assert_eq!(registry.stats().open_transactions, 0);
+}
+
+/// A write skew under SERIALIZABLE: attempt 1 sees a conflicting commit
+/// and fails with 40001 (at its write or at COMMIT), the closure runs
+/// again as attempt 2, which commits. Without retries the same conflict
+/// is returned to the caller, retryable.
+#[tokio::test]
+async fn a_serialization_failure_is_retried_with_the_attempt_number() {
+    let db = Db::new().await;
+    db.plain()
+        .await
+        .batch_execute(
+            "CREATE TABLE on_call (id int PRIMARY KEY, on_duty bool NOT NULL); \
+             INSERT INTO on_call VALUES (1, true), (2, true), (3, true)",
+        )
+        .await
+        .unwrap();
+    let registry = db.registry(|c| c).await;
+    let mut s = registry.session("writer").unwrap();
+    let other = Arc::new(db.plain().await);
+    for retries in [3, 0] {
+        let attempts = Arc::new(Mutex::new(Vec::new()));
+        let r = s
+            .transaction(
+                TxOptions::new()
+                    .isolation(IsolationLevel::Serializable)
+                    .retries(retries),
+                |tx| {
+                    let (attempts, other) = (attempts.clone(), other.clone());
+                    Box::pin(async move {
+                        attempts.lock().unwrap().push(tx.attempt());
+                        tx.query("SELECT count(*) FROM on_call WHERE on_duty", &[])
+                            .await?;
+                        if tx.attempt() == 1 {
+                            // A concurrent doctor also checks, goes off duty and commits first.
+                            other
+                                .batch_execute(
+                                    "BEGIN ISOLATION LEVEL SERIALIZABLE; \
+                                     SELECT count(*) FROM on_call WHERE on_duty; \
+                                     UPDATE on_call SET on_duty = NOT on_duty WHERE id = 2; COMMIT",
+                                )
+                                .await
+                                .unwrap();
+                        }
+                        tx.execute("UPDATE on_call SET on_duty = NOT on_duty WHERE id = 1", &[])
+                            .await?;
+                        Ok::<_, Error>(())
+                    })
+                },
+            )
+            .await;
+        let attempts = attempts.lock().unwrap().clone();
+        if retries > 0 {
+            r.expect("the second attempt commits");
+            assert_eq!(attempts, [1, 2]);
+        } else {
+            let e = r.unwrap_err();
+            assert!(e.is_retryable(), "{e:?}");
+            assert_eq!(
+                e.code(),
+                Some(&pgassist::SqlState::T_R_SERIALIZATION_FAILURE)
+            );
+            assert_eq!(attempts, [1]);
+        }
+    }
+    db.wait_no_transactions().await;
+}
+
+// ---------------------------------------------------------------------------
+// 7. Bad input
+// ---------------------------------------------------------------------------
+
+/// Malformed URLs and settings: `Error::Config`, no panic, no password.
+#[tokio::test]
+async fn malformed_urls_and_settings_are_config_errors_without_the_password() {
+    const PW: &str = "Pw-4b8e1c";
+    for url in [
+        "postgres://",
+        "postgres://ann:Pw-4b8e1c@",
+        "postgres://ann:Pw-4b8e1c@db:99999/app",
+        "postgres://ann:Pw-4b8e1c@db:-1/app",
+        "postgres://ann:Pw-4b8e1c@[::1/app",
+        "postgres://ann:Pw-4b8e1c@db/app?sslmode=sometimes",
+        "postgres://ann:Pw-4b8e1c@db/app?connect_timeout=soon",
+        "postgres://ann:Pw-4b8e1c@db/app?keepalives=maybe",
+        "postgres://ann:Pw-4b8e1c@db/app?nonsense=1",
+        "postgres://ann:Pw-4b8e1c@db/app?application_name",
+        "postgres://ann:Pw-4b8e1c@db/app?host=%ff",
+        "postgres://ann:Pw-4b8e1c@db/%ff",
+        "postgres://%ff:Pw-4b8e1c@db/app",
+        "postgresql://ann:Pw-4b8e1c@db/app?target_session_attrs=primary-ish",
+        "http://ann:Pw-4b8e1c@db/app",
+        "host=db password=Pw-4b8e1c port=five",
+        "host=db password='Pw-4b8e1c",
+        "host=db password=Pw-4b8e1c sslmode",
+        "host=db password=Pw-4b8e1c =x",
+        "\u{0}",
+        "    ",
+    ] {
+        match EngineConfig::from_url(url) {
+            Err(e) => {
+                assert!(matches!(e, Error::Config(_)), "{url}: {e:?}");
+                let shown = format!("{e} {e:?}");
+                assert!(!shown.contains(PW), "{url}: the password leaked: {shown}");
+                assert!(!shown.is_empty());
+            }
+            // Some are valid for the driver; then building must refuse or accept them cleanly.
+            Ok(cfg) => {
+                let shown = format!("{cfg} {cfg:?}");
+                assert!(!shown.contains(PW), "{url}: the password leaked: {shown}");
+                let built = Registry::builder().engine("w", cfg).build().await;
+                if let Err(e) = built {
+                    assert!(matches!(e, Error::Config(_)), "{url}: {e:?}");
+                    assert!(!format!("{e} {e:?}").contains(PW));
+                }
+            }
+        }
+    }
+    // A URL without a host parses, but the registry refuses it.
+    let cfg = EngineConfig::from_url("postgres:///app").unwrap();
+    let e = Registry::builder()
+        .engine("w", cfg)
+        .build()
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Config(_)), "{e:?}");
+
+    let base = EngineConfig::from_url("postgres://ann:Pw-4b8e1c@127.0.0.1:1/app").unwrap();
+    for (what, cfg) in [
+        ("max_size 0", base.clone().max_size(0)),
+        ("min_idle > max_size", base.clone().max_size(2).min_idle(3)),
+        (
+            "connection_timeout 0",
+            base.clone().connection_timeout(Duration::ZERO),
+        ),
+        (
+            "idle_timeout 0",
+            base.clone().idle_timeout(Some(Duration::ZERO)),
+        ),
+        (
+            "max_lifetime 0",
+            base.clone().max_lifetime(Some(Duration::ZERO)),
+        ),
+    ] {
+        let e = Registry::builder()
+            .engine("w", cfg)
+            .build()
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::Config(_)), "{what}: {e:?}");
+        assert!(
+            e.to_string().contains("`w`"),
+            "{what}: names the engine: {e}"
+        );
+        assert!(!format!("{e} {e:?}").contains(PW));
+    }
+    for (what, b) in [
+        ("empty name", Registry::builder().engine("", base.clone())),
+        (
+            "duplicate",
+            Registry::builder()
+                .engine("w", base.clone())
+                .engine("w", base.clone()),
+        ),
+    ] {
+        let e = b.build().await.unwrap_err();
+        assert!(matches!(e, Error::Config(_)), "{what}: {e:?}");
+    }
+}
+
+/// Unknown engines, empty SQL, NUL bytes, wrong parameter counts and
+/// types: typed errors, and a transaction survives the ones the server
+/// never saw.
+#[tokio::test]
+async fn bad_statements_give_typed_errors_and_leave_transactions_usable() {
+    let db = Db::new().await;
+    let registry = db.registry(|c| c.max_size(2)).await;
+    for name in ["", "nope", "Writer", "writer "] {
+        let e = registry.session(name).unwrap_err();
+        assert!(matches!(e, Error::UnknownEngine { .. }), "{name:?}: {e:?}");
+        assert!(
+            e.to_string().contains("writer"),
+            "lists the known engines: {e}"
+        );
+        assert!(matches!(
+            registry.engine(name),
+            Err(Error::UnknownEngine { .. })
+        ));
+        assert!(matches!(
+            registry.reinit(name).await,
+            Err(Error::UnknownEngine { .. })
+        ));
+    }
+
+    let mut s = registry.session("writer").unwrap();
+    // Empty and comment-only SQL run and return nothing.
+    for sql in ["", "   ", ";", "-- nothing", "/* nothing */"] {
+        assert!(s.query(sql, &[]).await.unwrap().is_empty(), "{sql:?}");
+        assert_eq!(s.execute(sql, &[]).await.unwrap(), 0, "{sql:?}");
+        s.batch_execute(sql).await.unwrap();
+    }
+    let e = s.query_one("", &[]).await.unwrap_err();
+    assert!(matches!(e, Error::Query { .. }), "{e:?}");
+
+    // Rejected before the server sees them: Query, not a connection error.
+    let nul = "SELECT 1\u{0}";
+    let cases: [(&str, &[&(dyn pgassist::ToSql + Sync)]); 4] = [
+        ("SELECT $1::int", &[]),
+        ("SELECT $1::int", &[&1_i32, &2_i32]),
+        ("SELECT $1::int", &[&"text"]),
+        (nul, &[]),
+    ];
+    for (sql, params) in cases {
+        let e = s.query(sql, params).await.unwrap_err();
+        assert!(matches!(e, Error::Query { .. }), "{sql:?}: {e:?}");
+        assert!(!e.is_connection_error(), "{sql:?}: {e:?}");
+    }
+    let e = s.batch_execute(nul).await.unwrap_err();
+    assert!(matches!(e, Error::Query { .. }), "{e:?}");
+
+    // Inside a transaction the same errors leave it usable: the server
+    // never saw them.
+    let tx = s.begin().await.unwrap();
+    tx.execute("INSERT INTO items(name) VALUES ('before')", &[])
+        .await
+        .unwrap();
+    for (sql, params) in cases {
+        let e = tx.query(sql, params).await.unwrap_err();
+        assert!(matches!(e, Error::Query { .. }), "{sql:?}: {e:?}");
+    }
+    assert!(matches!(
+        tx.batch_execute(nul).await,
+        Err(Error::Query { .. })
+    ));
+    assert_eq!(tx.execute("", &[]).await.unwrap(), 0);
+    tx.execute("INSERT INTO items(name) VALUES ('after')", &[])
+        .await
+        .unwrap();
+    tx.commit()
+        .await
+        .expect("the transaction survived client-side errors");
+    assert_eq!(db.plain_names().await, ["after", "before"]);
+
+    // A statement the server rejects aborts the transaction: typed errors
+    // without a round trip, commit rolls back.
+    let tx = s.begin().await.unwrap();
+    tx.execute("INSERT INTO items(name) VALUES ('lost')", &[])
+        .await
+        .unwrap();
+    let e = tx
+        .execute("INSERT INTO nowhere VALUES (1)", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(&pgassist::SqlState::UNDEFINED_TABLE));
+    for _ in 0..3 {
+        let e = tx.query("SELECT 1", &[]).await.unwrap_err();
+        assert!(matches!(e, Error::TransactionAborted { .. }), "{e:?}");
+    }
+    assert!(matches!(
+        tx.commit().await,
+        Err(Error::TransactionAborted { .. })
+    ));
+    assert_eq!(db.plain_names().await, ["after", "before"]);
+    db.wait_no_transactions().await;
+}
+
+/// Transaction control statements sent through a transaction or savepoint
+/// would end or reshape it behind pgassist's back (a COMMIT there commits,
+/// and later statements would run in autocommit): `Error::Usage`, and the
+/// transaction goes on untouched.
+#[tokio::test]
+async fn transaction_control_inside_a_transaction_is_refused() {
+    let db = Db::new().await;
+    let registry = db.registry(|c| c.max_size(1)).await;
+    let mut s = registry.session("writer").unwrap();
+    let control = [
+        "COMMIT",
+        "commit;",
+        "END",
+        "ROLLBACK",
+        "ABORT",
+        "BEGIN",
+        "START TRANSACTION",
+        "SAVEPOINT mine",
+        "RELEASE SAVEPOINT pgassist_sp_1",
+        "ROLLBACK TO SAVEPOINT pgassist_sp_1",
+        "PREPARE TRANSACTION 'x'",
+        "  /* sneaky */ COMMIT",
+    ];
+    let mut tx = s.begin().await.unwrap();
+    tx.execute("INSERT INTO items(name) VALUES ('outer')", &[])
+        .await
+        .unwrap();
+    for sql in control {
+        let e = tx.batch_execute(sql).await.unwrap_err();
+        assert!(matches!(e, Error::Usage(_)), "{sql}: {e:?}");
+        let e = tx.execute(sql, &[]).await.unwrap_err();
+        assert!(matches!(e, Error::Usage(_)), "{sql}: {e:?}");
+    }
+    {
+        let sp = tx.begin().await.unwrap();
+        sp.execute("INSERT INTO items(name) VALUES ('inner')", &[])
+            .await
+            .unwrap();
+        for sql in control {
+            assert!(
+                matches!(sp.batch_execute(sql).await, Err(Error::Usage(_))),
+                "{sql}"
+            );
+        }
+        sp.rollback().await.unwrap();
+    }
+    tx.execute(
+        "INSERT INTO items(name) VALUES ('still in the transaction')",
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+    assert!(
+        db.plain_names().await.is_empty(),
+        "nothing was committed behind the transaction's back"
+    );
+    // The autocommit session refuses them too (tests/core.rs has more).
+    assert!(matches!(
+        s.batch_execute("COMMIT").await,
+        Err(Error::Usage(_))
+    ));
+    db.wait_no_transactions().await;
+}
