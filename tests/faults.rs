@@ -188,7 +188,7 @@ async fn killed_backends_give_typed_errors_and_the_pool_heals() {
         .await
         .unwrap_err();
     assert!(matches!(e, Error::TransactionAborted { .. }), "{e:?}");
-    println!("killed mid-transaction: statement -> {e}");
+    println!("killed mid-transaction: commit -> {e}");
 
     // One killed while COMMIT runs a slow deferred trigger: the server
     // rolls back, and the client cannot know it: CommitOutcomeUnknown.

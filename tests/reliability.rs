@@ -1366,3 +1366,87 @@ async fn transaction_control_inside_a_transaction_is_refused() {
     ));
     db.wait_no_transactions().await;
 }
+
+// ---------------------------------------------------------------------------
+// 4 (without a restart). Pool exhaustion
+// ---------------------------------------------------------------------------
+
+/// Both connections held by open transactions: every statement, begin and
+/// closure transaction waiting meanwhile fails with `PoolTimeout` after
+/// connection_timeout (never hangs), waiters whose futures are dropped
+/// leave nothing behind, and once the transactions end everything works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_exhaustion_is_a_pool_timeout_for_every_waiter_and_recovers() {
+    let db = Db::new().await;
+    let timeout = Duration::from_millis(300);
+    let registry = db
+        .registry(|c| c.max_size(2).connection_timeout(timeout))
+        .await;
+    let (mut a, mut b) = (
+        registry.session("writer").unwrap(),
+        registry.session("writer").unwrap(),
+    );
+    let ta = a.begin().await.unwrap();
+    let tb = b.begin().await.unwrap();
+    ta.execute("INSERT INTO items(name) VALUES ('a')", &[])
+        .await
+        .unwrap();
+    tb.execute("INSERT INTO items(name) VALUES ('b')", &[])
+        .await
+        .unwrap();
+
+    let started = Instant::now();
+    let mut waiters = Vec::new();
+    for i in 0..12 {
+        let mut s = registry.session("writer").unwrap();
+        waiters.push(tokio::spawn(async move {
+            let began = Instant::now();
+            let e = match i % 3 {
+                0 => s.query("SELECT 1", &[]).await.map(|_| ()).unwrap_err(),
+                1 => s.begin().await.map(|_| ()).unwrap_err(),
+                _ => s
+                    .transaction(TxOptions::new().retries(3), |tx| {
+                        Box::pin(async move { tx.execute("SELECT 1", &[]).await.map(|_| ()) })
+                    })
+                    .await
+                    .unwrap_err(),
+            };
+            (e, began.elapsed())
+        }));
+    }
+    // Waiters cut off while queued for a connection.
+    for _ in 0..5 {
+        let s = registry.session("writer").unwrap();
+        let cut = tokio::time::timeout(Duration::from_millis(50), s.query("SELECT 1", &[])).await;
+        assert!(cut.is_err());
+    }
+    for w in waiters {
+        let (e, waited) = within(Duration::from_secs(5), "a waiter", w).await.unwrap();
+        assert!(matches!(e, Error::PoolTimeout { .. }), "{e:?}");
+        assert!(
+            waited >= timeout && waited < timeout + Duration::from_millis(700),
+            "waited {waited:?}"
+        );
+        assert!(e.to_string().contains("pool exhausted"), "{e}");
+    }
+    println!(
+        "pool exhaustion: 12 waiters got PoolTimeout after {:?}",
+        started.elapsed()
+    );
+    ta.commit().await.unwrap();
+    tb.rollback().await.unwrap();
+    let s = registry.session("writer").unwrap();
+    for _ in 0..10 {
+        within(
+            Duration::from_secs(5),
+            "after the exhaustion",
+            s.query("SELECT 1", &[]),
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(db.plain_names().await, ["a"]);
+    let w = registry.stats().engines[0].clone();
+    assert!(w.checkout_timeouts >= 12, "{w:?}");
+    assert_pool_clean(&db, &registry, 2).await;
+}
