@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bb8::{Pool, PooledConnection, RunError};
 
 use crate::config::EngineConfig;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, describe};
 use crate::hooks::Hooks;
 use crate::manager::Manager;
 use crate::tracker::Tracker;
@@ -49,7 +49,7 @@ struct LastConnectError(Arc<Mutex<Option<(Instant, String)>>>);
 
 impl bb8::ErrorSink<tokio_postgres::Error> for LastConnectError {
     fn sink(&self, e: tokio_postgres::Error) {
-        *self.0.lock().expect("connect error") = Some((Instant::now(), e.to_string()));
+        *self.0.lock().expect("connect error") = Some((Instant::now(), describe(&e)));
     }
     fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<tokio_postgres::Error>> {
         Box::new(self.clone())
@@ -166,7 +166,7 @@ impl Engine {
                 self.inner.counters.inc(|c| &c.connect_errors);
                 Error::Connect {
                     engine,
-                    message: e.to_string(),
+                    message: describe(&e),
                 }
             }
             RunError::TimedOut => {

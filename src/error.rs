@@ -41,7 +41,7 @@ pub enum Error {
         message: String,
     },
     /// The server answered with an error (it carries a SQLSTATE, see [`Error::code`]).
-    #[error("engine `{engine}`: {source}")]
+    #[error("engine `{engine}`: {}", describe(.source))]
     Db {
         /// The engine that ran the statement.
         engine: String,
@@ -51,7 +51,7 @@ pub enum Error {
     },
     /// The statement was rejected on the client side before the server saw it
     /// (wrong parameter count or type, a row count that `query_one` did not expect, …).
-    #[error("engine `{engine}`: {source}")]
+    #[error("engine `{engine}`: {}", describe(.source))]
     Query {
         /// The engine the statement was meant for.
         engine: String,
@@ -60,7 +60,7 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
     /// A write was attempted on a read-only engine or transaction (SQLSTATE 25006).
-    #[error("engine `{engine}` is read-only: {source}")]
+    #[error("engine `{engine}` is read-only: {}", describe(.source))]
     ReadOnly {
         /// The read-only engine.
         engine: String,
@@ -81,7 +81,10 @@ pub enum Error {
     /// The connection broke (or the server ended the session with a FATAL
     /// error) while COMMIT was in flight: the transaction may or may not have
     /// been committed. Never retried automatically.
-    #[error("engine `{engine}`: connection lost during COMMIT, the outcome is unknown: {source}")]
+    #[error(
+        "engine `{engine}`: connection lost during COMMIT, the outcome is unknown: {}",
+        describe(.source)
+    )]
     CommitOutcomeUnknown {
         /// The engine of the transaction.
         engine: String,
@@ -116,7 +119,7 @@ impl Error {
         if is_connection_loss(&source) {
             return Error::Closed {
                 engine,
-                reason: source.to_string(),
+                reason: describe(&source),
             };
         }
         Error::Query { engine, source }
@@ -149,6 +152,34 @@ impl Error {
             Error::Closed { .. } | Error::Connect { .. } | Error::CommitOutcomeUnknown { .. }
         )
     }
+}
+
+/// The driver's error in words, with what it wraps: the server's severity,
+/// SQLSTATE, message, detail and hint, or the chain of causes
+/// (tokio-postgres' own Display says only "db error" or "error connecting
+/// to server").
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
+    use std::error::Error as _;
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+        if let Some(detail) = db.detail() {
+            s.push_str("; DETAIL: ");
+            s.push_str(detail);
+        }
+        if let Some(hint) = db.hint() {
+            s.push_str("; HINT: ");
+            s.push_str(hint);
+        }
+        return s;
+    }
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
 
 /// True when the driver reports that the connection is gone, as opposed to a
