@@ -1240,6 +1240,39 @@ async fn bad_statements_give_typed_errors_and_leave_transactions_usable() {
     let e = s.query_one("", &[]).await.unwrap_err();
     assert!(matches!(e, Error::Query { .. }), "{e:?}");
 
+    // Clear messages: what went wrong, in the error's own Display.
+    let e = s.query("SELEC 1", &[]).await.unwrap_err();
+    assert!(e.to_string().contains("syntax error"), "{e}");
+    assert!(e.to_string().contains("42601"), "{e}");
+    let e = s.query("SELECT $1::int", &[&"text"]).await.unwrap_err();
+    assert!(e.to_string().contains("int4"), "{e}");
+    let e = s.query("SELECT $1::int", &[]).await.unwrap_err();
+    assert!(
+        e.to_string().contains("expected 1 parameters but got 0"),
+        "{e}"
+    );
+    let e = s.query("SELECT 1\u{0}", &[]).await.unwrap_err();
+    assert!(e.to_string().contains("null"), "{e}");
+    let unreachable = Registry::builder()
+        .engine(
+            "w",
+            EngineConfig::from_url("postgres://ann:Pw-4b8e1c@127.0.0.1:1/x")
+                .unwrap()
+                .connection_timeout(Duration::from_millis(300)),
+        )
+        .build()
+        .await
+        .unwrap();
+    let e = unreachable
+        .session("w")
+        .unwrap()
+        .query("SELECT 1", &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Connect { .. }), "{e:?}");
+    assert!(e.to_string().contains("refused"), "{e}");
+    assert!(!format!("{e} {e:?}").contains("Pw-4b8e1c"));
+
     // Rejected before the server sees them: Query, not a connection error.
     let nul = "SELECT 1\u{0}";
     let cases: [(&str, &[&(dyn pgassist::ToSql + Sync)]); 4] = [
