@@ -52,6 +52,7 @@ impl EngineConfig {
         if url.is_empty() {
             return Err(Error::Config("the database URL is empty".into()));
         }
+        check_at_signs(url)?;
         let (driver_url, tls) = crate::tls::split_tls_params(url).map_err(|e| match e {
             Error::Config(m) => Error::Config(format!(
                 "cannot parse the database URL: {}",
@@ -431,6 +432,32 @@ pub(crate) fn parse_duration(v: &str) -> std::result::Result<Option<Duration>, S
         .map_err(|_| bad())
 }
 
+/// Refuses a `postgres://` URL whose `@` could be read two ways.
+/// tokio-postgres takes everything up to the first `@` anywhere in the URL
+/// as `user:password`: an unencoded `@` in a password (`ann:p@ss@db`) makes
+/// the rest of the password part of the host, and an `@` in the path or
+/// query of a URL without user info (`db/app?password=a@b`) makes the host,
+/// path and part of the query the user name. Either way a piece of the
+/// password would then show up in `Display`, `Debug` and connection errors.
+fn check_at_signs(url: &str) -> Result<()> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Ok(());
+    };
+    if scheme != "postgres" && scheme != "postgresql" {
+        return Ok(());
+    }
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let in_authority = rest[..end].matches('@').count();
+    if in_authority > 1 || (in_authority == 0 && rest[end..].contains('@')) {
+        return Err(Error::Config(
+            "ambiguous '@' in the database URL: percent-encode '@', '/' and '?' in the user \
+             name and password (%40, %2F, %3F) and '@' in the path and query"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Replaces every occurrence of the URL's password in `text` by `***`.
 fn redact(text: &str, url: &str) -> String {
     match url_password(url) {
@@ -551,6 +578,9 @@ mod tests {
             "postgres://ann:hunter2@/app?sslmode=bogus",
             "mysql://ann:hunter2@localhost/app",
             "host=localhost password=hunter2 port=x",
+            "postgres://ann:hun@ter2@localhost/app",
+            "postgres://localhost/app?password=hun@ter2",
+            "postgres://ann:hun/ter@2@localhost/app",
         ] {
             let err = EngineConfig::from_url(url).unwrap_err();
             assert!(matches!(err, Error::Config(_)), "{url}: {err:?}");
@@ -558,6 +588,20 @@ mod tests {
                 !format!("{err} {err:?}").contains("hunter2"),
                 "{url}: {err}"
             );
+        }
+    }
+
+    #[test]
+    fn one_at_sign_in_the_authority_or_encoded_ones_are_fine() {
+        for url in [
+            "postgres://ann:hun%40ter2@localhost/app",
+            "postgres://ann@localhost/app?application_name=me@home",
+            "postgres://localhost/app?password=hun%40ter2",
+            "postgresql://ann:pw@[::1]:5432/app",
+            "host=localhost password=hun@ter2",
+        ] {
+            let cfg = EngineConfig::from_url(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert!(!cfg.to_string().contains("ter2"), "{url}: {cfg}");
         }
     }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bb8::{Pool, PooledConnection, RunError};
 
 use crate::config::EngineConfig;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, describe};
 use crate::hooks::Hooks;
 use crate::manager::{Connector, Manager};
 use crate::tracker::Tracker;
@@ -49,7 +49,7 @@ struct LastConnectError(Arc<Mutex<Option<(Instant, String)>>>);
 
 impl bb8::ErrorSink<tokio_postgres::Error> for LastConnectError {
     fn sink(&self, e: tokio_postgres::Error) {
-        *self.0.lock().expect("connect error") = Some((Instant::now(), crate::error::describe(&e)));
+        *self.0.lock().expect("connect error") = Some((Instant::now(), describe(&e)));
     }
     fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<tokio_postgres::Error>> {
         Box::new(self.clone())
@@ -137,10 +137,7 @@ impl Engine {
         let started = Instant::now();
         // Every idle connection may have died with a server restart: try past them all.
         for _ in 0..=self.inner.config.max_size {
-            let conn = pool
-                .get_owned()
-                .await
-                .map_err(|e| self.checkout_error(e, started))?;
+            let conn = self.get(&pool, started).await?;
             self.inner.counters.inc(|c| &c.checkouts);
             if !conn.client.is_closed() {
                 return Ok(conn);
@@ -154,6 +151,32 @@ impl Engine {
         })
     }
 
+    /// One connection from bb8 within the engine's `connection_timeout`,
+    /// counted from `started`. bb8 waits at most [`CONNECT_SLICE`] at a time
+    /// (see [`build_pool`]); a wait that ends empty starts again, which makes
+    /// bb8 try to connect afresh instead of sleeping in its retry backoff.
+    async fn get(&self, pool: &Pool<Manager>, started: Instant) -> Result<Conn> {
+        let limit = self.inner.config.connection_timeout;
+        let mut first = true;
+        loop {
+            let remaining = limit.saturating_sub(started.elapsed());
+            // The first wait is bounded by bb8 itself (min(limit, slice)).
+            let got = if first || remaining > CONNECT_SLICE {
+                pool.get_owned().await
+            } else {
+                tokio::time::timeout(remaining, pool.get_owned())
+                    .await
+                    .unwrap_or(Err(RunError::TimedOut))
+            };
+            first = false;
+            match got {
+                Ok(conn) => return Ok(conn),
+                Err(RunError::TimedOut) if started.elapsed() < limit => continue,
+                Err(e) => return Err(self.checkout_error(e, started)),
+            }
+        }
+    }
+
     fn checkout_error(&self, e: RunError<tokio_postgres::Error>, started: Instant) -> Error {
         let engine = self.name().to_owned();
         match e {
@@ -161,7 +184,7 @@ impl Engine {
                 self.inner.counters.inc(|c| &c.connect_errors);
                 Error::Connect {
                     engine,
-                    message: crate::error::describe(&e),
+                    message: describe(&e),
                 }
             }
             RunError::TimedOut => {
@@ -244,6 +267,14 @@ impl Engine {
     }
 }
 
+/// Longest single wait bb8 is given for a connection. bb8 retries a failed
+/// connect with a backoff that grows up to half its connection timeout, and
+/// a waiter is not woken when the server comes back: with the engine's
+/// timeout there (30 s by default), checkouts that waited through an outage
+/// could go on waiting for up to 15 s after the server was back. Waiting in
+/// slices (see [`Engine::get`]) keeps that under half a slice.
+const CONNECT_SLICE: Duration = Duration::from_secs(1);
+
 fn build_pool(
     config: &EngineConfig,
     connector: &Connector,
@@ -254,7 +285,7 @@ fn build_pool(
     Pool::builder()
         .max_size(config.max_size)
         .min_idle(config.min_idle)
-        .connection_timeout(config.connection_timeout)
+        .connection_timeout(config.connection_timeout.min(CONNECT_SLICE))
         .idle_timeout(config.idle_timeout)
         .max_lifetime(config.max_lifetime)
         // A round trip per checkout is what we avoid: broken or dirty

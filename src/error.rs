@@ -41,7 +41,7 @@ pub enum Error {
         message: String,
     },
     /// The server answered with an error (it carries a SQLSTATE, see [`Error::code`]).
-    #[error("engine `{engine}`: {source}")]
+    #[error("engine `{engine}`: {}", describe(.source))]
     Db {
         /// The engine that ran the statement.
         engine: String,
@@ -51,7 +51,7 @@ pub enum Error {
     },
     /// The statement was rejected on the client side before the server saw it
     /// (wrong parameter count or type, a row count that `query_one` did not expect, …).
-    #[error("engine `{engine}`: {source}")]
+    #[error("engine `{engine}`: {}", describe(.source))]
     Query {
         /// The engine the statement was meant for.
         engine: String,
@@ -60,7 +60,7 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
     /// A write was attempted on a read-only engine or transaction (SQLSTATE 25006).
-    #[error("engine `{engine}` is read-only: {source}")]
+    #[error("engine `{engine}` is read-only: {}", describe(.source))]
     ReadOnly {
         /// The read-only engine.
         engine: String,
@@ -78,9 +78,13 @@ pub enum Error {
         /// Why the transaction is aborted.
         reason: String,
     },
-    /// The connection broke while COMMIT was in flight: the transaction may or
-    /// may not have been committed. Never retried automatically.
-    #[error("engine `{engine}`: connection lost during COMMIT, the outcome is unknown: {source}")]
+    /// The connection broke (or the server ended the session with a FATAL
+    /// error) while COMMIT was in flight: the transaction may or may not have
+    /// been committed. Never retried automatically.
+    #[error(
+        "engine `{engine}`: connection lost during COMMIT, the outcome is unknown: {}",
+        describe(.source)
+    )]
     CommitOutcomeUnknown {
         /// The engine of the transaction.
         engine: String,
@@ -142,7 +146,7 @@ impl Error {
         if is_connection_loss(&source) {
             return Error::Closed {
                 engine,
-                reason: source.to_string(),
+                reason: describe(&source),
             };
         }
         Error::Query { engine, source }
@@ -177,27 +181,63 @@ impl Error {
     }
 }
 
-/// True when the driver reports that the connection is gone, as opposed to a
-/// statement that failed on a healthy connection.
-pub(crate) fn is_connection_loss(e: &tokio_postgres::Error) -> bool {
+/// The driver's error in words, with what it wraps: the server's severity,
+/// SQLSTATE, message, detail and hint, or the chain of causes
+/// (tokio-postgres' own Display says only "db error" or "error connecting
+/// to server").
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
     use std::error::Error as _;
-    e.is_closed() || e.source().is_some_and(|s| s.is::<std::io::Error>())
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+        if let Some(detail) = db.detail() {
+            s.push_str("; DETAIL: ");
+            s.push_str(detail);
+        }
+        if let Some(hint) = db.hint() {
+            s.push_str("; HINT: ");
+            s.push_str(hint);
+        }
+        return s;
+    }
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let part = c.to_string();
+        if !s.contains(&part) {
+            s.push_str(": ");
+            s.push_str(&part);
+        }
+        cause = c.source();
+    }
+    s
 }
 
-/// An error with its causes, `a: b: c`, for messages where the cause is
-/// the useful part (a TLS handshake that failed *because* of the certificate).
-pub(crate) fn describe(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let part = s.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = s.source();
-    }
-    text
+/// True when the driver reports that the connection is gone, as opposed to a
+/// statement that failed on a healthy connection. An I/O error of kind
+/// `InvalidInput` is the driver refusing to encode a message (a NUL byte in
+/// the SQL, a message too large): nothing was sent and the connection is fine.
+pub(crate) fn is_connection_loss(e: &tokio_postgres::Error) -> bool {
+    use std::error::Error as _;
+    e.is_closed()
+        || e.source()
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| io.kind() != std::io::ErrorKind::InvalidInput)
+}
+
+/// True when the server ended the session with this error (severity FATAL
+/// or PANIC): it closes the connection right after sending it. During
+/// COMMIT such an error does not prove a rollback: a backend terminated
+/// after writing the commit record (at the interrupt check of a LOG line,
+/// for example) sends `CommandComplete` for COMMIT and then
+/// `FATAL 57P01`, and a PANIC after the commit record does the same.
+pub(crate) fn ends_session(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::Severity;
+    e.as_db_error().is_some_and(|db| {
+        matches!(
+            db.parsed_severity(),
+            Some(Severity::Fatal | Severity::Panic)
+        )
+    })
 }
 
 /// Result with pgassist's [`Error`].

@@ -17,7 +17,8 @@ pub enum Outcome {
     Committed,
     /// Rolled back: by `rollback()`, by drop, or because COMMIT failed.
     RolledBack,
-    /// The connection broke during COMMIT; the server may or may not have committed.
+    /// The connection broke during COMMIT, or the commit future was dropped
+    /// while COMMIT was in flight; the server may or may not have committed.
     Unknown,
     /// PREPARE TRANSACTION succeeded: the first phase of a two-phase commit
     /// (the unit of work commits or rolls back the prepared transaction).

@@ -310,7 +310,7 @@ impl Session {
 /// through a session they would leave a pooled connection inside a
 /// transaction without pgassist knowing. Only the first statement is looked
 /// at (cheaply: no allocation, a few byte compares).
-fn reject_transaction_control(sql: &str) -> Result<()> {
+pub(crate) fn reject_transaction_control(sql: &str) -> Result<()> {
     let word = first_keyword(sql);
     const CONTROL: [&str; 8] = [
         "BEGIN",

@@ -29,7 +29,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
 use crate::engine::{Conn, Engine};
-use crate::error::{Error, Result, is_connection_loss};
+use crate::error::{Error, Result, ends_session, is_connection_loss};
 use crate::hooks::{Callback, Outcome, TxEvent, run_after_commit, run_after_rollback};
 use crate::manager::{ConnState, Op, Out};
 use crate::sessions::ScopeRef;
@@ -152,6 +152,9 @@ pub(crate) struct TxCore {
     savepoints: AtomicU32,
     /// A statement failed with 40001 / 40P01: the closure form may retry.
     saw_retryable: AtomicBool,
+    /// COMMIT is on the wire. Still set when the transaction is dropped
+    /// means its commit future was cut off: the outcome is unknown.
+    committing: AtomicBool,
     on_commit: Mutex<Vec<Callback>>,
     attempt: u32,
     /// Savepoints open now.
@@ -161,6 +164,9 @@ pub(crate) struct TxCore {
     /// The per-request container this transaction reports to, if any.
     scope: Option<ScopeRef>,
     span: crate::telemetry::TxSpan,
+    /// The runtime the transaction began on: the drop path spawns its
+    /// ROLLBACK there, from whatever thread the guard is dropped on.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 /// `text` as a SQL string literal.
@@ -266,7 +272,21 @@ impl TxCore {
         Ok(())
     }
 
+    /// Refuses BEGIN / COMMIT / ROLLBACK / SAVEPOINT / RELEASE / … sent as a
+    /// statement: the server would end or reshape the transaction behind our
+    /// back (after a COMMIT, later statements would run in autocommit).
+    fn refuse_control(&self, sql: &str) -> Result<()> {
+        crate::session::reject_transaction_control(sql).map_err(|_| {
+            Error::Usage(format!(
+                "engine `{}`: a transaction control statement cannot run inside a transaction; \
+                 use commit() / rollback(), and begin() for a savepoint",
+                self.name()
+            ))
+        })
+    }
+
     async fn run(&self, sql: &str, params: &[&(dyn ToSql + Sync)], op: Op) -> Result<Out> {
+        self.refuse_control(sql)?;
         self.ready().await?;
         self.engine.inner.counters.inc(|c| &c.statements);
         let started = self.scope.as_ref().map(|_| Instant::now());
@@ -299,6 +319,7 @@ impl TxCore {
     }
 
     async fn batch(&self, sql: &str) -> Result<()> {
+        self.refuse_control(sql)?;
         self.ready().await?;
         self.engine.inner.counters.inc(|c| &c.statements);
         let r = if self.begun.swap(true, Ordering::AcqRel) {
@@ -383,12 +404,14 @@ impl<'a> Transaction<'a> {
                 pending_rollback: Mutex::new(None),
                 savepoints: AtomicU32::new(0),
                 saw_retryable: AtomicBool::new(false),
+                committing: AtomicBool::new(false),
                 on_commit: Mutex::new(Vec::new()),
                 attempt,
                 depth_now: AtomicU32::new(0),
                 ended: AtomicBool::new(false),
                 scope,
                 span: crate::telemetry::transaction_span(engine, id),
+                runtime: tokio::runtime::Handle::try_current().ok(),
             }),
             depth: 0,
             number: 0,
@@ -673,7 +696,10 @@ impl<'a> Transaction<'a> {
         } else {
             "SELECT 1; COMMIT"
         };
-        match core.control_rows(sql).await {
+        core.committing.store(true, Ordering::Release);
+        let committed = core.control_rows(sql).await;
+        core.committing.store(false, Ordering::Release);
+        match committed {
             Ok(messages) => {
                 if let (Some(scope), Some(lsn)) = (&core.scope, crate::replica::lsn_of(&messages)) {
                     scope.note_lsn(lsn);
@@ -681,7 +707,9 @@ impl<'a> Transaction<'a> {
                 run_after_commit(self.finish(Outcome::Committed, true)).await;
                 Ok(())
             }
-            Err(e) if is_connection_loss(&e) => {
+            // The connection broke, or the server ended the session (FATAL),
+            // while COMMIT was in flight: it may have committed.
+            Err(e) if is_connection_loss(&e) || ends_session(&e) => {
                 let engine = core.name().to_owned();
                 let _ = self.finish(Outcome::Unknown, false);
                 Err(Error::CommitOutcomeUnknown { engine, source: e })
@@ -825,21 +853,35 @@ impl Drop for Transaction<'_> {
         self.done = true;
         core.ended.store(true, Ordering::Relaxed);
         let inner = core.engine.inner.clone();
-        inner.counters.inc(|c| &c.rolled_back);
-        inner.hooks.end(&core.event, Outcome::RolledBack);
-        crate::telemetry::record_outcome(&core.span, Outcome::RolledBack);
-        run_after_rollback(std::mem::take(
-            &mut *core.on_commit.lock().expect("on_commit"),
-        ));
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
+        // A commit future cut off while COMMIT was on the wire: the server
+        // may have committed, so the outcome is unknown, not a rollback.
+        let outcome = if core.committing.load(Ordering::Acquire) {
+            inner.counters.inc(|c| &c.commit_unknown);
+            Outcome::Unknown
+        } else {
+            inner.counters.inc(|c| &c.rolled_back);
+            Outcome::RolledBack
+        };
+        inner.hooks.end(&core.event, outcome);
+        crate::telemetry::record_outcome(&core.span, outcome);
+        let callbacks = std::mem::take(&mut *core.on_commit.lock().expect("on_commit"));
+        if outcome == Outcome::RolledBack {
+            run_after_rollback(callbacks);
+        }
+        // The runtime the transaction began on, even when dropped on a thread
+        // outside it. Entered while spawning: should that runtime be shutting
+        // down, the task is dropped at once, its connection goes back to the
+        // pool, and the pool may spawn a replacement.
+        match core.runtime.clone() {
+            Some(rt) => {
+                let _entered = rt.enter();
                 rt.spawn(async move {
                     let clean = core.conn.client.batch_execute("ROLLBACK").await.is_ok();
                     inner.tracker.after_end(core.event.id, clean);
                 });
             }
             // No runtime to send ROLLBACK on: the pool discards the connection.
-            Err(_) => inner.tracker.after_end(core.event.id, false),
+            None => inner.tracker.after_end(core.event.id, false),
         }
     }
 }

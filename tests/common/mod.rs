@@ -128,3 +128,196 @@ pub async fn in_transaction_backends(db: &Db) -> usize {
         .filter(|(_, s)| s.starts_with("idle in transaction"))
         .count()
 }
+
+pub mod proxy;
+
+/// Awaits `fut`, failing the test if it takes longer than `limit`: nothing
+/// in these tests may hang.
+pub async fn within<F: std::future::Future>(limit: Duration, what: &str, fut: F) -> F::Output {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what}: no answer within {limit:?} (hang)"),
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds; false if `limit` passed first.
+pub async fn eventually<F, Fut>(limit: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A small deterministic PRNG (splitmix64), so a failing run can be
+/// repeated from its printed seed (`PGASSIST_SEED`).
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    /// A seed from `PGASSIST_SEED` or the clock, printed for reproduction.
+    pub fn seed(test: &str) -> u64 {
+        let seed = std::env::var("PGASSIST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        println!("{test}: PGASSIST_SEED={seed}");
+        seed
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// True with probability `percent` / 100.
+    pub fn percent(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
+/// Environment override for a test's size, e.g. `PGASSIST_CANCEL_ITERS`.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Terminates backends of ours (by application_name) with
+/// `pg_terminate_backend`; returns how many were signalled.
+pub async fn terminate_backends(client: &tokio_postgres::Client, app: &str) -> u64 {
+    let rows = client
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .await
+        .unwrap();
+    rows.iter().filter(|r| r.get::<_, bool>(0)).count() as u64
+}
+
+/// The strongest check that a pool holds nothing dirty: checks out every
+/// connection the pool can hold at once (`max_size` concurrent VACUUMs that
+/// queue behind a lock we hold, so each needs a connection of its own) and
+/// has each run VACUUM, which fails inside a transaction block. Also waits
+/// until the server shows no backend of ours in a transaction and the
+/// connection map is empty. The VACUUMs run on an empty table of their own,
+/// so that none has work to do (truncating a churned table makes each wait
+/// for the others' lock requests).
+pub async fn assert_pool_clean(db: &Db, registry: &Registry, max_size: usize) {
+    let table = "pgassist_probe";
+    db.wait_no_transactions().await;
+    assert!(
+        eventually(Duration::from_secs(5), || async move {
+            registry.stats().open_transactions == 0
+        })
+        .await,
+        "transactions left open in the connection map: {:?}",
+        registry.stats()
+    );
+    let locker = db.plain().await;
+    locker
+        .batch_execute(&format!("CREATE TABLE IF NOT EXISTS {table} ()"))
+        .await
+        .unwrap();
+    locker
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE {table} IN SHARE UPDATE EXCLUSIVE MODE"
+        ))
+        .await
+        .unwrap();
+    let mut vacuums = Vec::new();
+    for _ in 0..max_size {
+        let s = registry.session("writer").unwrap();
+        let sql = format!("VACUUM {table}");
+        vacuums.push(tokio::spawn(async move { s.batch_execute(&sql).await }));
+    }
+    // Wait until all of them queue on the lock (one connection each), or
+    // one of them ended early (an error: it ran inside a transaction).
+    let (app, watcher) = (&db.app, &db.plain().await);
+    let running = &vacuums;
+    let queued = eventually(Duration::from_secs(5), || async move {
+        if running.iter().any(|v| v.is_finished()) {
+            return true;
+        }
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 \
+                 AND wait_event_type = 'Lock' AND query LIKE 'VACUUM%'",
+                &[app],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        waiting as usize == max_size
+    })
+    .await;
+    if !queued {
+        println!(
+            "not all VACUUMs queued: {:#?}\n{:#?}",
+            activity(watcher).await,
+            registry.stats()
+        );
+    }
+    locker.batch_execute("COMMIT").await.unwrap();
+    for v in vacuums {
+        let done = tokio::time::timeout(Duration::from_secs(10), v).await;
+        let Ok(done) = done else {
+            panic!(
+                "VACUUM through the pool hangs: {:#?}\n{:#?}",
+                activity(watcher).await,
+                registry.stats()
+            );
+        };
+        done.unwrap()
+            .expect("a pooled connection ran its next statement inside a transaction");
+    }
+}
+
+/// Every backend of the server but ours, for diagnostics.
+pub async fn activity(client: &tokio_postgres::Client) -> Vec<String> {
+    client
+        .query(
+            "SELECT format('%s pid=%s app=%s state=%s wait=%s/%s xact=%s query=%s', \
+             datname, pid, application_name, state, wait_event_type, wait_event, \
+             xact_start, left(query, 80)) \
+             FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
