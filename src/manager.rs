@@ -94,6 +94,37 @@ pub(crate) enum Out {
     Count(u64),
 }
 
+impl Out {
+    /// The rows of an [`Op::Query`].
+    pub(crate) fn into_rows(self) -> Vec<Row> {
+        match self {
+            Out::Rows(rows) => rows,
+            _ => unreachable!("Op::Query returns rows"),
+        }
+    }
+    /// The row of an [`Op::One`].
+    pub(crate) fn into_row(self) -> Row {
+        match self {
+            Out::Row(row) => row,
+            _ => unreachable!("Op::One returns a row"),
+        }
+    }
+    /// The optional row of an [`Op::Opt`].
+    pub(crate) fn into_maybe_row(self) -> Option<Row> {
+        match self {
+            Out::MaybeRow(row) => row,
+            _ => unreachable!("Op::Opt returns an optional row"),
+        }
+    }
+    /// The count of an [`Op::Execute`].
+    pub(crate) fn into_count(self) -> u64 {
+        match self {
+            Out::Count(n) => n,
+            _ => unreachable!("Op::Execute returns a count"),
+        }
+    }
+}
+
 impl PgConn {
     /// Runs one statement through the statement cache.
     ///

@@ -145,18 +145,12 @@ impl Session {
 
     /// Runs a statement and returns its rows.
     pub async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
-        match self.run(sql, params, Op::Query).await? {
-            Out::Rows(rows) => Ok(rows),
-            _ => unreachable!("Op::Query returns rows"),
-        }
+        self.run(sql, params, Op::Query).await.map(Out::into_rows)
     }
 
     /// Runs a statement that must return exactly one row.
     pub async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row> {
-        match self.run(sql, params, Op::One).await? {
-            Out::Row(row) => Ok(row),
-            _ => unreachable!("Op::One returns a row"),
-        }
+        self.run(sql, params, Op::One).await.map(Out::into_row)
     }
 
     /// Runs a statement that returns at most one row.
@@ -165,18 +159,16 @@ impl Session {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<Row>> {
-        match self.run(sql, params, Op::Opt).await? {
-            Out::MaybeRow(row) => Ok(row),
-            _ => unreachable!("Op::Opt returns an optional row"),
-        }
+        self.run(sql, params, Op::Opt)
+            .await
+            .map(Out::into_maybe_row)
     }
 
     /// Runs a statement and returns the number of rows it affected.
     pub async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
-        match self.run(sql, params, Op::Execute).await? {
-            Out::Count(n) => Ok(n),
-            _ => unreachable!("Op::Execute returns a count"),
-        }
+        self.run(sql, params, Op::Execute)
+            .await
+            .map(Out::into_count)
     }
 
     /// Runs one or more statements without parameters (simple protocol), in
