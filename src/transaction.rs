@@ -502,6 +502,14 @@ impl<'a> Transaction<'a> {
             self.finish(Outcome::Committed, true);
             return Ok(());
         }
+        if core.conn.client.is_closed() {
+            // The connection died before COMMIT could be sent (the backend was
+            // terminated while idle in the transaction): the server rolled back.
+            self.rollback_outermost().await;
+            return Err(self.core().aborted(
+                "the connection was lost before COMMIT was sent; the server rolled back",
+            ));
+        }
         core.committing.store(true, Ordering::Release);
         let committed = core.control("SELECT 1; COMMIT").await;
         core.committing.store(false, Ordering::Release);
