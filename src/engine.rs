@@ -325,7 +325,8 @@ pub struct EngineStats {
     pub committed: u64,
     /// Transactions rolled back (explicitly, by drop, or by a failed commit).
     pub rolled_back: u64,
-    /// Commits whose outcome is unknown (connection lost during COMMIT).
+    /// Commits whose outcome is unknown (connection lost or session ended
+    /// during COMMIT, or the commit future dropped while COMMIT was in flight).
     pub commit_unknown: u64,
     /// Connections out of autocommit now (entries in the per-transaction connection map).
     pub in_transaction: usize,

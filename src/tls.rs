@@ -37,7 +37,13 @@ impl SslMode {
             "require" => SslMode::Require,
             "verify-ca" => SslMode::VerifyCa,
             "verify-full" => SslMode::VerifyFull,
-            other => return Err(Error::Config(format!("unknown sslmode `{other}`"))),
+            // The value is not echoed: in a malformed key=value string it may
+            // run into the next parameter, a password.
+            _ => {
+                return Err(Error::Config(
+                    "unknown sslmode (expected disable, allow, prefer, require, verify-ca or verify-full)".into(),
+                ));
+            }
         })
     }
 
@@ -98,15 +104,84 @@ pub(crate) fn split_tls_params(url: &str) -> Result<(String, TlsSettings)> {
         };
         return Ok((rebuilt, tls));
     }
-    // key=value form (values with spaces would be quoted; sslmode and paths rarely are).
-    let mut kept = Vec::new();
-    for token in url.split_whitespace() {
-        match token.split_once('=') {
-            Some((k, v)) if take(k, v.trim_matches('\''))? => {}
-            _ => kept.push(token),
+    // key=value form: take the TLS pairs out, keep every other byte as it was.
+    if !url.contains("sslmode") && !url.contains("sslrootcert") {
+        return Ok((url.to_owned(), tls));
+    }
+    let bytes = url.as_bytes();
+    let is_space = |b: u8| b.is_ascii_whitespace();
+    let mut kept = String::with_capacity(url.len());
+    let mut i = 0;
+    loop {
+        while i < bytes.len() && is_space(bytes[i]) {
+            i += 1;
+        }
+        if i >= bytes.len() {
+            break;
+        }
+        let start = i;
+        while i < bytes.len() && bytes[i] != b'=' && !is_space(bytes[i]) {
+            i += 1;
+        }
+        let key = &url[start..i];
+        while i < bytes.len() && is_space(bytes[i]) {
+            i += 1;
+        }
+        if i >= bytes.len() || bytes[i] != b'=' {
+            // Malformed: leave the rest to the driver, which reports it.
+            push_kept(&mut kept, &url[start..]);
+            break;
+        }
+        i += 1;
+        while i < bytes.len() && is_space(bytes[i]) {
+            i += 1;
+        }
+        let value = if i < bytes.len() && bytes[i] == b'\'' {
+            let mut v = Vec::new();
+            i += 1;
+            let mut closed = false;
+            while i < bytes.len() {
+                match bytes[i] {
+                    b'\\' if i + 1 < bytes.len() => {
+                        v.push(bytes[i + 1]);
+                        i += 2;
+                    }
+                    b'\'' => {
+                        i += 1;
+                        closed = true;
+                        break;
+                    }
+                    b => {
+                        v.push(b);
+                        i += 1;
+                    }
+                }
+            }
+            if !closed {
+                push_kept(&mut kept, &url[start..]);
+                break;
+            }
+            String::from_utf8_lossy(&v).into_owned()
+        } else {
+            let vstart = i;
+            while i < bytes.len() && !is_space(bytes[i]) {
+                i += 1;
+            }
+            url[vstart..i].to_owned()
+        };
+        if !take(key, &value)? {
+            push_kept(&mut kept, &url[start..i]);
         }
     }
-    Ok((kept.join(" "), tls))
+    Ok((kept, tls))
+}
+
+/// Appends one `key=value` pair (or an unparsed rest) to a connection string.
+fn push_kept(kept: &mut String, pair: &str) {
+    if !kept.is_empty() {
+        kept.push(' ');
+    }
+    kept.push_str(pair);
 }
 
 fn percent_decode(v: &str) -> String {
@@ -331,5 +406,12 @@ mod tests {
             ("postgres://h/db", SslMode::Prefer)
         );
         assert!(split_tls_params("postgres://h/db?sslmode=bogus").is_err());
+        // Quoted values keep every byte, and an unknown mode never echoes its value.
+        let (kv, _) = split_tls_params("host=h password='a  b\\' c' sslmode=require").unwrap();
+        assert_eq!(kv, "host=h password='a  b\\' c'");
+        let err = split_tls_params("sslmode=disablepassword='s3cret x'")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("s3cret"), "{err}");
     }
 }

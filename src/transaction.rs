@@ -685,6 +685,14 @@ impl<'a> Transaction<'a> {
             run_after_commit(self.finish(Outcome::Committed, true)).await;
             return Ok(());
         }
+        if core.conn.client.is_closed() {
+            // The connection died before COMMIT could be sent (the backend was
+            // terminated while idle in the transaction): the server rolled back.
+            self.rollback_outermost().await;
+            return Err(self.core().aborted(
+                "the connection was lost before COMMIT was sent; the server rolled back",
+            ));
+        }
         // With replicas to keep up with, read the WAL insert position in the
         // same round trip: it covers this commit's record.
         let track_lsn =

@@ -190,6 +190,27 @@ async fn killed_backends_give_typed_errors_and_the_pool_heals() {
     assert!(matches!(e, Error::TransactionAborted { .. }), "{e:?}");
     println!("killed mid-transaction: commit -> {e}");
 
+    // One killed while idle in the transaction, then committed: COMMIT
+    // cannot be sent, so the outcome is known: rolled back.
+    let tx = t.begin().await.unwrap();
+    tx.execute("INSERT INTO items(name) VALUES ('idle when killed')", &[])
+        .await
+        .unwrap();
+    let pid: i32 = tx
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    plain
+        .query("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let e = within(Duration::from_secs(5), "commit", tx.commit())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::TransactionAborted { .. }), "{e:?}");
+
     // One killed while COMMIT runs a slow deferred trigger: the server
     // rolls back, and the client cannot know it: CommitOutcomeUnknown.
     plain

@@ -1635,7 +1635,8 @@ fn mutated(rng: &mut Rng, s: &str) -> String {
 /// `password=` values.
 fn password_candidates(input: &str) -> Vec<String> {
     let mut out = Vec::new();
-    if let Some((_, rest)) = input.split_once("://") {
+    let url = input.starts_with("postgres://") || input.starts_with("postgresql://");
+    if let Some((_, rest)) = input.split_once("://").filter(|_| url) {
         let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
         if let Some(at) = authority.rfind('@') {
             if let Some((_, pw)) = authority[..at].split_once(':') {
@@ -1645,7 +1646,15 @@ fn password_candidates(input: &str) -> Vec<String> {
             }
         }
     }
-    for part in input.split(['&', ' ', '?']) {
+    // Query parameters of a URL, or the pairs of a key=value string.
+    let pairs: Vec<&str> = if url {
+        input
+            .split_once('?')
+            .map_or(vec![], |(_, q)| q.split('&').collect())
+    } else {
+        input.split(' ').collect()
+    };
+    for part in pairs {
         if let Some(v) = part.strip_prefix("password=") {
             out.push(v.trim_matches('\'').to_owned());
         }
