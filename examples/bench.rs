@@ -52,7 +52,8 @@ const MAX_POOL: usize = 64;
 const W4_CLIENTS: usize = 256;
 const W4_POOL: u32 = 8;
 
-const USAGE: &str = "usage: bench [--quick] [--rounds N] [--secs S] [--warmup S] [--only W1,W2,..]
+const USAGE: &str =
+    "usage: bench [--quick] [--verbose] [--rounds N] [--secs S] [--warmup S] [--only W1,W2,..]
              [--json FILE] [--chart FILE]
        bench --callgrind-mode N [--contender pgassist|raw|bb8]";
 
@@ -63,15 +64,16 @@ struct Args {
     json: Option<PathBuf>,
     chart: PathBuf,
     quick: bool,
+    verbose: bool,
     callgrind: Option<(u64, String)>,
 }
 
 fn parse_args() -> Res<Args> {
     let mut args = Args {
-        rounds: 5,
+        rounds: 8,
         timing: Timing {
-            warmup: Duration::from_millis(200),
-            measure: Duration::from_millis(800),
+            warmup: Duration::from_millis(100),
+            measure: Duration::from_millis(400),
         },
         only: None,
         json: None,
@@ -80,6 +82,7 @@ fn parse_args() -> Res<Args> {
             "/target/bench/bench.png"
         )),
         quick: false,
+        verbose: false,
         callgrind: None,
     };
     let mut contender = "pgassist".to_string();
@@ -94,10 +97,11 @@ fn parse_args() -> Res<Args> {
                 args.quick = true;
                 args.rounds = 3;
                 args.timing = Timing {
-                    warmup: Duration::from_millis(60),
-                    measure: Duration::from_millis(200),
+                    warmup: Duration::from_millis(50),
+                    measure: Duration::from_millis(100),
                 };
             }
+            "-v" | "--verbose" => args.verbose = true,
             "--rounds" => args.rounds = it.next().ok_or(USAGE)?.parse()?,
             "--secs" => args.timing.measure = secs(it.next())?,
             "--warmup" => args.timing.warmup = secs(it.next())?,
@@ -284,11 +288,26 @@ async fn bench(args: Args) -> Res<()> {
             let k = r.series.len();
             // Rotate the order so that no contender always runs first.
             for j in 0..k {
-                let series = &mut r.series[(j + round) % k];
-                let sample = if series.contender == Contender::Pgbench {
-                    let earlier = series.samples.last().map(|s| s.ops_per_sec);
+                let idx = (j + round) % k;
+                let run_started = Instant::now();
+                let contender = r.series[idx].contender;
+                let sample = if contender == Contender::Pgbench {
+                    // pgbench's -T takes whole seconds: size a -t run from its
+                    // own last rate, or from the best contender seen so far.
+                    let estimate =
+                        r.series[idx]
+                            .samples
+                            .last()
+                            .map(|s| s.ops_per_sec)
+                            .or_else(|| {
+                                r.series
+                                    .iter()
+                                    .flat_map(|s| s.samples.last())
+                                    .map(|s| s.ops_per_sec)
+                                    .reduce(f64::max)
+                            });
                     let duration =
-                        pgbench::duration_args(args.timing.measure, cell.clients, earlier);
+                        pgbench::duration_args(args.timing.measure, cell.clients, estimate);
                     let tps = pgbench::run(
                         &pgbench_bin,
                         &scripts,
@@ -305,7 +324,7 @@ async fn bench(args: Args) -> Res<()> {
                     }
                 } else {
                     workers::run(
-                        series.contender,
+                        contender,
                         cell.workload,
                         cell.clients,
                         cell.pool,
@@ -314,9 +333,18 @@ async fn bench(args: Args) -> Res<()> {
                         SCALE,
                     )
                     .await
-                    .map_err(|e| format!("{} on {}: {e}", series.contender.name(), cell.label()))?
+                    .map_err(|e| format!("{} on {}: {e}", contender.name(), cell.label()))?
                 };
-                series.samples.push(sample);
+                if args.verbose {
+                    eprintln!(
+                        "  {:<8} {:<20} {:>10.0} ops/s  ({:.2} s with setup)",
+                        cell.label(),
+                        contender.name(),
+                        sample.ops_per_sec,
+                        run_started.elapsed().as_secs_f64()
+                    );
+                }
+                r.series[idx].samples.push(sample);
             }
         }
         eprintln!(
@@ -422,6 +450,13 @@ fn client_cost<W: Worker>(rt: &Runtime, w: &mut W, n: u64, scale: i32, name: &st
         }
         Ok::<_, workers::BoxError>(())
     })?;
+    // Every move of a future or a pooled connection is a memcpy of this size.
+    let op_future = std::mem::size_of_val(&w.op(&mut rng));
+    println!(
+        "sizes contender={name} op_future={op_future} pgassist::PgConn={} tokio_postgres::Client={}",
+        std::mem::size_of::<pgassist::PgConn>(),
+        std::mem::size_of::<tokio_postgres::Client>()
+    );
     let before = alloc::snapshot();
     let t = Instant::now();
     callgrind_measured(rt, w, n, &mut rng)?;

@@ -91,12 +91,12 @@ impl Scripts {
 }
 
 /// How long one pgbench run lasts. pgbench's `-T` takes whole seconds, so a
-/// window shorter than a second is run as a transaction count per client
-/// (`-t`), sized from the rate an earlier round of the same cell measured.
-pub fn duration_args(window: Duration, clients: usize, earlier_tps: Option<f64>) -> Vec<String> {
+/// window that is not a whole number of seconds is run as a transaction
+/// count per client (`-t`), sized from an estimate of the rate.
+pub fn duration_args(window: Duration, clients: usize, estimate_tps: Option<f64>) -> Vec<String> {
     let secs = window.as_secs_f64();
-    match earlier_tps {
-        Some(tps) if secs < 1.0 => {
+    match estimate_tps {
+        Some(tps) if secs.fract() != 0.0 => {
             let per_client = (tps * secs / clients as f64).round().max(10.0) as u64;
             vec!["-t".into(), per_client.to_string()]
         }
