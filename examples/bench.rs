@@ -55,7 +55,7 @@ const W4_POOL: u32 = 8;
 const USAGE: &str =
     "usage: bench [--quick] [--verbose] [--rounds N] [--secs S] [--warmup S] [--only W1,W2,..]
              [--json FILE] [--chart FILE]
-       bench --callgrind-mode N [--contender pgassist|raw|bb8]";
+       bench --callgrind-mode N [--contender pgassist|raw|bb8] [--workload W1|W2|W3]";
 
 struct Args {
     rounds: usize,
@@ -66,6 +66,8 @@ struct Args {
     quick: bool,
     verbose: bool,
     callgrind: Option<(u64, String)>,
+    /// The workload of `--callgrind-mode` (W1 unless `--workload` says).
+    callgrind_workload: Workload,
 }
 
 fn parse_args() -> Res<Args> {
@@ -73,7 +75,7 @@ fn parse_args() -> Res<Args> {
         rounds: 8,
         timing: Timing {
             warmup: Duration::from_millis(100),
-            measure: Duration::from_millis(400),
+            measure: Duration::from_millis(300),
         },
         only: None,
         json: None,
@@ -84,6 +86,7 @@ fn parse_args() -> Res<Args> {
         quick: false,
         verbose: false,
         callgrind: None,
+        callgrind_workload: Workload::PointSelect,
     };
     let mut contender = "pgassist".to_string();
     let mut callgrind_n = None;
@@ -118,6 +121,14 @@ fn parse_args() -> Res<Args> {
             "--chart" => args.chart = it.next().ok_or(USAGE)?.into(),
             "--callgrind-mode" => callgrind_n = Some(it.next().ok_or(USAGE)?.parse()?),
             "--contender" => contender = it.next().ok_or(USAGE)?,
+            "--workload" => {
+                args.callgrind_workload = match it.next().ok_or(USAGE)?.to_uppercase().as_str() {
+                    "W1" => Workload::PointSelect,
+                    "W2" => Workload::WriteTx,
+                    "W3" => Workload::ReadTx,
+                    other => return Err(format!("--workload {other}: W1, W2 or W3").into()),
+                }
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -216,7 +227,7 @@ fn machine() -> String {
 fn main() -> Res<()> {
     let args = parse_args()?;
     if let Some((n, contender)) = &args.callgrind {
-        return callgrind_mode(*n, contender);
+        return callgrind_mode(*n, contender, args.callgrind_workload);
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -274,11 +285,16 @@ async fn bench(args: Args) -> Res<()> {
     println!("server:  {server} (log_statement=none for the bench database)");
     println!("client:  tokio multi-thread runtime, 2 workers; pgbench -j 2 (-j 1 at one client)");
     println!(
-        "rounds:  {} interleaved, {:.2} s warm-up + {:.2} s measured per contender and cell; \
-         pool = clients capped at {MAX_POOL} (W4: {W4_POOL})",
+        "rounds:  {} interleaved, {:.2} s warm-up + {:.2} s measured per contender and cell \
+         (pgbench: {}); pool = clients capped at {MAX_POOL} (W4: {W4_POOL})",
         args.rounds,
         args.timing.warmup.as_secs_f64(),
-        args.timing.measure.as_secs_f64()
+        args.timing.measure.as_secs_f64(),
+        if args.quick {
+            "-t sized to the same window"
+        } else {
+            "-T, whole seconds, at least 1"
+        }
     );
 
     for round in 0..args.rounds {
@@ -292,8 +308,8 @@ async fn bench(args: Args) -> Res<()> {
                 let run_started = Instant::now();
                 let contender = r.series[idx].contender;
                 let sample = if contender == Contender::Pgbench {
-                    // pgbench's -T takes whole seconds: size a -t run from its
-                    // own last rate, or from the best contender seen so far.
+                    // pgbench's -T takes whole seconds; --quick sizes a -t run
+                    // from its own last rate, or the best contender seen so far.
                     let estimate =
                         r.series[idx]
                             .samples
@@ -306,8 +322,12 @@ async fn bench(args: Args) -> Res<()> {
                                     .map(|s| s.ops_per_sec)
                                     .reduce(f64::max)
                             });
-                    let duration =
-                        pgbench::duration_args(args.timing.measure, cell.clients, estimate);
+                    let duration = pgbench::duration_args(
+                        args.timing.measure,
+                        cell.clients,
+                        estimate,
+                        args.quick,
+                    );
                     let tps = pgbench::run(
                         &pgbench_bin,
                         &scripts,
@@ -402,11 +422,12 @@ async fn bench(args: Args) -> Res<()> {
 
 // ------------------------------------------------------------ client cost
 
-/// Runs `n` autocommit point selects on one connection of `contender`, on a
+/// Runs `n` operations of `workload` (autocommit point selects unless told
+/// otherwise) on one connection of `contender`, on a
 /// current-thread runtime so that every instruction of the query — the
 /// caller's side and the connection task — runs inside
 /// `callgrind_measured`, and prints the bytes allocated per query.
-fn callgrind_mode(n: u64, contender: &str) -> Res<()> {
+fn callgrind_mode(n: u64, contender: &str, workload: Workload) -> Res<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -418,21 +439,21 @@ fn callgrind_mode(n: u64, contender: &str) -> Res<()> {
             let registry = rt.block_on(workers::pgassist_registry(&url, 1))?;
             let mut w = workers::PgassistWorker {
                 session: registry.default_session(),
-                workload: Workload::PointSelect,
+                workload,
                 contender: Contender::Pgassist,
                 full_join: false,
             };
             client_cost(&rt, &mut w, n, scale, contender)
         }
         "raw" => {
-            let mut w = rt.block_on(workers::RawWorker::connect(&url, Workload::PointSelect))?;
+            let mut w = rt.block_on(workers::RawWorker::connect(&url, workload))?;
             client_cost(&rt, &mut w, n, scale, contender)
         }
         "bb8" => {
             let pool = rt.block_on(workers::bb8_tuned_pool(&url, 1))?;
             let mut w = workers::Bb8TunedWorker {
                 pool,
-                workload: Workload::PointSelect,
+                workload,
                 held: false,
             };
             client_cost(&rt, &mut w, n, scale, contender)

@@ -90,13 +90,20 @@ impl Scripts {
     }
 }
 
-/// How long one pgbench run lasts. pgbench's `-T` takes whole seconds, so a
-/// window that is not a whole number of seconds is run as a transaction
-/// count per client (`-t`), sized from an estimate of the rate.
-pub fn duration_args(window: Duration, clients: usize, estimate_tps: Option<f64>) -> Vec<String> {
+/// How long one pgbench run lasts: `-T` whole seconds (at least one),
+/// unless `short` asks for a sub-second run, which pgbench can only do as a
+/// transaction count per client (`-t`), sized from an estimate of its rate.
+/// Short runs undercount at many clients (clients that finish early idle
+/// while the rest run), so only `--quick` uses them.
+pub fn duration_args(
+    window: Duration,
+    clients: usize,
+    estimate_tps: Option<f64>,
+    short: bool,
+) -> Vec<String> {
     let secs = window.as_secs_f64();
     match estimate_tps {
-        Some(tps) if secs.fract() != 0.0 => {
+        Some(tps) if short && secs < 1.0 => {
             let per_client = (tps * secs / clients as f64).round().max(10.0) as u64;
             vec!["-t".into(), per_client.to_string()]
         }
