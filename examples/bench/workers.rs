@@ -283,7 +283,11 @@ pub async fn run(
                 .max_size(pool)
                 .build(PostgresConnectionManager::new(url.parse()?, NoTls))
                 .await?;
-            prewarm(size, || pool.get()).await?;
+            let held = checkouts(size, || pool.get()).await?;
+            for r in join_all(held.iter().map(|c| warm_sql(c))).await {
+                r?;
+            }
+            drop(held);
             let workers = (0..clients)
                 .map(|_| Bb8NaiveWorker {
                     pool: pool.clone(),
@@ -303,7 +307,11 @@ pub async fn run(
             let pool = deadpool_postgres::Pool::builder(manager)
                 .max_size(pool as usize)
                 .build()?;
-            prewarm(size, || pool.get()).await?;
+            let held = checkouts(size, || pool.get()).await?;
+            for r in join_all(held.iter().map(warm_deadpool)).await {
+                r?;
+            }
+            drop(held);
             let workers = (0..clients)
                 .map(|_| DeadpoolWorker {
                     pool: pool.clone(),
@@ -317,7 +325,11 @@ pub async fn run(
                 .max_connections(pool)
                 .connect(url)
                 .await?;
-            prewarm(size, || pool.acquire()).await?;
+            let mut held = checkouts(size, || pool.acquire()).await?;
+            for r in join_all(held.iter_mut().map(warm_sqlx)).await {
+                r?;
+            }
+            drop(held);
             let workers = (0..clients)
                 .map(|_| SqlxWorker {
                     pool: pool.clone(),
@@ -332,17 +344,74 @@ pub async fn run(
     }
 }
 
-/// Opens all `size` connections of a pool before the clock starts, by
-/// holding that many checkouts at once.
-async fn prewarm<F, Fut, C, E>(size: u32, checkout: F) -> Res<()>
+/// Opens all `size` connections of a pool by holding that many checkouts
+/// at once, and returns them.
+///
+/// Before the clock starts every contender opens all its connections and
+/// runs each statement once on each (statement caches filled, the server
+/// backend's catalog caches loaded), so no cell measures cold connections.
+async fn checkouts<F, Fut, C, E>(size: u32, checkout: F) -> Res<Vec<C>>
 where
     F: Fn() -> Fut,
     Fut: Future<Output = Result<C, E>>,
     E: std::error::Error + Send + Sync + 'static,
 {
+    let mut held = Vec::new();
     for c in join_all((0..size).map(|_| checkout())).await {
-        c?;
+        held.push(c?);
     }
+    Ok(held)
+}
+
+/// Keys for warming: real rows for the selects, no row for the update.
+const WARM_KEY: i32 = 1;
+const NO_ROW: i32 = 0;
+
+async fn warm_sql(c: &Client) -> Result<(), tokio_postgres::Error> {
+    c.query_one(SELECT, &[&WARM_KEY]).await?;
+    c.execute(UPDATE, &[&NO_ROW, &NO_ROW]).await?;
+    c.query_one(SELECT_TELLER, &[&WARM_KEY]).await?;
+    c.query_one(SELECT_BRANCH, &[&WARM_KEY]).await?;
+    Ok(())
+}
+
+async fn warm_deadpool(c: &deadpool_postgres::Client) -> Result<(), tokio_postgres::Error> {
+    for (sql, update) in [
+        (SELECT, false),
+        (UPDATE, true),
+        (SELECT_TELLER, false),
+        (SELECT_BRANCH, false),
+    ] {
+        let st = c.prepare_cached(sql).await?;
+        if update {
+            c.execute(&st, &[&NO_ROW, &NO_ROW]).await?;
+        } else {
+            c.query_one(&st, &[&WARM_KEY]).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn warm_sqlx(c: &mut sqlx::pool::PoolConnection<sqlx::Postgres>) -> Res<()> {
+    for sql in [SELECT, SELECT_TELLER, SELECT_BRANCH] {
+        let _: i32 = sqlx::query_scalar(sql)
+            .bind(WARM_KEY)
+            .fetch_one(&mut **c)
+            .await?;
+    }
+    sqlx::query(UPDATE)
+        .bind(NO_ROW)
+        .bind(NO_ROW)
+        .execute(&mut **c)
+        .await?;
+    Ok(())
+}
+
+async fn warm_pgassist(tx: &pgassist::Transaction<'_>) -> pgassist::Result<()> {
+    tx.query_one(SELECT, &[&WARM_KEY]).await?;
+    tx.execute(UPDATE, &[&NO_ROW, &NO_ROW]).await?;
+    tx.query_one(SELECT_TELLER, &[&WARM_KEY]).await?;
+    tx.query_one(SELECT_BRANCH, &[&WARM_KEY]).await?;
     Ok(())
 }
 
@@ -356,7 +425,11 @@ pub async fn bb8_tuned_pool(url: &str, size: u32) -> Res<bb8::Pool<TunedManager>
             NoTls,
         )))
         .await?;
-    prewarm(size, || pool.get()).await?;
+    let held = checkouts(size, || pool.get()).await?;
+    for r in join_all(held.iter().map(|c| c.st.warm(&c.client))).await {
+        r?;
+    }
+    drop(held);
     Ok(pool)
 }
 
@@ -371,11 +444,17 @@ pub async fn pgassist_registry(url: &str, pool: u32) -> Res<Registry> {
         )
         .build()
         .await?;
-    // Open every connection now: `begin` pins one per session and a
-    // transaction that ran nothing sends nothing when dropped.
+    // Open and warm every connection now: `begin` pins one per session.
     let mut sessions: Vec<Session> = (0..pool).map(|_| registry.default_session()).collect();
+    let mut txs = Vec::new();
     for tx in join_all(sessions.iter_mut().map(|s| s.begin())).await {
-        tx?;
+        txs.push(tx?);
+    }
+    for r in join_all(txs.iter().map(warm_pgassist)).await {
+        r?;
+    }
+    for tx in txs {
+        tx.rollback().await?;
     }
     Ok(registry)
 }
@@ -389,6 +468,14 @@ pub struct Stmts {
 }
 
 impl Stmts {
+    async fn warm(&self, c: &Client) -> Result<(), tokio_postgres::Error> {
+        c.query_one(&self.select, &[&WARM_KEY]).await?;
+        c.execute(&self.update, &[&NO_ROW, &NO_ROW]).await?;
+        c.query_one(&self.teller, &[&WARM_KEY]).await?;
+        c.query_one(&self.branch, &[&WARM_KEY]).await?;
+        Ok(())
+    }
+
     async fn prepare(c: &Client) -> Result<Stmts, tokio_postgres::Error> {
         Ok(Stmts {
             select: c.prepare(SELECT).await?,
@@ -537,6 +624,7 @@ impl RawWorker {
         let (client, connection) = config.connect(NoTls).await?;
         tokio::spawn(connection);
         let st = Stmts::prepare(&client).await?;
+        st.warm(&client).await?;
         Ok(RawWorker {
             client,
             st,
