@@ -135,15 +135,30 @@ impl Engine {
     pub(crate) async fn checkout(&self) -> Result<Conn> {
         let pool = self.pool().ok_or_else(|| self.closed_error())?;
         let started = Instant::now();
-        // Every idle connection may have died with a server restart: try past them all.
+        let conn = self.get(&pool, started).await?;
+        self.inner.counters.inc(|c| &c.checkouts);
+        if !conn.client.is_closed() {
+            return Ok(conn);
+        }
+        // Rare (boxed, to keep the common future small): idle connections
+        // that died with a server restart. Try past them all.
+        Box::pin(self.replace_closed(conn, pool, started)).await
+    }
+
+    async fn replace_closed(
+        &self,
+        mut conn: Conn,
+        pool: Pool<Manager>,
+        started: Instant,
+    ) -> Result<Conn> {
         for _ in 0..=self.inner.config.max_size {
-            let conn = self.get(&pool, started).await?;
+            self.inner.counters.inc(|c| &c.discarded_closed);
+            drop(conn); // has_broken sees it closed: bb8 drops it and opens a new one
+            conn = self.get(&pool, started).await?;
             self.inner.counters.inc(|c| &c.checkouts);
             if !conn.client.is_closed() {
                 return Ok(conn);
             }
-            self.inner.counters.inc(|c| &c.discarded_closed);
-            drop(conn); // has_broken sees it closed: bb8 drops it and opens a new one
         }
         Err(Error::Closed {
             engine: self.name().to_owned(),

@@ -57,10 +57,12 @@
 //! TO) runs inside a critical section — a flag set synchronously before the
 //! await and cleared after the server answered. A future dropped in between
 //! leaves the flag set, and the transaction then refuses everything but a
-//! rollback. COMMIT is sent as `SELECT 1; COMMIT`: in an aborted transaction
-//! the probe fails and COMMIT is skipped, so a COMMIT the server would turn
-//! into a ROLLBACK can never be reported as success, whatever our bookkeeping
-//! missed (for example a statement whose future was dropped).
+//! rollback. Statement errors mark the transaction aborted, so `commit()`
+//! rolls back and says so; and once a statement's future was dropped before
+//! its answer came (an error pgassist could not see), COMMIT is sent as
+//! `SELECT 1; COMMIT`: in an aborted transaction the probe fails and COMMIT
+//! is skipped, so a COMMIT the server turned into a ROLLBACK is never
+//! reported as a success.
 //!
 //! ## The per-request container
 //!
@@ -108,7 +110,6 @@ pub use helpers::{
     quote_ident,
 };
 pub use hooks::{Outcome, TxEvent};
-pub use manager::PgConn;
 pub use queryable::Queryable;
 pub use recovery::{InDoubt, RecoveryReport};
 pub use registry::{Registry, RegistryBuilder, RegistryStats};

@@ -8,6 +8,7 @@
 //! handed to another user.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -54,7 +55,13 @@ impl StateCell {
 }
 
 /// A pooled tokio-postgres client with its state and statement cache.
-pub struct PgConn {
+///
+/// One pointer wide: bb8 moves pooled connections by value on every checkout
+/// and return, so the fields live behind a box.
+pub(crate) struct PgConn(Box<ConnParts>);
+
+/// The fields of a [`PgConn`].
+pub(crate) struct ConnParts {
     pub(crate) client: Client,
     pub(crate) state: Arc<StateCell>,
     pub(crate) id: u64,
@@ -65,6 +72,13 @@ pub struct PgConn {
     /// types per SQL text, so each statement runs as one unnamed
     /// Parse/Bind/Execute; no prepared statement outlives it on the server.
     types: Option<Mutex<Lru<Arc<[Type]>>>>,
+}
+
+impl std::ops::Deref for PgConn {
+    type Target = ConnParts;
+    fn deref(&self) -> &ConnParts {
+        &self.0
+    }
 }
 
 impl std::fmt::Debug for PgConn {
@@ -125,7 +139,7 @@ impl Out {
     }
 }
 
-impl PgConn {
+impl ConnParts {
     /// Runs one statement through the statement cache.
     ///
     /// `may_replan`: outside a transaction, a cached plan invalidated by a
@@ -150,8 +164,12 @@ impl PgConn {
                 if !may_replan {
                     return Err(e);
                 }
-                let stmt = self.prepared(sql).await?;
-                self.exec(&stmt, params, op).await
+                // Rare: boxed, so the common path's future stays small.
+                Box::pin(async move {
+                    let stmt = self.prepared(sql).await?;
+                    self.exec(&stmt, params, op).await
+                })
+                .await
             }
             other => other,
         }
@@ -270,7 +288,30 @@ const UNNAMED_TYPE_CACHE: usize = 256;
 struct Lru<V> {
     capacity: usize,
     tick: u64,
-    map: HashMap<Box<str>, (V, u64)>,
+    map: HashMap<Box<str>, (V, u64), BuildHasherDefault<SqlHasher>>,
+}
+
+/// A fast multiplicative hash for SQL texts (the keys are the application's
+/// own statements, so SipHash's flood resistance buys nothing here and costs
+/// most of a cache hit).
+#[derive(Default)]
+struct SqlHasher(u64);
+
+impl Hasher for SqlHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x517c_c1b7_2722_0a95;
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let word = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+            self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(K);
+        }
+        for &b in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(K);
+        }
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 impl<V: Clone> Lru<V> {
@@ -278,7 +319,7 @@ impl<V: Clone> Lru<V> {
         Lru {
             capacity,
             tick: 0,
-            map: HashMap::with_capacity(capacity.min(64)),
+            map: HashMap::with_capacity_and_hasher(capacity.min(64), Default::default()),
         }
     }
 
@@ -334,7 +375,7 @@ impl std::fmt::Debug for Connector {
 }
 
 /// bb8 manager: connects through bb8-postgres and wraps the client.
-pub struct Manager {
+pub(crate) struct Manager {
     inner: Connector,
     statement_cache: usize,
     counters: Arc<Counters>,
@@ -410,14 +451,14 @@ impl bb8::ManageConnection for Manager {
     async fn connect(&self) -> Result<PgConn, tokio_postgres::Error> {
         let client = self.inner.connect().await?;
         let backend_pid = backend_pid(&client).await?;
-        Ok(PgConn {
+        Ok(PgConn(Box::new(ConnParts {
             client,
             backend_pid,
             state: Arc::new(StateCell::default()),
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             cache: Mutex::new(Lru::new(self.statement_cache)),
             types: (self.statement_cache == 0).then(|| Mutex::new(Lru::new(UNNAMED_TYPE_CACHE))),
-        })
+        })))
     }
 
     async fn is_valid(&self, conn: &mut PgConn) -> Result<(), tokio_postgres::Error> {

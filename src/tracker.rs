@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use crate::error::{Error, Result};
 use crate::manager::{ConnState, StateCell};
 
-/// One connection recorded for a transaction.
+/// The connection a transaction took out of autocommit.
 #[derive(Debug)]
 struct Tracked {
     engine: Arc<str>,
@@ -30,7 +30,9 @@ struct Tracked {
 #[derive(Debug, Default)]
 pub(crate) struct Tracker {
     next_id: AtomicU64,
-    map: Mutex<HashMap<u64, Vec<Tracked>>>,
+    /// One entry per open transaction: each transaction pins one connection
+    /// (a unit of work enlists one transaction per engine).
+    map: Mutex<HashMap<u64, Tracked>>,
 }
 
 impl Tracker {
@@ -54,37 +56,32 @@ impl Tracker {
             )));
         }
         state.set(ConnState::InTransaction);
-        self.map
-            .lock()
-            .expect("tracker")
-            .entry(tx)
-            .or_default()
-            .push(Tracked {
-                engine: engine.clone(),
-                conn_id,
-                state: state.clone(),
-            });
+        let tracked = Tracked {
+            engine: engine.clone(),
+            conn_id,
+            state: state.clone(),
+        };
+        self.map.lock().expect("tracker").insert(tx, tracked);
         Ok(())
     }
 
     /// True if transaction `tx` holds connection `conn_id` out of autocommit
     /// (what a nested begin expects to find).
     pub(crate) fn holds(&self, tx: u64, conn_id: u64) -> bool {
-        self.map.lock().expect("tracker").get(&tx).is_some_and(|v| {
-            v.iter()
-                .any(|t| t.conn_id == conn_id && t.state.get() != ConnState::Idle)
-        })
+        self.map
+            .lock()
+            .expect("tracker")
+            .get(&tx)
+            .is_some_and(|t| t.conn_id == conn_id && t.state.get() != ConnState::Idle)
     }
 
-    /// Ends transaction `tx`: every recorded connection is restored to
-    /// autocommit when `clean` (the server confirmed COMMIT or ROLLBACK),
-    /// otherwise left dirty for the pool to discard. The entry is removed.
+    /// Ends transaction `tx`: its connection is restored to autocommit when
+    /// `clean` (the server confirmed COMMIT or ROLLBACK), otherwise left
+    /// dirty for the pool to discard. The entry is removed.
     pub(crate) fn after_end(&self, tx: u64, clean: bool) {
         let entry = self.map.lock().expect("tracker").remove(&tx);
-        for t in entry.into_iter().flatten() {
-            if clean {
-                t.state.set(ConnState::Idle);
-            }
+        if let (Some(t), true) = (entry, clean) {
+            t.state.set(ConnState::Idle);
         }
     }
 
@@ -94,7 +91,6 @@ impl Tracker {
             .lock()
             .expect("tracker")
             .values()
-            .flatten()
             .filter(|t| &*t.engine == engine)
             .count()
     }

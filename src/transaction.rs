@@ -11,10 +11,12 @@
 //! TO) runs inside a critical section — a flag set synchronously before the
 //! await and cleared after the server answered. A future dropped in between
 //! leaves the flag set, and the transaction then refuses everything but a
-//! rollback. COMMIT is sent as `SELECT 1; COMMIT`: in an aborted transaction
-//! the probe fails and COMMIT is skipped, so a COMMIT the server would turn
-//! into a ROLLBACK can never be reported as success, whatever our bookkeeping
-//! missed (for example a statement whose future was dropped).
+//! rollback. Statement errors mark the transaction aborted, so `commit()`
+//! rolls back and says so; and once a statement's future was dropped before
+//! its answer came (an error pgassist could not see), COMMIT is sent as
+//! `SELECT 1; COMMIT`: in an aborted transaction the probe fails and COMMIT
+//! is skipped, so a COMMIT the server turned into a ROLLBACK is never
+//! reported as a success.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -152,6 +154,10 @@ pub(crate) struct TxCore {
     savepoints: AtomicU32,
     /// A statement failed with 40001 / 40P01: the closure form may retry.
     saw_retryable: AtomicBool,
+    /// A statement's future was dropped before its answer came: the server
+    /// may have aborted the transaction without our knowing, so COMMIT is
+    /// sent behind a probe (`SELECT 1; COMMIT`) that fails in that case.
+    statement_cut: AtomicBool,
     /// COMMIT is on the wire. Still set when the transaction is dropped
     /// means its commit future was cut off: the outcome is unknown.
     committing: AtomicBool,
@@ -172,6 +178,28 @@ pub(crate) struct TxCore {
 /// `text` as a SQL string literal.
 pub(crate) fn quote_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
+}
+
+/// Sets a flag if dropped while armed: a future cut off between sending its
+/// request and reading the answer (diesel-async's critical section, as a
+/// guard, so that statements pipelined alongside on `&self` still run).
+struct CutOffGuard<'a>(Option<&'a AtomicBool>);
+
+impl<'a> CutOffGuard<'a> {
+    fn arm(flag: &'a AtomicBool) -> Self {
+        CutOffGuard(Some(flag))
+    }
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CutOffGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(flag) = self.0 {
+            flag.store(true, Ordering::Release);
+        }
+    }
 }
 
 fn savepoint_name(number: u32) -> String {
@@ -224,12 +252,13 @@ impl TxCore {
         &self,
         sql: &str,
     ) -> std::result::Result<Vec<tokio_postgres::SimpleQueryMessage>, tokio_postgres::Error> {
-        self.in_doubt.store(true, Ordering::Release);
+        let cut_off = CutOffGuard::arm(&self.in_doubt);
         let r = self.conn.client.simple_query(sql).await;
-        // The server answered (even with an error): its state is known again,
+        cut_off.disarm();
+        // The server answered (even with an error): its state is known,
         // unless the connection itself is gone.
-        if !matches!(&r, Err(e) if is_connection_loss(e)) {
-            self.in_doubt.store(false, Ordering::Release);
+        if matches!(&r, Err(e) if is_connection_loss(e)) {
+            self.in_doubt.store(true, Ordering::Release);
         }
         r
     }
@@ -290,8 +319,10 @@ impl TxCore {
         self.ready().await?;
         self.engine.inner.counters.inc(|c| &c.statements);
         let started = self.scope.as_ref().map(|_| Instant::now());
+        let cut_off = CutOffGuard::arm(&self.statement_cut);
         let run = self.run_inner(sql, params, op);
         let out = crate::telemetry::statement(&self.engine, Some(&self.span), sql, run).await;
+        cut_off.disarm();
         if let (Some(scope), Some(started)) = (&self.scope, started) {
             scope.record(self.conn.backend_pid, started.elapsed());
         }
@@ -322,6 +353,7 @@ impl TxCore {
         self.refuse_control(sql)?;
         self.ready().await?;
         self.engine.inner.counters.inc(|c| &c.statements);
+        let cut_off = CutOffGuard::arm(&self.statement_cut);
         let r = if self.begun.swap(true, Ordering::AcqRel) {
             self.conn.client.batch_execute(sql).await
         } else {
@@ -332,10 +364,12 @@ impl TxCore {
             .await;
             if let Err(e) = began {
                 self.in_doubt.store(true, Ordering::Release);
+                cut_off.disarm();
                 return Err(Error::from_pg(self.name(), e));
             }
             r
         };
+        cut_off.disarm();
         r.map_err(|e| self.statement_error(e))
     }
 }
@@ -405,6 +439,7 @@ impl<'a> Transaction<'a> {
                 savepoints: AtomicU32::new(0),
                 saw_retryable: AtomicBool::new(false),
                 committing: AtomicBool::new(false),
+                statement_cut: AtomicBool::new(false),
                 on_commit: Mutex::new(Vec::new()),
                 attempt,
                 depth_now: AtomicU32::new(0),
@@ -697,12 +732,16 @@ impl<'a> Transaction<'a> {
         // same round trip: it covers this commit's record.
         let track_lsn =
             core.scope.is_some() && core.engine.inner.has_replicas.load(Ordering::Relaxed);
-        let sql = if track_lsn {
-            const COMMIT_AND_LSN: &str =
-                "SELECT 1; COMMIT; SELECT pg_current_wal_insert_lsn()::text";
-            COMMIT_AND_LSN
-        } else {
-            "SELECT 1; COMMIT"
+        // Every statement error was seen (it marks the transaction aborted),
+        // unless a statement was cut off: then COMMIT goes behind a probe
+        // that fails in an aborted transaction, so a COMMIT the server would
+        // turn into a ROLLBACK is never reported as a success.
+        let probe = core.statement_cut.load(Ordering::Acquire);
+        let sql = match (probe, track_lsn) {
+            (false, false) => "COMMIT",
+            (true, false) => "SELECT 1; COMMIT",
+            (false, true) => "COMMIT; SELECT pg_current_wal_insert_lsn()::text",
+            (true, true) => "SELECT 1; COMMIT; SELECT pg_current_wal_insert_lsn()::text",
         };
         core.committing.store(true, Ordering::Release);
         let committed = core.control_rows(sql).await;

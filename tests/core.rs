@@ -684,3 +684,45 @@ async fn a_cached_plan_invalidated_by_a_schema_change_is_prepared_again() {
         3
     );
 }
+
+#[tokio::test]
+async fn statements_in_flight_together_share_the_transaction_and_its_one_begin() {
+    let db = Db::new().await;
+    let registry = db.registry(|c| c).await;
+    let s = registry.session("writer").unwrap();
+    let from = db.log_offset();
+    // The first statements of a transaction, pipelined on `&tx`: the lazy
+    // BEGIN goes out first, and the others run inside it.
+    let tx = s.begin().await.unwrap();
+    let xid = "SELECT txid_current()::text";
+    let (a, b, c) = tokio::join!(
+        tx.query_one(xid, &[]),
+        tx.execute("INSERT INTO items(name) VALUES ('joined')", &[]),
+        tx.query_one(xid, &[]),
+    );
+    let (a, c) = (
+        a.unwrap().get::<_, String>(0),
+        c.unwrap().get::<_, String>(0),
+    );
+    assert_eq!(b.unwrap(), 1);
+    assert_eq!(a, c, "one transaction");
+    assert_eq!(
+        db.plain_count("SELECT count(*) FROM items").await,
+        0,
+        "not committed yet"
+    );
+    tx.commit().await.unwrap();
+    assert_eq!(db.plain_names().await, ["joined"]);
+    if db.has_log() {
+        let log = db.statements_since(from);
+        assert_eq!(
+            log.iter().filter(|l| l.contains("BEGIN")).count(),
+            1,
+            "{log:#?}"
+        );
+        assert!(
+            log.iter().any(|l| l.ends_with("statement: COMMIT")),
+            "a plain COMMIT: {log:#?}"
+        );
+    }
+}
