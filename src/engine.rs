@@ -134,15 +134,27 @@ impl Engine {
     /// away while it sat idle) is discarded and replaced transparently.
     pub(crate) async fn checkout(&self) -> Result<Conn> {
         let pool = self.pool().ok_or_else(|| self.closed_error())?;
-        let started = Instant::now();
-        let conn = self.get(&pool, started).await?;
+        // The common case: bb8 hands out a connection within its first wait
+        // (no clock read, no loop).
+        let conn = match pool.get_owned().await {
+            Ok(conn) => conn,
+            // bb8 gave up after its wait of min(connection_timeout, slice).
+            Err(RunError::TimedOut) => {
+                let waited = self.inner.config.connection_timeout.min(CONNECT_SLICE);
+                let started = Instant::now()
+                    .checked_sub(waited)
+                    .unwrap_or_else(Instant::now);
+                Box::pin(self.get(&pool, started)).await?
+            }
+            Err(e) => return Err(self.checkout_error(e, Instant::now())),
+        };
         self.inner.counters.inc(|c| &c.checkouts);
         if !conn.client.is_closed() {
             return Ok(conn);
         }
         // Rare (boxed, to keep the common future small): idle connections
         // that died with a server restart. Try past them all.
-        Box::pin(self.replace_closed(conn, pool, started)).await
+        Box::pin(self.replace_closed(conn, pool, Instant::now())).await
     }
 
     async fn replace_closed(
@@ -172,21 +184,22 @@ impl Engine {
     /// bb8 try to connect afresh instead of sleeping in its retry backoff.
     async fn get(&self, pool: &Pool<Manager>, started: Instant) -> Result<Conn> {
         let limit = self.inner.config.connection_timeout;
-        let mut first = true;
         loop {
             let remaining = limit.saturating_sub(started.elapsed());
-            // The first wait is bounded by bb8 itself (min(limit, slice)).
-            let got = if first || remaining > CONNECT_SLICE {
+            if remaining.is_zero() {
+                return Err(self.checkout_error(RunError::TimedOut, started));
+            }
+            // bb8 bounds each wait by min(limit, slice) itself.
+            let got = if remaining > CONNECT_SLICE {
                 pool.get_owned().await
             } else {
                 tokio::time::timeout(remaining, pool.get_owned())
                     .await
                     .unwrap_or(Err(RunError::TimedOut))
             };
-            first = false;
             match got {
                 Ok(conn) => return Ok(conn),
-                Err(RunError::TimedOut) if started.elapsed() < limit => continue,
+                Err(RunError::TimedOut) => continue,
                 Err(e) => return Err(self.checkout_error(e, started)),
             }
         }

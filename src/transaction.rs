@@ -244,7 +244,10 @@ impl TxCore {
 
     /// Runs a control statement inside the critical section.
     async fn control(&self, sql: &str) -> std::result::Result<(), tokio_postgres::Error> {
-        self.control_rows(sql).await.map(drop)
+        let cut_off = CutOffGuard::arm(&self.in_doubt);
+        let r = self.conn.client.batch_execute(sql).await;
+        cut_off.disarm();
+        self.after_control(r)
     }
 
     /// [`TxCore::control`], returning what the statements returned.
@@ -255,8 +258,15 @@ impl TxCore {
         let cut_off = CutOffGuard::arm(&self.in_doubt);
         let r = self.conn.client.simple_query(sql).await;
         cut_off.disarm();
-        // The server answered (even with an error): its state is known,
-        // unless the connection itself is gone.
+        self.after_control(r)
+    }
+
+    /// The server answered a control statement (even with an error): its
+    /// state is known, unless the connection itself is gone.
+    fn after_control<T>(
+        &self,
+        r: std::result::Result<T, tokio_postgres::Error>,
+    ) -> std::result::Result<T, tokio_postgres::Error> {
         if matches!(&r, Err(e) if is_connection_loss(e)) {
             self.in_doubt.store(true, Ordering::Release);
         }
@@ -744,11 +754,17 @@ impl<'a> Transaction<'a> {
             (true, true) => "SELECT 1; COMMIT; SELECT pg_current_wal_insert_lsn()::text",
         };
         core.committing.store(true, Ordering::Release);
-        let committed = core.control_rows(sql).await;
+        let committed = if track_lsn {
+            core.control_rows(sql)
+                .await
+                .map(|messages| crate::replica::lsn_of(&messages))
+        } else {
+            core.control(sql).await.map(|()| None)
+        };
         core.committing.store(false, Ordering::Release);
         match committed {
-            Ok(messages) => {
-                if let (Some(scope), Some(lsn)) = (&core.scope, crate::replica::lsn_of(&messages)) {
+            Ok(lsn) => {
+                if let (Some(scope), Some(lsn)) = (&core.scope, lsn) {
                     scope.note_lsn(lsn);
                 }
                 run_after_commit(self.finish(Outcome::Committed, true)).await;
