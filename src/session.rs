@@ -331,22 +331,34 @@ pub(crate) fn reject_transaction_control(sql: &str) -> Result<()> {
     Ok(())
 }
 
-/// The first keyword of `sql`, after white space and comments.
-pub(crate) fn first_keyword(mut sql: &str) -> &str {
+/// The first keyword of `sql`, after white space and comments (bytes only:
+/// it runs on every statement).
+pub(crate) fn first_keyword(sql: &str) -> &str {
+    let b = sql.as_bytes();
+    let find = |from: usize, pat: &[u8]| {
+        b[from..]
+            .windows(pat.len())
+            .position(|w| w == pat)
+            .map(|p| from + p)
+    };
+    let mut i = 0;
     loop {
-        sql = sql.trim_start();
-        if let Some(rest) = sql.strip_prefix("--") {
-            sql = rest.split_once('\n').map_or("", |(_, r)| r);
-        } else if let Some(rest) = sql.strip_prefix("/*") {
-            sql = rest.split_once("*/").map_or("", |(_, r)| r);
+        while i < b.len() && b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if b[i..].starts_with(b"--") {
+            i = find(i + 2, b"\n").map_or(b.len(), |p| p + 1);
+        } else if b[i..].starts_with(b"/*") {
+            i = find(i + 2, b"*/").map_or(b.len(), |p| p + 2);
         } else {
             break;
         }
     }
-    let end = sql
-        .find(|c: char| !c.is_ascii_alphabetic())
-        .unwrap_or(sql.len());
-    &sql[..end]
+    let start = i;
+    while i < b.len() && b[i].is_ascii_alphabetic() {
+        i += 1;
+    }
+    &sql[start..i]
 }
 
 #[cfg(test)]
