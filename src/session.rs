@@ -70,8 +70,18 @@ impl Session {
     }
 
     async fn run(&self, sql: &str, params: &[&(dyn ToSql + Sync)], op: Op) -> Result<Out> {
-        crate::telemetry::statement(&self.engine, None, sql, self.run_untraced(sql, params, op))
-            .await
+        // Without the feature, no wrapper: each layer would move the
+        // statement's future once more.
+        #[cfg(feature = "tracing")]
+        return crate::telemetry::statement(
+            &self.engine,
+            None,
+            sql,
+            self.run_untraced(sql, params, op),
+        )
+        .await;
+        #[cfg(not(feature = "tracing"))]
+        self.run_untraced(sql, params, op).await
     }
 
     async fn run_untraced(&self, sql: &str, params: &[&(dyn ToSql + Sync)], op: Op) -> Result<Out> {

@@ -105,10 +105,7 @@ pub(crate) fn warn(message: &str) {
 
 #[cfg(not(feature = "tracing"))]
 mod disabled {
-    use std::future::Future;
-
     use crate::engine::Engine;
-    use crate::error::Result;
 
     /// Nothing to remember without the feature.
     #[derive(Debug)]
@@ -126,17 +123,6 @@ mod disabled {
     pub(crate) fn transaction_span(_: &Engine, _: u64) -> TxSpan {}
 
     pub(crate) fn record_outcome(_: &TxSpan, _: crate::hooks::Outcome) {}
-
-    /// Runs `fut` as is.
-    #[inline(always)]
-    pub(crate) async fn statement<T>(
-        _: &Engine,
-        _: Option<&()>,
-        _: &str,
-        fut: impl Future<Output = Result<T>>,
-    ) -> Result<T> {
-        fut.await
-    }
 }
 
 #[cfg(not(feature = "tracing"))]

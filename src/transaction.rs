@@ -330,8 +330,16 @@ impl TxCore {
         self.engine.inner.counters.inc(|c| &c.statements);
         let started = self.scope.as_ref().map(|_| Instant::now());
         let cut_off = CutOffGuard::arm(&self.statement_cut);
-        let run = self.run_inner(sql, params, op);
-        let out = crate::telemetry::statement(&self.engine, Some(&self.span), sql, run).await;
+        #[cfg(feature = "tracing")]
+        let out = crate::telemetry::statement(
+            &self.engine,
+            Some(&self.span),
+            sql,
+            self.run_inner(sql, params, op),
+        )
+        .await;
+        #[cfg(not(feature = "tracing"))]
+        let out = self.run_inner(sql, params, op).await;
         cut_off.disarm();
         if let (Some(scope), Some(started)) = (&self.scope, started) {
             scope.record(self.conn.backend_pid, started.elapsed());
