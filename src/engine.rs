@@ -174,7 +174,7 @@ impl Engine {
         }
         Err(Error::Closed {
             engine: self.name().to_owned(),
-            reason: "every pooled connection was found closed".into(),
+            reason: "connection closed: every pooled connection was found closed".into(),
         })
     }
 
@@ -239,7 +239,7 @@ impl Engine {
     fn closed_error(&self) -> Error {
         Error::Closed {
             engine: self.name().to_owned(),
-            reason: "the registry was closed".into(),
+            reason: "the engine is closed (Registry::close)".into(),
         }
     }
 

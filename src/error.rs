@@ -93,7 +93,7 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
     /// The connection was lost, or the engine / registry was closed.
-    #[error("engine `{engine}`: connection closed: {reason}")]
+    #[error("engine `{engine}`: {reason}")]
     Closed {
         /// The engine whose connection or pool is closed.
         engine: String,
@@ -144,10 +144,13 @@ impl Error {
             return Error::Db { engine, source };
         }
         if is_connection_loss(&source) {
-            return Error::Closed {
-                engine,
-                reason: describe(&source),
+            let cause = describe(&source);
+            let reason = if cause.starts_with("connection closed") {
+                cause
+            } else {
+                format!("connection lost: {cause}")
             };
+            return Error::Closed { engine, reason };
         }
         Error::Query { engine, source }
     }
