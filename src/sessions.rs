@@ -288,13 +288,16 @@ impl Sessions {
 
     /// A session this request already used, if any (the first in registry
     /// order), else the default engine's.
-    pub fn any(&self) -> &Session {
+    ///
+    /// A `Result` like its siblings (`db.any()?`), though it cannot fail:
+    /// a registry always has a default engine.
+    pub fn any(&self) -> Result<&Session> {
         let used = self
             .scope
             .engines
             .iter()
             .position(|u| u.used.load(Ordering::Relaxed));
-        self.slot(used.unwrap_or_else(|| self.registry.default_index()))
+        Ok(self.slot(used.unwrap_or_else(|| self.registry.default_index())))
     }
 
     /// A value stashed for this request, visible to every session handed out.

@@ -43,7 +43,7 @@ async fn sessions_are_lazy_memoised_and_share_the_info_stash() {
             .all(|e| e.state == EngineState::Init)
     );
     assert_eq!(
-        sessions.any().engine_name(),
+        sessions.any().unwrap().engine_name(),
         "writer",
         "nothing used: the default engine"
     );
@@ -68,7 +68,7 @@ async fn sessions_are_lazy_memoised_and_share_the_info_stash() {
         .await
         .unwrap();
     assert_eq!(
-        sessions.any().engine_name(),
+        sessions.any().unwrap().engine_name(),
         "logger",
         "the session already used"
     );
