@@ -72,6 +72,8 @@ pub(crate) struct ConnParts {
     /// types per SQL text, so each statement runs as one unnamed
     /// Parse/Bind/Execute; no prepared statement outlives it on the server.
     types: Option<Mutex<Lru<Arc<[Type]>>>>,
+    /// Statements prepared again after a schema change (0A000).
+    pub(crate) replans: AtomicU64,
 }
 
 impl std::ops::Deref for PgConn {
@@ -164,6 +166,7 @@ impl ConnParts {
                 if !may_replan {
                     return Err(e);
                 }
+                self.replans.fetch_add(1, Ordering::Relaxed);
                 // Rare: boxed, so the common path's future stays small.
                 Box::pin(async move {
                     let stmt = self.prepared(sql).await?;
@@ -264,6 +267,19 @@ impl ConnParts {
             .expect("statement cache")
             .insert(sql, stmt.clone());
         Ok(stmt)
+    }
+
+    /// Whether `sql` runs from the cache: its Bind/Execute then leave in the
+    /// first poll of [`ConnParts::run`], so a request issued right after it
+    /// is answered after it (pipelining).
+    pub(crate) fn is_cached(&self, sql: &str) -> bool {
+        self.types.is_none()
+            && self
+                .cache
+                .lock()
+                .expect("statement cache")
+                .map
+                .contains_key(sql)
     }
 
     fn forget(&self, sql: &str) {
@@ -458,6 +474,7 @@ impl bb8::ManageConnection for Manager {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             cache: Mutex::new(Lru::new(self.statement_cache)),
             types: (self.statement_cache == 0).then(|| Mutex::new(Lru::new(UNNAMED_TYPE_CACHE))),
+            replans: AtomicU64::new(0),
         })))
     }
 

@@ -12,6 +12,7 @@ use crate::replica::Target;
 use crate::retry;
 use crate::sessions::ScopeRef;
 use crate::transaction::{Transaction, TxOptions};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 /// A handle for running statements on one engine.
@@ -130,26 +131,12 @@ impl Session {
                 .map_err(|e| Error::from_pg(self.engine.name(), e));
         };
         let started = Instant::now();
-        let out = conn.run(sql, params, op, true).await;
+        let out = if self.engine.inner.has_replicas.load(Ordering::Relaxed) {
+            self.run_noting_lsn(&conn, scope, sql, params, op).await
+        } else {
+            conn.run(sql, params, op, true).await
+        };
         scope.record(conn.backend_pid, started.elapsed());
-        if out.is_ok()
-            && self
-                .engine
-                .inner
-                .has_replicas
-                .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            // Read-your-writes: where this request's replicas must have got to.
-            if let Ok(messages) = conn
-                .client
-                .simple_query(crate::replica::INSERT_LSN_SQL)
-                .await
-            {
-                if let Some(lsn) = crate::replica::lsn_of(&messages) {
-                    scope.note_lsn(lsn);
-                }
-            }
-        }
         out.map_err(|e| Error::from_pg(self.engine.name(), e))
     }
 
@@ -197,6 +184,41 @@ impl Session {
             .batch_execute(sql)
             .await
             .map_err(|e| Error::from_pg(self.engine.name(), e))
+    }
+
+    /// Runs a statement on a primary with replicas and records where this
+    /// request's replicas must have got to (read-your-writes): the WAL
+    /// insert position read right after it. A cached statement goes out in
+    /// the first poll, so the position query is pipelined behind it (no
+    /// extra round trip); otherwise (first use, a re-prepare) it follows.
+    async fn run_noting_lsn(
+        &self,
+        conn: &crate::engine::Conn,
+        scope: &ScopeRef,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        op: Op,
+    ) -> std::result::Result<Out, tokio_postgres::Error> {
+        let lsn_query = || conn.client.simple_query(crate::replica::INSERT_LSN_SQL);
+        let replans = conn.replans.load(Ordering::Relaxed);
+        let (out, mut lsn) = if conn.is_cached(sql) {
+            let (out, lsn) =
+                futures::future::join(conn.run(sql, params, op, true), lsn_query()).await;
+            (out, lsn.ok())
+        } else {
+            (conn.run(sql, params, op, true).await, None)
+        };
+        if out.is_ok() && (lsn.is_none() || conn.replans.load(Ordering::Relaxed) != replans) {
+            lsn = lsn_query().await.ok();
+        }
+        if let Some(lsn) = out
+            .is_ok()
+            .then(|| lsn.as_deref().and_then(crate::replica::lsn_of))
+            .flatten()
+        {
+            scope.note_lsn(lsn);
+        }
+        out
     }
 
     /// Begins a transaction with the server's default options.

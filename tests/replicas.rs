@@ -60,7 +60,8 @@ async fn replica_routing_read_your_writes_and_fallback() {
     .await;
 
     let registry = Registry::builder()
-        .engine("writer", db.config())
+        // One connection: a repeated statement is sure to be cached on it.
+        .engine("writer", db.config().max_size(1))
         .engine(
             "replica",
             EngineConfig::from_url(&replica_url)
@@ -103,6 +104,14 @@ async fn replica_routing_read_your_writes_and_fallback() {
         (false, 1),
         "read after an autocommit write goes to the primary"
     );
+    // The same statement again runs from the statement cache, with the WAL
+    // position read pipelined behind it: the read still sees the write.
+    let writer = sessions.writer().unwrap();
+    writer
+        .execute("INSERT INTO items(name) VALUES ('autocommit')", &[])
+        .await
+        .unwrap();
+    assert_eq!(probe(sessions.reader().unwrap()).await, (false, 2));
     // Served by the primary, the reader is still read-only.
     let err = sessions
         .reader()
@@ -118,7 +127,7 @@ async fn replica_routing_read_your_writes_and_fallback() {
     tx.commit().await.unwrap();
     assert_eq!(
         probe(sessions.reader().unwrap()).await,
-        (false, 2),
+        (false, 3),
         "read after a commit goes to the primary"
     );
     // Another request that wrote nothing reads the (stale) replica.
@@ -135,16 +144,37 @@ async fn replica_routing_read_your_writes_and_fallback() {
         .unwrap();
     let reader = sessions.reader().unwrap();
     until("reads to return to the caught-up replica", || async {
-        probe(reader).await == (true, 2)
+        probe(reader).await == (true, 3)
     })
     .await;
     drop((sessions, other));
 
+    // A write from the statement cache, whose WAL position is read pipelined
+    // behind it, in a request whose replica was caught up: had the position
+    // been read before the write, this read would go to the stale replica.
+    control
+        .batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .unwrap();
+    let sessions = registry.sessions();
+    sessions
+        .writer()
+        .unwrap()
+        .execute("INSERT INTO items(name) VALUES ('autocommit')", &[])
+        .await
+        .unwrap();
+    assert_eq!(probe(sessions.reader().unwrap()).await, (false, 4));
+    control
+        .batch_execute("SELECT pg_wal_replay_resume()")
+        .await
+        .unwrap();
+    drop(sessions);
+
     // 3. Replica down: reads fall back to the primary, and return when it is back.
     replica.stop_server().unwrap();
     let sessions = registry.sessions();
-    assert_eq!(probe(sessions.reader().unwrap()).await, (false, 2));
-    assert_eq!(probe(sessions.reader().unwrap()).await, (false, 2));
+    assert_eq!(probe(sessions.reader().unwrap()).await, (false, 4));
+    assert_eq!(probe(sessions.reader().unwrap()).await, (false, 4));
     replica.start_server().unwrap();
     let reader = sessions.reader().unwrap();
     until("reads to return to the restarted replica", || async {
