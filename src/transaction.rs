@@ -20,6 +20,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -335,11 +336,13 @@ impl TxCore {
             &self.engine,
             Some(&self.span),
             sql,
-            self.run_inner(sql, params, op),
+            self.in_transaction(self.conn.run(sql, params, op, false)),
         )
         .await;
         #[cfg(not(feature = "tracing"))]
-        let out = self.run_inner(sql, params, op).await;
+        let out = self
+            .in_transaction(self.conn.run(sql, params, op, false))
+            .await;
         cut_off.disarm();
         if let (Some(scope), Some(started)) = (&self.scope, started) {
             scope.record(self.conn.backend_pid, started.elapsed());
@@ -347,16 +350,18 @@ impl TxCore {
         out
     }
 
-    async fn run_inner(&self, sql: &str, params: &[&(dyn ToSql + Sync)], op: Op) -> Result<Out> {
+    /// Runs one statement's (not yet polled) future in the transaction. The
+    /// first statement carries the lazy BEGIN: both requests leave in the
+    /// same poll, BEGIN first, so the statement runs inside the transaction.
+    async fn in_transaction<T>(
+        &self,
+        statement: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+    ) -> Result<T> {
         let result = if self.begun.swap(true, Ordering::AcqRel) {
-            self.conn.run(sql, params, op, false).await
+            statement.await
         } else {
-            // Lazy BEGIN, pipelined: both requests leave in this poll, in order.
-            let (began, result) = futures::future::join(
-                self.control(&self.begin_sql),
-                self.conn.run(sql, params, op, false),
-            )
-            .await;
+            let (began, result) =
+                futures::future::join(self.control(&self.begin_sql), statement).await;
             if let Err(e) = began {
                 // The statement may have run outside a transaction: refuse to go on.
                 self.in_doubt.store(true, Ordering::Release);
@@ -372,23 +377,11 @@ impl TxCore {
         self.ready().await?;
         self.engine.inner.counters.inc(|c| &c.statements);
         let cut_off = CutOffGuard::arm(&self.statement_cut);
-        let r = if self.begun.swap(true, Ordering::AcqRel) {
-            self.conn.client.batch_execute(sql).await
-        } else {
-            let (began, r) = futures::future::join(
-                self.control(&self.begin_sql),
-                self.conn.client.batch_execute(sql),
-            )
+        let r = self
+            .in_transaction(self.conn.client.batch_execute(sql))
             .await;
-            if let Err(e) = began {
-                self.in_doubt.store(true, Ordering::Release);
-                cut_off.disarm();
-                return Err(Error::from_pg(self.name(), e));
-            }
-            r
-        };
         cut_off.disarm();
-        r.map_err(|e| self.statement_error(e))
+        r
     }
 }
 
@@ -707,16 +700,23 @@ impl<'a> Transaction<'a> {
                     reason: format!("connection lost during PREPARE TRANSACTION: {e}"),
                 })
             }
-            Err(e) => {
-                let aborted = e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION);
-                self.rollback_outermost().await;
-                Err(if aborted {
-                    self.core()
-                        .aborted("an earlier statement failed; rolled back")
-                } else {
-                    Error::from_pg(self.core().name(), e)
-                })
-            }
+            Err(e) => Err(self.refused_at_end(e).await),
+        }
+    }
+
+    /// The server refused the statement that ends the transaction (COMMIT or
+    /// PREPARE TRANSACTION): either its probe found the transaction aborted
+    /// (the ending statement was skipped) or the ending statement itself
+    /// failed (the server rolled back). Roll back either way (harmless if the
+    /// server already did) and say which.
+    async fn refused_at_end(&mut self, e: tokio_postgres::Error) -> Error {
+        let aborted = e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION);
+        self.rollback_outermost().await;
+        if aborted {
+            self.core()
+                .aborted("an earlier statement failed; rolled back")
+        } else {
+            Error::from_pg(self.core().name(), e)
         }
     }
 
@@ -785,18 +785,7 @@ impl<'a> Transaction<'a> {
                 let _ = self.finish(Outcome::Unknown, false);
                 Err(Error::CommitOutcomeUnknown { engine, source: e })
             }
-            Err(e) => {
-                // Either the probe failed (the transaction was aborted and COMMIT
-                // was skipped) or COMMIT itself failed (the server rolled back).
-                let aborted = e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION);
-                self.rollback_outermost().await;
-                Err(if aborted {
-                    self.core()
-                        .aborted("an earlier statement failed; rolled back")
-                } else {
-                    Error::from_pg(self.core().name(), e)
-                })
-            }
+            Err(e) => Err(self.refused_at_end(e).await),
         }
     }
 
