@@ -5,18 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::Db;
-use pgassist::{EngineState, Error, Registry, TxOptions};
-
-async fn registry(db: &Db) -> Registry {
-    Registry::builder()
-        .engine("writer", db.config())
-        .engine("reader", db.config().read_only(true))
-        .engine("logger", db.config())
-        .default_engine("writer")
-        .build()
-        .await
-        .unwrap()
-}
+use pgassist::{EngineState, Error, TxOptions};
 
 #[derive(Debug, PartialEq)]
 struct RequestId(u64);
@@ -24,7 +13,7 @@ struct RequestId(u64);
 #[tokio::test]
 async fn sessions_are_lazy_memoised_and_share_the_info_stash() {
     let db = Db::new().await;
-    let registry = registry(&db).await;
+    let registry = db.three_engines().await;
     let mut sessions = registry.sessions();
     sessions.info_mut().insert(RequestId(42));
     let writer = sessions.writer().unwrap();
@@ -33,8 +22,9 @@ async fn sessions_are_lazy_memoised_and_share_the_info_stash() {
         sessions.get("nope"),
         Err(Error::UnknownEngine { .. })
     ));
-    // Nothing checked out until a statement runs.
+    // Nothing checked out until a statement runs: the server sees no backend of ours.
     assert!(registry.stats().engines.iter().all(|e| e.checkouts == 0));
+    assert!(db.backends().await.is_empty(), "{:?}", db.backends().await);
     assert!(
         sessions
             .report()
@@ -111,7 +101,7 @@ async fn sessions_are_lazy_memoised_and_share_the_info_stash() {
 #[tokio::test]
 async fn report_shows_open_transactions_and_their_depth() {
     let db = Db::new().await;
-    let registry = registry(&db).await;
+    let registry = db.three_engines().await;
     let sessions = registry.sessions();
     let mut tx = sessions.writer().unwrap().begin().await.unwrap();
     tx.execute("INSERT INTO items(name) VALUES ('a')", &[])
@@ -139,7 +129,7 @@ async fn report_shows_open_transactions_and_their_depth() {
 #[tokio::test]
 async fn dropping_the_container_rolls_back_its_request_transaction_promptly() {
     let db = Db::new().await;
-    let registry = registry(&db).await;
+    let registry = db.three_engines().await;
     db.plain()
         .await
         .execute("INSERT INTO items(id, name) VALUES (1, 'x')", &[])
@@ -182,7 +172,7 @@ async fn dropping_the_container_rolls_back_its_request_transaction_promptly() {
 #[tokio::test]
 async fn transaction_per_request_commits_or_rolls_back_every_touched_engine() {
     let db = Db::new().await;
-    let registry = registry(&db).await;
+    let registry = db.three_engines().await;
     let from = db.log_offset();
 
     let sessions = registry.sessions_in_transaction(TxOptions::new());
@@ -246,7 +236,7 @@ async fn transaction_per_request_commits_or_rolls_back_every_touched_engine() {
 #[tokio::test]
 async fn reinit_lets_work_in_flight_finish_and_serves_new_work_from_new_backends() {
     let db = Db::new().await;
-    let registry = registry(&db).await;
+    let registry = db.three_engines().await;
     let s = registry.session("writer").unwrap();
     let pid = |s: pgassist::Session| async move {
         s.query_one("SELECT pg_backend_pid()", &[])
@@ -296,7 +286,7 @@ async fn reinit_lets_work_in_flight_finish_and_serves_new_work_from_new_backends
 #[tokio::test]
 async fn finish_through_a_shared_handle_ends_the_request_for_every_clone() {
     let db = Db::new().await;
-    let registry = registry(&db).await;
+    let registry = db.three_engines().await;
 
     // A web framework shares the container: the middleware and the handler
     // each hold a clone, and the middleware finishes it.
@@ -327,7 +317,7 @@ async fn finish_through_a_shared_handle_ends_the_request_for_every_clone() {
     // different moment each round, some while the request transaction is
     // being begun.
     for i in 0..30u64 {
-        let registry = self::registry(&db).await;
+        let registry = db.three_engines().await;
         let shared = std::sync::Arc::new(registry.sessions_in_transaction(TxOptions::new()));
         let handler = shared.clone();
         let name = format!("race{i}");

@@ -36,18 +36,6 @@ fn client() -> reqwest::Client {
         .unwrap()
 }
 
-/// writer (default), read-only reader and logger, all on the test database.
-async fn registry(db: &Db) -> Registry {
-    Registry::builder()
-        .engine("writer", db.config())
-        .engine("reader", db.config().read_only(true))
-        .engine("logger", db.config())
-        .default_engine("writer")
-        .build()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn axum_example_lists_creates_and_reports_over_http() {
     let db = Db::new().await;
@@ -193,7 +181,7 @@ fn writes_then_answers(registry: Registry) -> Router {
 #[tokio::test]
 async fn transaction_per_request_commits_on_1xx_to_3xx_and_rolls_back_on_4xx_5xx() {
     let db = Db::new().await;
-    let registry = registry(&db).await;
+    let registry = db.three_engines().await;
     let base = serve(writes_then_answers(registry.clone())).await;
     let http = client();
 
@@ -240,7 +228,7 @@ async fn a_commit_that_fails_turns_the_success_into_a_500() {
         .batch_execute("CREATE TABLE once (x int UNIQUE DEFERRABLE INITIALLY DEFERRED)")
         .await
         .unwrap();
-    let registry = registry(&db).await;
+    let registry = db.three_engines().await;
     let app = Router::new()
         .route(
             "/twice",
@@ -303,7 +291,7 @@ async fn a_client_that_disconnects_mid_request_gets_its_transaction_rolled_back_
         .batch_execute("CREATE TABLE counters (id int PRIMARY KEY, n int NOT NULL); INSERT INTO counters VALUES (1, 0)")
         .await
         .unwrap();
-    let registry = registry(&db).await;
+    let registry = db.three_engines().await;
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<bool>();
     let done_tx = Arc::new(Mutex::new(Some(done_tx)));
     // The handler says when its UPDATE has run. (pg_stat_activity alone is
@@ -429,7 +417,7 @@ async fn a_client_that_disconnects_mid_request_gets_its_transaction_rolled_back_
 #[tokio::test]
 async fn the_request_ends_when_the_response_is_ready() {
     let db = Db::new().await;
-    let registry = registry(&db).await;
+    let registry = db.three_engines().await;
     let kept: Arc<Mutex<Option<DbExtractor>>> = Arc::default();
     let slot = kept.clone();
     let app = Router::new()
@@ -484,7 +472,7 @@ struct RequestPath(String);
 #[tokio::test]
 async fn on_request_fills_the_info_stash_that_sessions_deep_down_can_read() {
     let db = Db::new().await;
-    let registry = registry(&db).await;
+    let registry = db.three_engines().await;
     let app = Router::new()
         .route(
             "/who/{x}",
@@ -519,7 +507,7 @@ async fn a_service_error_rolls_back_and_responses_carry_the_final_report() {
     use tower::{Layer, ServiceExt};
 
     let db = Db::new().await;
-    let registry = registry(&db).await;
+    let registry = db.three_engines().await;
     let layer = SessionsLayer::per_request_transaction(registry.clone(), TxOptions::new());
     let service = layer.layer(tower::service_fn(|req: Request<()>| async move {
         let db = RequestSessions::from_extensions(req.extensions())

@@ -48,6 +48,18 @@ impl Db {
             .unwrap()
     }
 
+    /// writer (default), read-only reader and logger, all on this database.
+    pub async fn three_engines(&self) -> Registry {
+        Registry::builder()
+            .engine("writer", self.config())
+            .engine("reader", self.config().read_only(true))
+            .engine("logger", self.config())
+            .default_engine("writer")
+            .build()
+            .await
+            .unwrap()
+    }
+
     /// A plain tokio-postgres connection, outside pgassist.
     pub async fn plain(&self) -> tokio_postgres::Client {
         let (client, conn) = tokio_postgres::connect(&self.db.url, tokio_postgres::NoTls)
