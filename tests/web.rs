@@ -9,12 +9,12 @@ mod common;
 mod axum_app;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use common::{Db, in_transaction_backends};
+use common::{Db, Disconnect, disconnect_mid_request};
 use pgassist::integrations::axum::Db as DbExtractor;
 use pgassist::integrations::tower::{COMMIT_FAILED_HEADER, RequestSessions, SessionsLayer};
 use pgassist::{EngineState, Error, Registry, SessionsReport, TxOptions};
@@ -340,54 +340,16 @@ async fn a_client_that_disconnects_mid_request_gets_its_transaction_rolled_back_
     let base = serve(app).await;
 
     let request = tokio::spawn(client().get(format!("{base}/slow")).send());
-    // The server side: the update ran, the request holds its transaction.
-    tokio::time::timeout(Duration::from_secs(10), updated_rx)
-        .await
-        .expect("the handler never updated")
-        .unwrap();
-    assert_eq!(
-        in_transaction_backends(&db).await,
-        1,
-        "the request holds its transaction"
-    );
-    // A second connection queues on the row lock the request holds.
-    let plain = db.plain().await;
-    let waiter = tokio::spawn(async move {
-        plain
-            .query_one(
-                "UPDATE counters SET n = n + 10 WHERE id = 1 RETURNING n",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get::<_, i32>(0)
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!waiter.is_finished(), "the row is locked by the request");
-
-    // The client gives up: its request future is dropped, closing the socket.
-    let gave_up = Instant::now();
-    request.abort();
-    assert!(request.await.unwrap_err().is_cancelled());
-
-    let n = tokio::time::timeout(Duration::from_secs(5), waiter)
-        .await
-        .expect("the row lock was released")
-        .unwrap();
-    let lock_released = gave_up.elapsed();
+    let Disconnect {
+        counter: n,
+        lock_released,
+        clean,
+        ..
+    } = disconnect_mid_request(&db, request, updated_rx, Duration::from_secs(5)).await;
     assert_eq!(
         n, 10,
         "the request's +1 was rolled back, only the +10 counts"
     );
-    while in_transaction_backends(&db).await > 0 {
-        assert!(
-            gave_up.elapsed() < Duration::from_secs(5),
-            "{:?}",
-            db.backends().await
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let clean = gave_up.elapsed();
     eprintln!(
         "client disconnect -> row lock released in {lock_released:?}, no backend idle in transaction after {clean:?}"
     );

@@ -15,7 +15,7 @@ use actix_web::dev::ServerHandle;
 use actix_web::http::StatusCode;
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpResponse, HttpServer, web};
-use common::{Db, in_transaction_backends};
+use common::{Db, Disconnect, disconnect_mid_request};
 use serde_json::Value;
 
 /// An actix server with the example's middleware and routes plus `extra`,
@@ -287,49 +287,17 @@ async fn actix_client_that_disconnects_mid_request_is_rolled_back_at_the_deadlin
 
     let sent = Instant::now();
     let request = tokio::spawn(client().post(format!("{base}/slow")).send());
-    tokio::time::timeout(Duration::from_secs(10), updated_rx)
-        .await
-        .expect("the handler never updated")
-        .unwrap();
-    assert_eq!(
-        in_transaction_backends(&db).await,
-        1,
-        "the request holds its transaction"
-    );
-    let plain = db.plain().await;
-    let waiter = tokio::spawn(async move {
-        plain
-            .query_one(
-                "UPDATE counters SET n = n + 10 WHERE id = 1 RETURNING n",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get::<_, i32>(0)
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!waiter.is_finished(), "the row is locked by the request");
-
-    // The client gives up: its request future is dropped, closing the socket.
-    let gave_up = Instant::now();
-    request.abort();
-    assert!(request.await.unwrap_err().is_cancelled());
-    let n = tokio::time::timeout(Duration::from_secs(10), waiter)
-        .await
-        .expect("the row lock was released")
-        .unwrap();
-    let lock_released = sent.elapsed();
-    let after_disconnect = gave_up.elapsed();
+    let Disconnect {
+        gave_up,
+        counter: n,
+        lock_released,
+        clean,
+    } = disconnect_mid_request(&db, request, updated_rx, Duration::from_secs(10)).await;
     assert_eq!(n, 10, "the request's +1 was rolled back");
-    while in_transaction_backends(&db).await > 0 {
-        assert!(
-            sent.elapsed() < Duration::from_secs(10),
-            "{:?}",
-            db.backends().await
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let clean = sent.elapsed();
+    // Measured from when the request was sent: the deadline counts from there.
+    let after_disconnect = lock_released;
+    let lock_released = gave_up - sent + lock_released;
+    let clean = gave_up - sent + clean;
     eprintln!(
         "actix: deadline {DEADLINE:?}; row lock released {lock_released:?} after the request was sent \
          ({after_disconnect:?} after the client disconnected); no backend idle in transaction after {clean:?}"

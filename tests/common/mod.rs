@@ -333,3 +333,73 @@ pub async fn activity(client: &tokio_postgres::Client) -> Vec<String> {
         .map(|r| r.get(0))
         .collect()
 }
+
+/// What the server saw when a client disconnected mid-request.
+pub struct Disconnect {
+    /// When the client's request was dropped.
+    pub gave_up: std::time::Instant,
+    /// The counter after a plain `+10` that had queued on the request's row lock.
+    pub counter: i32,
+    /// From `gave_up` until that row lock was released.
+    pub lock_released: Duration,
+    /// From `gave_up` until no backend of ours was idle in transaction.
+    pub clean: Duration,
+}
+
+/// The server side of a client that disconnects mid-request. The handler
+/// has updated `counters` row 1 inside the request's transaction and sent
+/// `updated`; this checks the request holds its transaction, queues a plain
+/// `+10` on that row lock, drops the client's request, and measures (within
+/// `limit`) when the lock is released and nothing of ours is left idle in
+/// transaction.
+pub async fn disconnect_mid_request<T: std::fmt::Debug + Send + 'static>(
+    db: &Db,
+    request: tokio::task::JoinHandle<T>,
+    updated: tokio::sync::oneshot::Receiver<()>,
+    limit: Duration,
+) -> Disconnect {
+    use std::time::Instant;
+    tokio::time::timeout(Duration::from_secs(10), updated)
+        .await
+        .expect("the handler never updated")
+        .unwrap();
+    assert_eq!(
+        in_transaction_backends(db).await,
+        1,
+        "the request holds its transaction"
+    );
+    // A second connection queues on the row lock the request holds.
+    let plain = db.plain().await;
+    let waiter = tokio::spawn(async move {
+        plain
+            .query_one(
+                "UPDATE counters SET n = n + 10 WHERE id = 1 RETURNING n",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i32>(0)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiter.is_finished(), "the row is locked by the request");
+
+    // The client gives up: its request future is dropped, closing the socket.
+    let gave_up = Instant::now();
+    request.abort();
+    assert!(request.await.unwrap_err().is_cancelled());
+    let counter = tokio::time::timeout(limit, waiter)
+        .await
+        .expect("the row lock was released")
+        .unwrap();
+    let lock_released = gave_up.elapsed();
+    while in_transaction_backends(db).await > 0 {
+        assert!(gave_up.elapsed() < limit, "{:?}", db.backends().await);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Disconnect {
+        gave_up,
+        counter,
+        lock_released,
+        clean: gave_up.elapsed(),
+    }
+}
