@@ -103,6 +103,29 @@ async fn time_to_heal(s: &Session) -> (Duration, Vec<String>) {
 }
 
 /// Opens `n` pooled connections at once.
+/// A transaction that wrote a row named `name`, whose backend was then
+/// terminated; returns it with that backend's pid.
+async fn begin_then_kill(
+    s: &Session,
+    plain: &tokio_postgres::Client,
+    name: &str,
+) -> (pgassist::Transaction<'static>, i32) {
+    let tx = s.begin().await.unwrap();
+    tx.execute("INSERT INTO items(name) VALUES ($1)", &[&name])
+        .await
+        .unwrap();
+    let pid: i32 = tx
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    plain
+        .query("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    (tx, pid)
+}
+
 async fn warm(registry: &Registry, n: usize) {
     let mut all = Vec::new();
     for _ in 0..n {
@@ -152,19 +175,7 @@ async fn killed_backends_give_typed_errors_and_the_pool_heals() {
 
     // One killed in the middle of a transaction.
     let t = registry.session("writer").unwrap();
-    let tx = t.begin().await.unwrap();
-    tx.execute("INSERT INTO items(name) VALUES ('doomed')", &[])
-        .await
-        .unwrap();
-    let pid: i32 = tx
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    plain
-        .query("SELECT pg_terminate_backend($1)", &[&pid])
-        .await
-        .unwrap();
+    let (tx, pid) = begin_then_kill(&t, &plain, "doomed").await;
     eventually(Duration::from_secs(5), || {
         let plain = &plain;
         async move {
@@ -192,19 +203,7 @@ async fn killed_backends_give_typed_errors_and_the_pool_heals() {
 
     // One killed while idle in the transaction, then committed: COMMIT
     // cannot be sent, so the outcome is known: rolled back.
-    let tx = t.begin().await.unwrap();
-    tx.execute("INSERT INTO items(name) VALUES ('idle when killed')", &[])
-        .await
-        .unwrap();
-    let pid: i32 = tx
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    plain
-        .query("SELECT pg_terminate_backend($1)", &[&pid])
-        .await
-        .unwrap();
+    let (tx, _) = begin_then_kill(&t, &plain, "idle when killed").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let e = within(Duration::from_secs(5), "commit", tx.commit())
         .await
