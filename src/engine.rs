@@ -5,16 +5,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use bb8::{Pool, PooledConnection, RunError};
+use bb8::{Pool, RunError};
 
 use crate::config::EngineConfig;
 use crate::error::{Error, Result, describe};
 use crate::hooks::Hooks;
 use crate::manager::{Connector, Manager};
+pub(crate) use crate::ready::Conn;
+use crate::ready::PoolSlot;
 use crate::tracker::Tracker;
-
-/// A pooled connection checked out of an engine.
-pub(crate) type Conn = PooledConnection<'static, Manager>;
 
 /// Per-engine counters (monotonic since the registry was built).
 #[derive(Debug, Default)]
@@ -66,7 +65,8 @@ pub struct Engine {
 pub(crate) struct EngineInner {
     pub(crate) name: Arc<str>,
     pub(crate) config: EngineConfig,
-    pool: RwLock<Option<Pool<Manager>>>,
+    /// The bb8 pool with its ready stack; `None` once closed.
+    slot: RwLock<Option<Arc<PoolSlot>>>,
     pub(crate) counters: Arc<Counters>,
     last_error: LastConnectError,
     pub(crate) hooks: Arc<Hooks>,
@@ -96,11 +96,12 @@ impl Engine {
         let connector = Connector::new(name, &config)?;
         let pool = build_pool(&config, &connector, &counters, &last_error);
         let config_pg = config.pg.clone();
+        let slot = PoolSlot::new(pool, config.max_size);
         Ok(Engine {
             inner: Arc::new(EngineInner {
                 name: name.into(),
                 config,
-                pool: RwLock::new(Some(pool)),
+                slot: RwLock::new(Some(slot)),
                 counters,
                 last_error,
                 hooks,
@@ -125,28 +126,38 @@ impl Engine {
         &self.inner.config
     }
 
-    /// The current pool, or `None` once the engine is closed.
-    fn pool(&self) -> Option<Pool<Manager>> {
-        self.inner.pool.read().expect("engine pool").clone()
+    /// The current pool and ready stack, or `None` once the engine is closed.
+    fn slot(&self) -> Option<Arc<PoolSlot>> {
+        self.inner.slot.read().expect("engine pool").clone()
     }
 
-    /// Checks out a connection. A connection found closed (its server went
-    /// away while it sat idle) is discarded and replaced transparently.
+    /// Checks out a connection: the most recently returned clean one if any
+    /// is parked (see [`crate::ready`]), else one from bb8. A connection
+    /// found closed (its server went away while it sat idle) is discarded
+    /// and replaced transparently.
     pub(crate) async fn checkout(&self) -> Result<Conn> {
-        let pool = self.pool().ok_or_else(|| self.closed_error())?;
-        // The common case: bb8 hands out a connection within its first wait
-        // (no clock read, no loop).
-        let conn = match pool.get_owned().await {
+        let slot = self.slot().ok_or_else(|| self.closed_error())?;
+        let conn = match slot.take() {
             Ok(conn) => conn,
-            // bb8 gave up after its wait of min(connection_timeout, slice).
-            Err(RunError::TimedOut) => {
-                let waited = self.inner.config.connection_timeout.min(CONNECT_SLICE);
-                let started = Instant::now()
-                    .checked_sub(waited)
-                    .unwrap_or_else(Instant::now);
-                Box::pin(self.get(&pool, started)).await?
+            Err(waiting) => {
+                // bb8 usually hands out a connection within its first wait
+                // (no clock read, no loop).
+                let pooled = match slot.pool.get_owned().await {
+                    Ok(pooled) => pooled,
+                    // bb8 gave up after its wait of min(connection_timeout, slice).
+                    Err(RunError::TimedOut) => {
+                        let waited = self.inner.config.connection_timeout.min(CONNECT_SLICE);
+                        let started = Instant::now()
+                            .checked_sub(waited)
+                            .unwrap_or_else(Instant::now);
+                        drop(waiting);
+                        return Box::pin(self.checkout_within(slot.clone(), started)).await;
+                    }
+                    Err(e) => return Err(self.checkout_error(e, Instant::now())),
+                };
+                drop(waiting);
+                slot.wrap(pooled)
             }
-            Err(e) => return Err(self.checkout_error(e, Instant::now())),
         };
         self.inner.counters.inc(|c| &c.checkouts);
         if !conn.client.is_closed() {
@@ -154,19 +165,29 @@ impl Engine {
         }
         // Rare (boxed, to keep the common future small): idle connections
         // that died with a server restart. Try past them all.
-        Box::pin(self.replace_closed(conn, pool, Instant::now())).await
+        Box::pin(self.replace_closed(conn, slot, Instant::now())).await
+    }
+
+    /// The slow path of [`Engine::checkout`]: waits on, counted from `started`.
+    async fn checkout_within(&self, slot: Arc<PoolSlot>, started: Instant) -> Result<Conn> {
+        let conn = self.get(&slot, started).await?;
+        self.inner.counters.inc(|c| &c.checkouts);
+        if !conn.client.is_closed() {
+            return Ok(conn);
+        }
+        self.replace_closed(conn, slot, started).await
     }
 
     async fn replace_closed(
         &self,
         mut conn: Conn,
-        pool: Pool<Manager>,
+        slot: Arc<PoolSlot>,
         started: Instant,
     ) -> Result<Conn> {
         for _ in 0..=self.inner.config.max_size {
             self.inner.counters.inc(|c| &c.discarded_closed);
             drop(conn); // has_broken sees it closed: bb8 drops it and opens a new one
-            conn = self.get(&pool, started).await?;
+            conn = self.get(&slot, started).await?;
             self.inner.counters.inc(|c| &c.checkouts);
             if !conn.client.is_closed() {
                 return Ok(conn);
@@ -178,27 +199,33 @@ impl Engine {
         })
     }
 
-    /// One connection from bb8 within the engine's `connection_timeout`,
-    /// counted from `started`. bb8 waits at most [`CONNECT_SLICE`] at a time
-    /// (see [`build_pool`]); a wait that ends empty starts again, which makes
-    /// bb8 try to connect afresh instead of sleeping in its retry backoff.
-    async fn get(&self, pool: &Pool<Manager>, started: Instant) -> Result<Conn> {
+    /// One connection, parked or from bb8, within the engine's
+    /// `connection_timeout` counted from `started`. bb8 waits at most
+    /// [`CONNECT_SLICE`] at a time (see [`build_pool`]); a wait that ends
+    /// empty starts again, which makes bb8 try to connect afresh instead of
+    /// sleeping in its retry backoff.
+    async fn get(&self, slot: &Arc<PoolSlot>, started: Instant) -> Result<Conn> {
         let limit = self.inner.config.connection_timeout;
         loop {
+            let waiting = match slot.take() {
+                Ok(conn) => return Ok(conn),
+                Err(waiting) => waiting,
+            };
             let remaining = limit.saturating_sub(started.elapsed());
             if remaining.is_zero() {
                 return Err(self.checkout_error(RunError::TimedOut, started));
             }
             // bb8 bounds each wait by min(limit, slice) itself.
             let got = if remaining > CONNECT_SLICE {
-                pool.get_owned().await
+                slot.pool.get_owned().await
             } else {
-                tokio::time::timeout(remaining, pool.get_owned())
+                tokio::time::timeout(remaining, slot.pool.get_owned())
                     .await
                     .unwrap_or(Err(RunError::TimedOut))
             };
+            drop(waiting);
             match got {
-                Ok(conn) => return Ok(conn),
+                Ok(pooled) => return Ok(slot.wrap(pooled)),
                 Err(RunError::TimedOut) => continue,
                 Err(e) => return Err(self.checkout_error(e, started)),
             }
@@ -253,21 +280,34 @@ impl Engine {
             &inner.counters,
             &inner.last_error,
         );
-        *inner.pool.write().expect("engine pool") = Some(fresh);
+        let fresh = PoolSlot::new(fresh, inner.config.max_size);
+        let old = inner.slot.write().expect("engine pool").replace(fresh);
+        if let Some(old) = old {
+            old.retire();
+        }
     }
 
     /// Refuses new checkouts and drops the pool (idle connections close now,
     /// checked-out ones when returned).
     pub(crate) fn close(&self) {
-        self.inner.pool.write().expect("engine pool").take();
+        let old = self.inner.slot.write().expect("engine pool").take();
+        if let Some(old) = old {
+            old.retire();
+        }
     }
 
     /// A snapshot of the engine's pool and transaction counters.
     pub fn stats(&self) -> EngineStats {
-        let (connections, idle, waits) = match self.pool() {
-            Some(pool) => {
-                let s = pool.state();
-                (s.connections, s.idle_connections, s.statistics.get_waited)
+        let (connections, idle, waits) = match self.slot() {
+            Some(slot) => {
+                // Parked connections are checked out as far as bb8 knows.
+                let parked = slot.parked();
+                let s = slot.pool.state();
+                (
+                    s.connections,
+                    s.idle_connections + parked,
+                    s.statistics.get_waited,
+                )
             }
             None => (0, 0, 0),
         };
@@ -278,7 +318,7 @@ impl Engine {
             max_size: self.inner.config.max_size,
             connections,
             idle,
-            in_use: connections - idle,
+            in_use: connections.saturating_sub(idle),
             checkouts: get(&c.checkouts),
             checkout_waits: waits,
             checkout_timeouts: get(&c.checkout_timeouts),

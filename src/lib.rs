@@ -85,6 +85,7 @@ pub mod helpers;
 mod hooks;
 mod manager;
 mod queryable;
+mod ready;
 pub mod recovery;
 mod registry;
 mod replica;

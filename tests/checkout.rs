@@ -1,0 +1,171 @@
+//! The checkout fast path: clean connections parked in front of bb8 (the
+//! ready stack) must never strand a checkout waiting in bb8, never hand out
+//! a dirty connection, and must not keep bb8 from retiring old connections.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::{Db, Rng, assert_pool_clean, env_u64, within};
+use pgassist::{Error, TxOptions};
+
+/// Many more tasks than connections, each mixing autocommit statements,
+/// transactions and futures dropped mid-flight, on a pool of two with a
+/// short checkout timeout: a connection parked while a checkout waits in
+/// bb8 would leave that checkout to time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_connections_never_strand_a_waiting_checkout() {
+    let db = Db::new().await;
+    let registry = db
+        .registry(|c| c.max_size(2).connection_timeout(Duration::from_secs(3)))
+        .await;
+    db.plain()
+        .await
+        .batch_execute("CREATE TABLE counter (n int NOT NULL); INSERT INTO counter VALUES (0)")
+        .await
+        .unwrap();
+    let seed = Rng::seed("parked_connections_never_strand_a_waiting_checkout");
+    let iters = env_u64("PGASSIST_PARK_ITERS", 150);
+    let committed = Arc::new(AtomicU64::new(0));
+    let cut_off = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..24u64 {
+        let session = registry.session("writer").unwrap();
+        let (committed, cut_off) = (committed.clone(), cut_off.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng::new(seed ^ t);
+            for _ in 0..iters {
+                match rng.below(4) {
+                    0 | 1 => {
+                        let row = session.query_one("SELECT 1::int", &[]).await?;
+                        assert_eq!(row.get::<_, i32>(0), 1);
+                    }
+                    2 => {
+                        let tx = session.begin().await?;
+                        tx.execute("UPDATE counter SET n = n + 1", &[]).await?;
+                        tx.commit().await?;
+                        committed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        // Cut off somewhere: waiting in bb8, mid-statement,
+                        // or inside a transaction that never commits.
+                        let work = async {
+                            let tx = session.begin().await?;
+                            tx.execute("UPDATE counter SET n = n + 1000000", &[])
+                                .await?;
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                            Ok::<_, Error>(())
+                        };
+                        let limit = Duration::from_micros(rng.below(3000));
+                        if tokio::time::timeout(limit, work).await.is_err() {
+                            cut_off.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+            Ok::<_, Error>(())
+        }));
+    }
+    for task in tasks {
+        within(Duration::from_secs(120), "worker", task)
+            .await
+            .unwrap()
+            .expect("every statement gets a connection in time");
+    }
+    let n: i32 = db
+        .plain()
+        .await
+        .query_one("SELECT n FROM counter", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let committed = committed.load(Ordering::Relaxed);
+    println!(
+        "committed {committed}, cut off {}",
+        cut_off.load(Ordering::Relaxed)
+    );
+    // Nothing that was cut off (or rolled back on drop) left a trace.
+    assert_eq!(n as u64, committed);
+    let stats = registry.stats();
+    let writer = stats.engine("writer").unwrap();
+    assert_eq!(writer.in_use, 0, "{writer:?}");
+    assert_eq!(writer.idle, writer.connections, "{writer:?}");
+    assert_eq!(writer.checkout_timeouts, 0, "{writer:?}");
+    assert_pool_clean(&db, &registry, 2).await;
+}
+
+/// A connection kept busy never rests in bb8's idle list, yet bb8 must
+/// still retire it at its max lifetime: parked connections are handed back
+/// to bb8 every second, where the lifetime is checked. Observed from the
+/// server: the backend serving the statements changes, and the old one is
+/// gone.
+#[tokio::test]
+async fn a_busy_connection_is_still_retired_at_its_max_lifetime() {
+    let db = Db::new().await;
+    let registry = db
+        .registry(|c| c.max_size(1).max_lifetime(Some(Duration::from_secs(1))))
+        .await;
+    let session = registry.session("writer").unwrap();
+    let mut pids = BTreeSet::new();
+    let first: i32 = session
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    pids.insert(first);
+    for _ in 0..200 {
+        let pid: i32 = session
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        pids.insert(pid);
+        if pids.len() > 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        pids.len() > 1,
+        "one backend served 5 s of statements with max_lifetime 1 s"
+    );
+    let gone = common::eventually(Duration::from_secs(5), || async {
+        !db.backends().await.iter().any(|(pid, _)| *pid == first)
+    })
+    .await;
+    assert!(gone, "backend {first} outlived its connection's lifetime");
+}
+
+/// The parked connections count as idle in the engine's stats, and a
+/// transaction's connection comes back through the same path: after work
+/// on both, nothing is in use and the server shows no transaction open.
+#[tokio::test]
+async fn parked_connections_are_idle_in_stats_and_on_the_server() {
+    let db = Db::new().await;
+    let registry = db.registry(|c| c.max_size(3)).await;
+    let session = registry.session("writer").unwrap();
+    let txs = futures::future::join_all((0..3).map(|_| session.begin_with(TxOptions::new())))
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    for tx in &txs {
+        tx.execute("INSERT INTO items(name) VALUES ('x')", &[])
+            .await
+            .unwrap();
+    }
+    let writer = registry.stats().engine("writer").unwrap().clone();
+    assert_eq!((writer.in_use, writer.idle), (3, 0), "{writer:?}");
+    for tx in txs {
+        tx.commit().await.unwrap();
+    }
+    let writer = registry.stats().engine("writer").unwrap().clone();
+    assert_eq!((writer.in_use, writer.idle), (0, 3), "{writer:?}");
+    assert_eq!(db.plain_count("SELECT count(*) FROM items").await, 3);
+    for (pid, state) in db.backends().await {
+        assert_eq!(state, "idle", "backend {pid}");
+    }
+}
