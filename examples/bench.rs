@@ -16,7 +16,7 @@
 //! clients, capped at 64 (raw tokio-postgres and pgbench open one
 //! connection per client); W4 uses 256 clients over a pool of 8.
 //!
-//! `--callgrind-mode N --contender pgassist|raw|bb8` runs N autocommit point
+//! `--callgrind-mode N --contender pgassist|pgassist-untimed|raw|bb8` runs N autocommit point
 //! selects on one connection and nothing else inside `callgrind_measured`,
 //! for `valgrind --tool=callgrind --toggle-collect='*callgrind_measured*'`;
 //! `scripts/bench-client-cost` runs it and prints instructions per query.
@@ -55,7 +55,7 @@ const W4_POOL: u32 = 8;
 const USAGE: &str =
     "usage: bench [--quick] [--verbose] [--rounds N] [--secs S] [--warmup S] [--only W1,W2,..]
              [--json FILE] [--chart FILE]
-       bench --callgrind-mode N [--contender pgassist|raw|bb8] [--workload W1|W2|W3]";
+       bench --callgrind-mode N [--contender pgassist|pgassist-untimed|raw|bb8] [--workload W1|W2|W3]";
 
 struct Args {
     rounds: usize,
@@ -435,8 +435,19 @@ fn callgrind_mode(n: u64, contender: &str, workload: Workload) -> Res<()> {
     let scale = 1;
     let url = rt.block_on(prepare_database(scale))?;
     match contender {
-        "pgassist" => {
-            let registry = rt.block_on(workers::pgassist_registry(&url, 1))?;
+        "pgassist" | "pgassist-untimed" => {
+            // `pgassist-untimed`: no idle timeout and no max lifetime, so
+            // neither bb8's reaper nor pgassist's flush keeps a timer
+            // pending (raw tokio-postgres has none; a pending timer costs
+            // the runtime a clock read and a timer-wheel scan per park).
+            let untimed = contender == "pgassist-untimed";
+            let registry = rt.block_on(workers::pgassist_registry_with(&url, 1, |c| {
+                if untimed {
+                    c.idle_timeout(None).max_lifetime(None)
+                } else {
+                    c
+                }
+            }))?;
             let mut w = workers::PgassistWorker {
                 session: registry.default_session(),
                 workload,
@@ -458,7 +469,7 @@ fn callgrind_mode(n: u64, contender: &str, workload: Workload) -> Res<()> {
             };
             client_cost(&rt, &mut w, n, scale, contender)
         }
-        other => Err(format!("--contender {other}: pgassist, raw or bb8").into()),
+        other => Err(format!("--contender {other}: pgassist, pgassist-untimed, raw or bb8").into()),
     }
 }
 

@@ -215,6 +215,11 @@ impl EngineConfig {
     }
 
     /// Checks the settings that the pool would otherwise reject by panicking.
+    /// Whether bb8 closes connections by age or idleness (its reaper runs).
+    pub(crate) fn is_reaped(&self) -> bool {
+        self.idle_timeout.is_some() || self.max_lifetime.is_some()
+    }
+
     pub(crate) fn validate(&self, engine: &str) -> Result<()> {
         let bad = |what: String| Err(Error::Config(format!("engine `{engine}`: {what}")));
         if self.max_size == 0 {

@@ -96,7 +96,7 @@ impl Engine {
         let connector = Connector::new(name, &config)?;
         let pool = build_pool(&config, &connector, &counters, &last_error);
         let config_pg = config.pg.clone();
-        let slot = PoolSlot::new(pool, config.max_size);
+        let slot = PoolSlot::new(pool, config.max_size, config.is_reaped());
         Ok(Engine {
             inner: Arc::new(EngineInner {
                 name: name.into(),
@@ -280,7 +280,7 @@ impl Engine {
             &inner.counters,
             &inner.last_error,
         );
-        let fresh = PoolSlot::new(fresh, inner.config.max_size);
+        let fresh = PoolSlot::new(fresh, inner.config.max_size, inner.config.is_reaped());
         let old = inner.slot.write().expect("engine pool").replace(fresh);
         if let Some(old) = old {
             old.retire();

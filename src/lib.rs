@@ -83,6 +83,7 @@ mod engine;
 mod error;
 pub mod helpers;
 mod hooks;
+mod lru;
 mod manager;
 mod queryable;
 mod ready;

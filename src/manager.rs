@@ -7,8 +7,7 @@
 //! (closing it makes the server roll back), so a dirty connection is never
 //! handed to another user.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::future::Future;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -18,6 +17,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{Client, NoTls, Row, Statement};
 
 use crate::engine::Counters;
+use crate::lru::Lru;
 
 /// The transaction state of a pooled connection, as pgassist knows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,53 +93,71 @@ impl std::fmt::Debug for PgConn {
     }
 }
 
-/// What a statement should return.
+/// The parameters of a statement, as the driver takes them.
+pub(crate) type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+/// What a statement returns, as a type: each public method (`query`,
+/// `query_one`, `query_opt`, `execute`) gets its own path through the
+/// crate, with no result enum to match and unwrap and futures no larger
+/// than the one driver call each wraps.
+pub(crate) trait Op: Copy + Send + Sync + 'static {
+    /// What the statement returns.
+    type Out: Send;
+
+    /// Runs a prepared statement.
+    fn prepared<'a>(
+        client: &'a Client,
+        stmt: &'a Statement,
+        params: Params<'a>,
+    ) -> impl Future<Output = Result<Self::Out, tokio_postgres::Error>> + Send + 'a;
+
+    /// Runs SQL text as one unnamed statement with explicit parameter types.
+    fn typed<'a>(
+        client: &'a Client,
+        sql: &'a str,
+        params: &'a [(&'a (dyn ToSql + Sync), Type)],
+    ) -> impl Future<Output = Result<Self::Out, tokio_postgres::Error>> + Send + 'a;
+}
+
+/// Every row ([`Client::query`]).
 #[derive(Clone, Copy)]
-pub(crate) enum Op {
-    Query,
-    One,
-    Opt,
-    Execute,
-}
+pub(crate) struct Query;
+/// Exactly one row ([`Client::query_one`]).
+#[derive(Clone, Copy)]
+pub(crate) struct One;
+/// At most one row ([`Client::query_opt`]).
+#[derive(Clone, Copy)]
+pub(crate) struct Opt;
+/// The number of rows affected ([`Client::execute`]).
+#[derive(Clone, Copy)]
+pub(crate) struct Execute;
 
-/// The result of an [`Op`].
-pub(crate) enum Out {
-    Rows(Vec<Row>),
-    Row(Row),
-    MaybeRow(Option<Row>),
-    Count(u64),
+/// Implements [`Op`] for one marker type from the driver's two methods.
+macro_rules! op {
+    ($marker:ty, $out:ty, $prepared:ident, $typed:ident) => {
+        impl Op for $marker {
+            type Out = $out;
+            fn prepared<'a>(
+                client: &'a Client,
+                stmt: &'a Statement,
+                params: Params<'a>,
+            ) -> impl Future<Output = Result<$out, tokio_postgres::Error>> + Send + 'a {
+                client.$prepared(stmt, params)
+            }
+            fn typed<'a>(
+                client: &'a Client,
+                sql: &'a str,
+                params: &'a [(&'a (dyn ToSql + Sync), Type)],
+            ) -> impl Future<Output = Result<$out, tokio_postgres::Error>> + Send + 'a {
+                client.$typed(sql, params)
+            }
+        }
+    };
 }
-
-impl Out {
-    /// The rows of an [`Op::Query`].
-    pub(crate) fn into_rows(self) -> Vec<Row> {
-        match self {
-            Out::Rows(rows) => rows,
-            _ => unreachable!("Op::Query returns rows"),
-        }
-    }
-    /// The row of an [`Op::One`].
-    pub(crate) fn into_row(self) -> Row {
-        match self {
-            Out::Row(row) => row,
-            _ => unreachable!("Op::One returns a row"),
-        }
-    }
-    /// The optional row of an [`Op::Opt`].
-    pub(crate) fn into_maybe_row(self) -> Option<Row> {
-        match self {
-            Out::MaybeRow(row) => row,
-            _ => unreachable!("Op::Opt returns an optional row"),
-        }
-    }
-    /// The count of an [`Op::Execute`].
-    pub(crate) fn into_count(self) -> u64 {
-        match self {
-            Out::Count(n) => n,
-            _ => unreachable!("Op::Execute returns a count"),
-        }
-    }
-}
+op!(Query, Vec<Row>, query, query_typed);
+op!(One, Row, query_one, query_typed_one);
+op!(Opt, Option<Row>, query_opt, query_typed_opt);
+op!(Execute, u64, execute, execute_typed);
 
 impl ConnParts {
     /// Runs one statement through the statement cache.
@@ -149,18 +167,21 @@ impl ConnParts {
     /// type") is evicted and the statement prepared and run once more.
     /// Inside a transaction that error has already aborted it, so it is
     /// surfaced (the entry is still evicted for the next transaction).
-    pub(crate) async fn run(
+    pub(crate) async fn run<O: Op>(
         &self,
         sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-        op: Op,
+        params: Params<'_>,
         may_replan: bool,
-    ) -> Result<Out, tokio_postgres::Error> {
+    ) -> Result<O::Out, tokio_postgres::Error> {
         if let Some(types) = &self.types {
-            return self.run_unnamed(types, sql, params, op, !may_replan).await;
+            return self.run_unnamed::<O>(types, sql, params, !may_replan).await;
         }
-        let stmt = self.prepared(sql).await?;
-        match self.exec(&stmt, params, op).await {
+        let cached = self.cache.lock().expect("statement cache").get(sql);
+        let stmt = match cached {
+            Some(stmt) => stmt,
+            None => self.prepare_cached(sql).await?,
+        };
+        match O::prepared(&self.client, &stmt, params).await {
             Err(e) if is_stale_plan(&e) => {
                 self.forget(sql);
                 if !may_replan {
@@ -169,8 +190,8 @@ impl ConnParts {
                 self.replans.fetch_add(1, Ordering::Relaxed);
                 // Rare: boxed, so the common path's future stays small.
                 Box::pin(async move {
-                    let stmt = self.prepared(sql).await?;
-                    self.exec(&stmt, params, op).await
+                    let stmt = self.prepare_cached(sql).await?;
+                    O::prepared(&self.client, &stmt, params).await
                 })
                 .await
             }
@@ -178,33 +199,18 @@ impl ConnParts {
         }
     }
 
-    async fn exec(
-        &self,
-        stmt: &Statement,
-        params: &[&(dyn ToSql + Sync)],
-        op: Op,
-    ) -> Result<Out, tokio_postgres::Error> {
-        Ok(match op {
-            Op::Query => Out::Rows(self.client.query(stmt, params).await?),
-            Op::One => Out::Row(self.client.query_one(stmt, params).await?),
-            Op::Opt => Out::MaybeRow(self.client.query_opt(stmt, params).await?),
-            Op::Execute => Out::Count(self.client.execute(stmt, params).await?),
-        })
-    }
-
     /// Runs `sql` as an unnamed statement with explicit parameter types, all
     /// in one round trip. The types are learnt once per SQL text by
     /// preparing it inside a transaction (so that, through PgBouncer's
     /// transaction pooling, the prepare and the closing of the statement
     /// reach the same server and nothing is left behind there).
-    async fn run_unnamed(
+    async fn run_unnamed<O: Op>(
         &self,
         types: &Mutex<Lru<Arc<[Type]>>>,
         sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-        op: Op,
+        params: Params<'_>,
         in_transaction: bool,
-    ) -> Result<Out, tokio_postgres::Error> {
+    ) -> Result<O::Out, tokio_postgres::Error> {
         let known = types.lock().expect("type cache").get(sql);
         let tys = match known {
             Some(t) => t,
@@ -224,7 +230,7 @@ impl ConnParts {
                 }
                 let Some(tys) = tys else {
                     // Report the server's error for the statement itself.
-                    return self.exec_unprepared(sql, params, op).await;
+                    return self.exec_unprepared::<O>(sql, params).await;
                 };
                 types.lock().expect("type cache").insert(sql, tys.clone());
                 tys
@@ -232,35 +238,26 @@ impl ConnParts {
         };
         if tys.len() != params.len() {
             // Let the driver report the mismatch as it always does.
-            return self.exec_unprepared(sql, params, op).await;
+            return self.exec_unprepared::<O>(sql, params).await;
         }
         let typed: Vec<(&(dyn ToSql + Sync), Type)> =
             params.iter().copied().zip(tys.iter().cloned()).collect();
-        Ok(match op {
-            Op::Query => Out::Rows(self.client.query_typed(sql, &typed).await?),
-            Op::One => Out::Row(self.client.query_typed_one(sql, &typed).await?),
-            Op::Opt => Out::MaybeRow(self.client.query_typed_opt(sql, &typed).await?),
-            Op::Execute => Out::Count(self.client.execute_typed(sql, &typed).await?),
-        })
+        O::typed(&self.client, sql, &typed).await
     }
 
     /// The driver's own path for SQL text (prepare, run, close), used only
     /// to obtain its error for a statement that cannot run.
-    async fn exec_unprepared(
+    async fn exec_unprepared<O: Op>(
         &self,
         sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-        op: Op,
-    ) -> Result<Out, tokio_postgres::Error> {
+        params: Params<'_>,
+    ) -> Result<O::Out, tokio_postgres::Error> {
         let stmt = self.client.prepare(sql).await?;
-        self.exec(&stmt, params, op).await
+        O::prepared(&self.client, &stmt, params).await
     }
 
-    /// The cached prepared statement for `sql`, preparing it on a miss.
-    async fn prepared(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
-        if let Some(stmt) = self.cache.lock().expect("statement cache").get(sql) {
-            return Ok(stmt);
-        }
+    /// Prepares `sql` and caches the statement (a cache miss).
+    async fn prepare_cached(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
         let stmt = self.client.prepare(sql).await?;
         self.cache
             .lock()
@@ -273,13 +270,7 @@ impl ConnParts {
     /// first poll of [`ConnParts::run`], so a request issued right after it
     /// is answered after it (pipelining).
     pub(crate) fn is_cached(&self, sql: &str) -> bool {
-        self.types.is_none()
-            && self
-                .cache
-                .lock()
-                .expect("statement cache")
-                .map
-                .contains_key(sql)
+        self.types.is_none() && self.cache.lock().expect("statement cache").contains(sql)
     }
 
     fn forget(&self, sql: &str) {
@@ -296,80 +287,6 @@ fn is_stale_plan(e: &tokio_postgres::Error) -> bool {
 
 /// SQL texts whose parameter types are remembered in unnamed-statement mode.
 const UNNAMED_TYPE_CACHE: usize = 256;
-
-/// A small LRU keyed by SQL text (prepared statements, or parameter types).
-///
-/// Eviction scans for the least recently used entry, which only happens on
-/// a miss with a full cache; hits cost one hash lookup.
-struct Lru<V> {
-    capacity: usize,
-    tick: u64,
-    map: HashMap<Box<str>, (V, u64), BuildHasherDefault<SqlHasher>>,
-}
-
-/// A fast multiplicative hash for SQL texts (the keys are the application's
-/// own statements, so SipHash's flood resistance buys nothing here and costs
-/// most of a cache hit).
-#[derive(Default)]
-struct SqlHasher(u64);
-
-impl Hasher for SqlHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        const K: u64 = 0x517c_c1b7_2722_0a95;
-        let mut chunks = bytes.chunks_exact(8);
-        for chunk in &mut chunks {
-            let word = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
-            self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(K);
-        }
-        for &b in chunks.remainder() {
-            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(K);
-        }
-    }
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-impl<V: Clone> Lru<V> {
-    fn new(capacity: usize) -> Self {
-        Lru {
-            capacity,
-            tick: 0,
-            map: HashMap::with_capacity_and_hasher(capacity.min(64), Default::default()),
-        }
-    }
-
-    fn get(&mut self, sql: &str) -> Option<V> {
-        self.tick += 1;
-        let tick = self.tick;
-        self.map.get_mut(sql).map(|(stmt, used)| {
-            *used = tick;
-            stmt.clone()
-        })
-    }
-
-    fn insert(&mut self, sql: &str, stmt: V) {
-        if self.capacity == 0 {
-            return;
-        }
-        if self.map.len() >= self.capacity && !self.map.contains_key(sql) {
-            let oldest = self
-                .map
-                .iter()
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(k, _)| k.clone());
-            if let Some(k) = oldest {
-                self.map.remove(&k);
-            }
-        }
-        self.tick += 1;
-        self.map.insert(sql.into(), (stmt, self.tick));
-    }
-
-    fn remove(&mut self, sql: &str) {
-        self.map.remove(sql);
-    }
-}
 
 /// How connections are made: plain, or TLS through rustls.
 #[derive(Clone)]

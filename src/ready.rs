@@ -58,9 +58,10 @@ impl std::fmt::Debug for PoolSlot {
 }
 
 impl PoolSlot {
-    /// Wraps `pool` and starts the task that flushes parked connections
-    /// back to it (it ends with the slot).
-    pub(crate) fn new(pool: Pool<Manager>, max_size: u32) -> Arc<PoolSlot> {
+    /// Wraps `pool`. With `reaped` (the pool has an idle timeout or a max
+    /// lifetime), starts the task that flushes parked connections back to
+    /// it (it ends with the slot).
+    pub(crate) fn new(pool: Pool<Manager>, max_size: u32, reaped: bool) -> Arc<PoolSlot> {
         let slot = Arc::new(PoolSlot {
             pool,
             ready: Mutex::new(Ready {
@@ -69,9 +70,13 @@ impl PoolSlot {
                 retired: false,
             }),
         });
-        let weak = Arc::downgrade(&slot);
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(flush_periodically(weak));
+        // Without an idle timeout or a max lifetime there is nothing for bb8
+        // to enforce, and no timer is needed (each pending timer costs the
+        // runtime a clock read whenever it parks).
+        if reaped {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(flush_periodically(Arc::downgrade(&slot)));
+            }
         }
         slot
     }

@@ -7,11 +7,12 @@ use tokio_postgres::types::ToSql;
 
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::manager::{Op, Out};
+use crate::manager::{Execute, One, Op, Opt, Params, Query};
 use crate::replica::Target;
 use crate::retry;
 use crate::sessions::ScopeRef;
 use crate::transaction::{Transaction, TxOptions};
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -70,30 +71,49 @@ impl Session {
         self.engine.name()
     }
 
-    async fn run(&self, sql: &str, params: &[&(dyn ToSql + Sync)], op: Op) -> Result<Out> {
-        // Without the feature, no wrapper: each layer would move the
-        // statement's future once more.
+    /// Runs one statement. Without the `tracing` feature this adds no
+    /// layer of its own: each layer would move the statement's future once
+    /// more.
+    fn run<O: Op>(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<O::Out>> + Send {
         #[cfg(feature = "tracing")]
         return crate::telemetry::statement(
             &self.engine,
             None,
             sql,
-            self.run_untraced(sql, params, op),
-        )
-        .await;
+            self.run_untraced::<O>(sql, params),
+        );
         #[cfg(not(feature = "tracing"))]
-        self.run_untraced(sql, params, op).await
+        self.run_untraced::<O>(sql, params)
     }
 
-    async fn run_untraced(&self, sql: &str, params: &[&(dyn ToSql + Sync)], op: Op) -> Result<Out> {
+    async fn run_untraced<O: Op>(&self, sql: &str, params: Params<'_>) -> Result<O::Out> {
         reject_transaction_control(sql)?;
+        // The common case first: a plain engine, no request scope.
+        if self.scope.is_none() && self.engine.primary().is_none() {
+            let conn = self.engine.checkout().await?;
+            self.engine.inner.counters.inc(|c| &c.statements);
+            return conn
+                .run::<O>(sql, params, true)
+                .await
+                .map_err(|e| Error::from_pg(self.engine.name(), e));
+        }
+        self.run_routed::<O>(sql, params).await
+    }
+
+    /// A statement of a request scope (maybe in the request's
+    /// transaction), or on a replica (maybe falling back to the primary).
+    async fn run_routed<O: Op>(&self, sql: &str, params: Params<'_>) -> Result<O::Out> {
         if self.scope.is_some() {
             if let Some(tx) = self.request_tx().await? {
-                return tx.run_op(sql, params, op).await;
+                return tx.run_op::<O>(sql, params).await;
             }
         }
         let Some(primary) = self.engine.primary() else {
-            return self.run_here(sql, params, op).await;
+            return self.run_here::<O>(sql, params).await;
         };
         // A replica: read here unless this request wrote something it has
         // not replayed yet, or it is down.
@@ -102,13 +122,13 @@ impl Session {
             .as_ref()
             .map_or(0, |s| s.required_lsn(self.engine.primary_index()));
         match self.engine.choose_target(required).await {
-            Target::Replica => match self.run_here(sql, params, op).await {
+            Target::Replica => match self.run_here::<O>(sql, params).await {
                 Err(e) if self.engine.should_fall_back(&e) => {
-                    self.on(primary).run_here(sql, params, op).await
+                    self.on(primary).run_here::<O>(sql, params).await
                 }
                 other => other,
             },
-            Target::Primary => self.on(primary).run_here(sql, params, op).await,
+            Target::Primary => self.on(primary).run_here::<O>(sql, params).await,
         }
     }
 
@@ -121,51 +141,59 @@ impl Session {
     }
 
     /// Runs one statement on this session's own engine.
-    async fn run_here(&self, sql: &str, params: &[&(dyn ToSql + Sync)], op: Op) -> Result<Out> {
+    async fn run_here<O: Op>(&self, sql: &str, params: Params<'_>) -> Result<O::Out> {
         let conn = self.engine.checkout().await?;
         self.engine.inner.counters.inc(|c| &c.statements);
         let Some(scope) = &self.scope else {
             return conn
-                .run(sql, params, op, true)
+                .run::<O>(sql, params, true)
                 .await
                 .map_err(|e| Error::from_pg(self.engine.name(), e));
         };
         let started = Instant::now();
         let out = if self.engine.inner.has_replicas.load(Ordering::Relaxed) {
-            self.run_noting_lsn(&conn, scope, sql, params, op).await
+            self.run_noting_lsn::<O>(&conn, scope, sql, params).await
         } else {
-            conn.run(sql, params, op, true).await
+            conn.run::<O>(sql, params, true).await
         };
         scope.record(conn.backend_pid, started.elapsed());
         out.map_err(|e| Error::from_pg(self.engine.name(), e))
     }
 
     /// Runs a statement and returns its rows.
-    pub async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
-        self.run(sql, params, Op::Query).await.map(Out::into_rows)
-    }
-
-    /// Runs a statement that must return exactly one row.
-    pub async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row> {
-        self.run(sql, params, Op::One).await.map(Out::into_row)
-    }
-
-    /// Runs a statement that returns at most one row.
-    pub async fn query_opt(
+    pub fn query(
         &self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Option<Row>> {
-        self.run(sql, params, Op::Opt)
-            .await
-            .map(Out::into_maybe_row)
+    ) -> impl Future<Output = Result<Vec<Row>>> + Send {
+        self.run::<Query>(sql, params)
+    }
+
+    /// Runs a statement that must return exactly one row.
+    pub fn query_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Row>> + Send {
+        self.run::<One>(sql, params)
+    }
+
+    /// Runs a statement that returns at most one row.
+    pub fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Option<Row>>> + Send {
+        self.run::<Opt>(sql, params)
     }
 
     /// Runs a statement and returns the number of rows it affected.
-    pub async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
-        self.run(sql, params, Op::Execute)
-            .await
-            .map(Out::into_count)
+    pub fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<u64>> + Send {
+        self.run::<Execute>(sql, params)
     }
 
     /// Runs one or more statements without parameters (simple protocol), in
@@ -191,22 +219,21 @@ impl Session {
     /// insert position read right after it. A cached statement goes out in
     /// the first poll, so the position query is pipelined behind it (no
     /// extra round trip); otherwise (first use, a re-prepare) it follows.
-    async fn run_noting_lsn(
+    async fn run_noting_lsn<O: Op>(
         &self,
         conn: &crate::engine::Conn,
         scope: &ScopeRef,
         sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-        op: Op,
-    ) -> std::result::Result<Out, tokio_postgres::Error> {
+        params: Params<'_>,
+    ) -> std::result::Result<O::Out, tokio_postgres::Error> {
         let lsn_query = || conn.client.simple_query(crate::replica::INSERT_LSN_SQL);
         let replans = conn.replans.load(Ordering::Relaxed);
         let (out, mut lsn) = if conn.is_cached(sql) {
             let (out, lsn) =
-                futures::future::join(conn.run(sql, params, op, true), lsn_query()).await;
+                futures::future::join(conn.run::<O>(sql, params, true), lsn_query()).await;
             (out, lsn.ok())
         } else {
-            (conn.run(sql, params, op, true).await, None)
+            (conn.run::<O>(sql, params, true).await, None)
         };
         if out.is_ok() && (lsn.is_none() || conn.replans.load(Ordering::Relaxed) != replans) {
             lsn = lsn_query().await.ok();
@@ -334,7 +361,16 @@ impl Session {
 /// through a session they would leave a pooled connection inside a
 /// transaction without pgassist knowing. Only the first statement is looked
 /// at (cheaply: no allocation, a few byte compares).
+#[inline]
 pub(crate) fn reject_transaction_control(sql: &str) -> Result<()> {
+    if surely_not_control(sql) {
+        return Ok(());
+    }
+    reject_if_control(sql)
+}
+
+/// The full check behind [`reject_transaction_control`].
+fn reject_if_control(sql: &str) -> Result<()> {
     let word = first_keyword(sql);
     // By length first: the common statements (SELECT, INSERT, UPDATE, WITH…)
     // are out after one comparison at most.
@@ -361,6 +397,21 @@ pub(crate) fn reject_transaction_control(sql: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Decides most statements from their first two bytes: every control
+/// keyword starts with a, b, c, e, p, r or s, and `SELECT` / `SET` (the
+/// common statements among those) start with "se". Anything else — white
+/// space, a comment — goes to the full check.
+fn surely_not_control(sql: &str) -> bool {
+    match sql.as_bytes() {
+        [first, second, ..] => match first.to_ascii_lowercase() {
+            b'a' | b'b' | b'c' | b'e' | b'p' | b'r' => false,
+            b's' => second.eq_ignore_ascii_case(&b'e'),
+            other => other.is_ascii_lowercase(),
+        },
+        _ => false,
+    }
 }
 
 /// The first keyword of `sql`, after white space and comments (bytes only:
@@ -422,8 +473,16 @@ mod tests {
             "INSERT INTO begin_log VALUES (1)",
             "",
             "beginning",
+            "select 1",
+            "SET search_path = x",
+            "UPDATE t SET a = 1",
+            "with x as (select 1) select * from x",
         ] {
             assert!(reject_transaction_control(sql).is_ok(), "{sql}");
+        }
+        // The two-byte shortcut never decides for a control statement.
+        for sql in ["BEGIN", "start transaction", "Savepoint a", "end", "x"] {
+            assert!(!surely_not_control(sql), "{sql}");
         }
     }
 }

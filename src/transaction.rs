@@ -34,7 +34,7 @@ use tokio_postgres::types::ToSql;
 use crate::engine::{Conn, Engine};
 use crate::error::{Error, Result, ends_session, is_connection_loss};
 use crate::hooks::{Callback, Outcome, TxEvent, run_after_commit, run_after_rollback};
-use crate::manager::{ConnState, Op, Out};
+use crate::manager::{ConnState, Execute, One, Op, Opt, Params, Query};
 use crate::sessions::ScopeRef;
 
 /// Transaction isolation levels.
@@ -325,7 +325,7 @@ impl TxCore {
         })
     }
 
-    async fn run(&self, sql: &str, params: &[&(dyn ToSql + Sync)], op: Op) -> Result<Out> {
+    async fn run<O: Op>(&self, sql: &str, params: Params<'_>) -> Result<O::Out> {
         self.refuse_control(sql)?;
         self.ready().await?;
         self.engine.inner.counters.inc(|c| &c.statements);
@@ -336,12 +336,12 @@ impl TxCore {
             &self.engine,
             Some(&self.span),
             sql,
-            self.in_transaction(self.conn.run(sql, params, op, false)),
+            self.in_transaction(self.conn.run::<O>(sql, params, false)),
         )
         .await;
         #[cfg(not(feature = "tracing"))]
         let out = self
-            .in_transaction(self.conn.run(sql, params, op, false))
+            .in_transaction(self.conn.run::<O>(sql, params, false))
             .await;
         cut_off.disarm();
         if let (Some(scope), Some(started)) = (&self.scope, started) {
@@ -497,13 +497,8 @@ impl<'a> Transaction<'a> {
 
     /// Runs one statement in this transaction (for sessions routed into a
     /// request transaction).
-    pub(crate) async fn run_op(
-        &self,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-        op: Op,
-    ) -> Result<Out> {
-        self.core().run(sql, params, op).await
+    pub(crate) async fn run_op<O: Op>(&self, sql: &str, params: Params<'_>) -> Result<O::Out> {
+        self.core().run::<O>(sql, params).await
     }
 
     pub(crate) fn saw_retryable(&self) -> bool {
@@ -558,39 +553,39 @@ impl<'a> Transaction<'a> {
     }
 
     /// Runs a statement and returns its rows.
-    pub async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
-        self.core()
-            .run(sql, params, Op::Query)
-            .await
-            .map(Out::into_rows)
-    }
-
-    /// Runs a statement that must return exactly one row.
-    pub async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row> {
-        self.core()
-            .run(sql, params, Op::One)
-            .await
-            .map(Out::into_row)
-    }
-
-    /// Runs a statement that returns at most one row.
-    pub async fn query_opt(
+    pub fn query(
         &self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Option<Row>> {
-        self.core()
-            .run(sql, params, Op::Opt)
-            .await
-            .map(Out::into_maybe_row)
+    ) -> impl Future<Output = Result<Vec<Row>>> + Send {
+        self.core().run::<Query>(sql, params)
+    }
+
+    /// Runs a statement that must return exactly one row.
+    pub fn query_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Row>> + Send {
+        self.core().run::<One>(sql, params)
+    }
+
+    /// Runs a statement that returns at most one row.
+    pub fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Option<Row>>> + Send {
+        self.core().run::<Opt>(sql, params)
     }
 
     /// Runs a statement and returns the number of rows it affected.
-    pub async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
-        self.core()
-            .run(sql, params, Op::Execute)
-            .await
-            .map(Out::into_count)
+    pub fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<u64>> + Send {
+        self.core().run::<Execute>(sql, params)
     }
 
     /// Runs one or more statements without parameters (simple protocol).

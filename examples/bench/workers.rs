@@ -435,13 +435,20 @@ pub async fn bb8_tuned_pool(url: &str, size: u32) -> Res<bb8::Pool<TunedManager>
 
 /// A pgassist registry with one engine, "bench", every connection open.
 pub async fn pgassist_registry(url: &str, pool: u32) -> Res<Registry> {
+    pgassist_registry_with(url, pool, |c| c).await
+}
+
+/// [`pgassist_registry`] with the engine's config adjusted by `tune`.
+pub async fn pgassist_registry_with(
+    url: &str,
+    pool: u32,
+    tune: impl FnOnce(EngineConfig) -> EngineConfig,
+) -> Res<Registry> {
+    let config = EngineConfig::from_url(url)?
+        .max_size(pool)
+        .application_name("bench pgassist");
     let registry = Registry::builder()
-        .engine(
-            "bench",
-            EngineConfig::from_url(url)?
-                .max_size(pool)
-                .application_name("bench pgassist"),
-        )
+        .engine("bench", tune(config))
         .build()
         .await?;
     // Open and warm every connection now: `begin` pins one per session.
