@@ -79,6 +79,7 @@
 #![deny(missing_docs)]
 
 mod config;
+mod control;
 mod engine;
 mod error;
 pub mod helpers;

@@ -5,6 +5,7 @@ use futures::future::BoxFuture;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
+use crate::control::{reject_control_in_batch, reject_transaction_control};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::manager::{Execute, One, Op, Opt, Params, Query};
@@ -197,10 +198,10 @@ impl Session {
     }
 
     /// Runs one or more statements without parameters (simple protocol), in
-    /// autocommit. A batch that starts with a transaction control statement is
-    /// refused: use [`Session::begin`].
+    /// autocommit. A batch holding a transaction control statement (anywhere
+    /// in it, not only first) is refused: use [`Session::begin`].
     pub async fn batch_execute(&self, sql: &str) -> Result<()> {
-        reject_transaction_control(sql)?;
+        reject_control_in_batch(sql)?;
         if self.scope.is_some() {
             if let Some(tx) = self.request_tx().await? {
                 return tx.batch_execute(sql).await;
@@ -353,136 +354,6 @@ impl Session {
             }
             attempt += 1;
             tokio::time::sleep(retry::backoff(attempt)).await;
-        }
-    }
-}
-
-/// Refuses BEGIN / COMMIT / ROLLBACK / SAVEPOINT / … in autocommit: sent
-/// through a session they would leave a pooled connection inside a
-/// transaction without pgassist knowing. Only the first statement is looked
-/// at (cheaply: no allocation, a few byte compares).
-#[inline]
-pub(crate) fn reject_transaction_control(sql: &str) -> Result<()> {
-    if surely_not_control(sql) {
-        return Ok(());
-    }
-    reject_if_control(sql)
-}
-
-/// The full check behind [`reject_transaction_control`].
-fn reject_if_control(sql: &str) -> Result<()> {
-    let word = first_keyword(sql);
-    // By length first: the common statements (SELECT, INSERT, UPDATE, WITH…)
-    // are out after one comparison at most.
-    let is = |k: &str| word.eq_ignore_ascii_case(k);
-    let is_control = match word.len() {
-        3 => is("END"),
-        5 => is("BEGIN") || is("START") || is("ABORT"),
-        6 => is("COMMIT"),
-        7 => {
-            is("RELEASE")
-                || (is("PREPARE") && {
-                    // `word` borrows from `sql`: what follows it.
-                    let after = word.as_ptr() as usize - sql.as_ptr() as usize + word.len();
-                    first_keyword(&sql[after..]).eq_ignore_ascii_case("TRANSACTION")
-                })
-        }
-        8 => is("ROLLBACK"),
-        9 => is("SAVEPOINT"),
-        _ => false,
-    };
-    if is_control {
-        return Err(Error::Usage(format!(
-            "`{word}` is a transaction control statement; in autocommit use session.begin() and the transaction's commit()/rollback()"
-        )));
-    }
-    Ok(())
-}
-
-/// Decides most statements from their first two bytes: every control
-/// keyword starts with a, b, c, e, p, r or s, and `SELECT` / `SET` (the
-/// common statements among those) start with "se". Anything else — white
-/// space, a comment — goes to the full check.
-fn surely_not_control(sql: &str) -> bool {
-    match sql.as_bytes() {
-        [first, second, ..] => match first.to_ascii_lowercase() {
-            b'a' | b'b' | b'c' | b'e' | b'p' | b'r' => false,
-            b's' => second.eq_ignore_ascii_case(&b'e'),
-            other => other.is_ascii_lowercase(),
-        },
-        _ => false,
-    }
-}
-
-/// The first keyword of `sql`, after white space and comments (bytes only:
-/// it runs on every statement).
-pub(crate) fn first_keyword(sql: &str) -> &str {
-    let b = sql.as_bytes();
-    let find = |from: usize, pat: &[u8]| {
-        b[from..]
-            .windows(pat.len())
-            .position(|w| w == pat)
-            .map(|p| from + p)
-    };
-    let mut i = 0;
-    loop {
-        while i < b.len() && b[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        if b[i..].starts_with(b"--") {
-            i = find(i + 2, b"\n").map_or(b.len(), |p| p + 1);
-        } else if b[i..].starts_with(b"/*") {
-            i = find(i + 2, b"*/").map_or(b.len(), |p| p + 2);
-        } else {
-            break;
-        }
-    }
-    let start = i;
-    while i < b.len() && b[i].is_ascii_alphabetic() {
-        i += 1;
-    }
-    &sql[start..i]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn control_statements_are_refused_in_autocommit() {
-        for sql in [
-            "BEGIN",
-            "begin;",
-            "  -- c\n START TRANSACTION",
-            "/* x */ commit",
-            "ROLLBACK",
-            "savepoint a",
-            "Prepare Transaction 'x'",
-            "/* c */ PREPARE  TRANSACTION 'x'",
-            "END",
-        ] {
-            assert!(
-                matches!(reject_transaction_control(sql), Err(Error::Usage(_))),
-                "{sql}"
-            );
-        }
-        for sql in [
-            "SELECT 1",
-            "DO $$ BEGIN PERFORM 1; END $$",
-            "PREPARE q AS SELECT 1",
-            "INSERT INTO begin_log VALUES (1)",
-            "",
-            "beginning",
-            "select 1",
-            "SET search_path = x",
-            "UPDATE t SET a = 1",
-            "with x as (select 1) select * from x",
-        ] {
-            assert!(reject_transaction_control(sql).is_ok(), "{sql}");
-        }
-        // The two-byte shortcut never decides for a control statement.
-        for sql in ["BEGIN", "start transaction", "Savepoint a", "end", "x"] {
-            assert!(!surely_not_control(sql), "{sql}");
         }
     }
 }

@@ -67,7 +67,7 @@ mod enabled {
         fut: impl Future<Output = Result<T>>,
     ) -> Result<T> {
         let f = &engine.inner.telemetry;
-        let operation = crate::session::first_keyword(sql).to_ascii_uppercase();
+        let operation = crate::control::first_keyword(sql).to_ascii_uppercase();
         let span = tracing::info_span!(
             parent: parent.cloned().unwrap_or_else(tracing::Span::current),
             "pgassist.statement",

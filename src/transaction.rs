@@ -315,8 +315,8 @@ impl TxCore {
     /// Refuses BEGIN / COMMIT / ROLLBACK / SAVEPOINT / RELEASE / … sent as a
     /// statement: the server would end or reshape the transaction behind our
     /// back (after a COMMIT, later statements would run in autocommit).
-    fn refuse_control(&self, sql: &str) -> Result<()> {
-        crate::session::reject_transaction_control(sql).map_err(|_| {
+    fn refuse_control(&self, checked: Result<()>) -> Result<()> {
+        checked.map_err(|_| {
             Error::Usage(format!(
                 "engine `{}`: a transaction control statement cannot run inside a transaction; \
                  use commit() / rollback(), and begin() for a savepoint",
@@ -326,7 +326,7 @@ impl TxCore {
     }
 
     async fn run<O: Op>(&self, sql: &str, params: Params<'_>) -> Result<O::Out> {
-        self.refuse_control(sql)?;
+        self.refuse_control(crate::control::reject_transaction_control(sql))?;
         self.ready().await?;
         self.engine.inner.counters.inc(|c| &c.statements);
         let started = self.scope.as_ref().map(|_| Instant::now());
@@ -373,7 +373,7 @@ impl TxCore {
     }
 
     async fn batch(&self, sql: &str) -> Result<()> {
-        self.refuse_control(sql)?;
+        self.refuse_control(crate::control::reject_control_in_batch(sql))?;
         self.ready().await?;
         self.engine.inner.counters.inc(|c| &c.statements);
         let cut_off = CutOffGuard::arm(&self.statement_cut);

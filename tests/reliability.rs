@@ -1369,6 +1369,19 @@ async fn transaction_control_inside_a_transaction_is_refused() {
         let e = tx.execute(sql, &[]).await.unwrap_err();
         assert!(matches!(e, Error::Usage(_)), "{sql}: {e:?}");
     }
+    // Behind another statement of a batch, too (quotes and dollar-quoted
+    // bodies are no hiding place, and no false alarm either).
+    for batch in [
+        "SELECT 1; COMMIT",
+        "INSERT INTO items(name) VALUES ('a;b'); COMMIT",
+        "DO $$ BEGIN PERFORM 1; END $$; END",
+    ] {
+        let e = tx.batch_execute(batch).await.unwrap_err();
+        assert!(matches!(e, Error::Usage(_)), "{batch}: {e:?}");
+    }
+    tx.batch_execute("DO $$ BEGIN PERFORM 1; END $$; SELECT 'x; COMMIT'")
+        .await
+        .unwrap();
     {
         let sp = tx.begin().await.unwrap();
         sp.execute("INSERT INTO items(name) VALUES ('inner')", &[])
@@ -1393,12 +1406,24 @@ async fn transaction_control_inside_a_transaction_is_refused() {
         db.plain_names().await.is_empty(),
         "nothing was committed behind the transaction's back"
     );
-    // The autocommit session refuses them too (tests/core.rs has more).
-    assert!(matches!(
-        s.batch_execute("COMMIT").await,
-        Err(Error::Usage(_))
-    ));
+    // The autocommit session refuses them too (tests/core.rs has more),
+    // also behind another statement: `SELECT 1; BEGIN` would otherwise
+    // return the pooled connection inside a transaction.
+    for batch in ["COMMIT", "SELECT 1; BEGIN", "SELECT 1; START TRANSACTION"] {
+        assert!(
+            matches!(s.batch_execute(batch).await, Err(Error::Usage(_))),
+            "{batch}"
+        );
+    }
+    s.batch_execute("SELECT 1; SELECT 2").await.unwrap();
     db.wait_no_transactions().await;
+    assert_eq!(common::in_transaction_backends(&db).await, 0);
+    // The next user of the one pooled connection runs in autocommit: a
+    // row it inserts is visible from a second connection at once.
+    s.execute("INSERT INTO items(name) VALUES ('after')", &[])
+        .await
+        .unwrap();
+    assert_eq!(db.plain_names().await, ["after"]);
 }
 
 // ---------------------------------------------------------------------------
