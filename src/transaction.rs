@@ -930,13 +930,42 @@ impl Drop for Transaction<'_> {
         match core.runtime.clone() {
             Some(rt) => {
                 let _entered = rt.enter();
+                // Should the task never finish (dropped with its runtime),
+                // the guard still ends the entry, dirty.
+                let ending = EndGuard {
+                    inner: inner.clone(),
+                    tx: core.event.id,
+                    clean: false,
+                };
                 rt.spawn(async move {
                     let clean = core.conn.client.batch_execute("ROLLBACK").await.is_ok();
-                    inner.tracker.after_end(core.event.id, clean);
+                    ending.end(clean);
                 });
             }
             // No runtime to send ROLLBACK on: the pool discards the connection.
             None => inner.tracker.after_end(core.event.id, false),
         }
+    }
+}
+
+/// Ends a dropped transaction's entry in the connection map when dropped:
+/// clean if [`EndGuard::end`] reported the ROLLBACK answered, else dirty (the
+/// task carrying it was dropped with a runtime shutting down), so that the
+/// pool discards the connection and no entry stays behind.
+struct EndGuard {
+    inner: Arc<crate::engine::EngineInner>,
+    tx: u64,
+    clean: bool,
+}
+
+impl EndGuard {
+    fn end(mut self, clean: bool) {
+        self.clean = clean;
+    }
+}
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        self.inner.tracker.after_end(self.tx, self.clean);
     }
 }

@@ -726,3 +726,41 @@ async fn statements_in_flight_together_share_the_transaction_and_its_one_begin()
         );
     }
 }
+
+/// A transaction dropped while the runtime it began on shuts down: its
+/// ROLLBACK task never runs, yet its entry leaves the connection map, the
+/// connection is discarded rather than reused, and the server keeps
+/// nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_dropped_as_its_runtime_shuts_down_leaves_nothing_open() {
+    let db = Db::new().await;
+    let registry = db.registry(|c| c.max_size(2)).await;
+    let session = registry.session("writer").unwrap();
+    let dropped = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let tx = rt.block_on(async {
+            let tx = session.begin().await.unwrap();
+            tx.execute("INSERT INTO items(name) VALUES ('never')", &[])
+                .await
+                .unwrap();
+            tx
+        });
+        rt.shutdown_background();
+        drop(tx); // its ROLLBACK task is dropped at once
+    });
+    dropped.join().unwrap();
+    let stats = registry.stats();
+    assert_eq!(stats.open_transactions, 0, "{stats:?}");
+    db.wait_no_transactions().await;
+    assert!(db.plain_names().await.is_empty());
+    // The pool goes on working, in autocommit.
+    let s = registry.session("writer").unwrap();
+    s.execute("INSERT INTO items(name) VALUES ('after')", &[])
+        .await
+        .unwrap();
+    assert_eq!(db.plain_names().await, ["after"]);
+    common::assert_pool_clean(&db, &registry, 2).await;
+}
