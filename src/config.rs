@@ -40,6 +40,7 @@ pub struct EngineConfig {
     pub(crate) replica_fallback: bool,
     pub(crate) tls: crate::tls::TlsSettings,
     pub(crate) pgbouncer: bool,
+    pub(crate) pipeline: u32,
 }
 
 impl EngineConfig {
@@ -87,6 +88,7 @@ impl EngineConfig {
             replica_fallback: true,
             tls: crate::tls::TlsSettings::default(),
             pgbouncer: false,
+            pipeline: 1,
         }
     }
 
@@ -194,6 +196,29 @@ impl EngineConfig {
         self
     }
 
+    /// Pipelining of autocommit statements while the pool is saturated
+    /// (default 1: off).
+    ///
+    /// With `max_in_flight > 1`, once every connection is checked out and
+    /// the pool is at `max_size`, an autocommit statement is sent on a
+    /// connection that other autocommit statements are using — tokio-postgres
+    /// pipelines requests in flight together on one connection — up to
+    /// `max_in_flight` per connection, instead of waiting for a connection
+    /// of its own. Many short requests then share few connections; each
+    /// statement is still one Parse/Bind/Execute/Sync of its own, so an error
+    /// in one does not touch the others, and no connection is held between
+    /// statements.
+    ///
+    /// Transactions and batches always get a connection of their own, and
+    /// come first: while one waits, no statement joins a busy connection.
+    /// The price: a statement pipelined behind a slow one waits for it, where
+    /// it could have had the next free connection. Not available with
+    /// `statement_cache(0)` / `pgbouncer(true)`.
+    pub fn pipeline(mut self, max_in_flight: u32) -> Self {
+        self.pipeline = max_in_flight;
+        self
+    }
+
     /// Whether the engine is declared to run through PgBouncer.
     pub fn is_pgbouncer(&self) -> bool {
         self.pgbouncer
@@ -242,6 +267,16 @@ impl EngineConfig {
         if self.max_lifetime.is_some_and(|d| d.is_zero()) {
             return bad("max_lifetime must be longer than zero (or None)".into());
         }
+        if self.pipeline == 0 {
+            return bad("pipeline must be at least 1 (1: no pipelining)".into());
+        }
+        if self.pipeline > 1 && self.statement_cache == 0 {
+            return bad(
+                "pipeline needs named prepared statements: it cannot be combined with \
+                 statement_cache(0) or pgbouncer(true)"
+                    .into(),
+            );
+        }
         if self.pg.get_hosts().is_empty() {
             return bad("the URL names no host".into());
         }
@@ -282,7 +317,7 @@ impl EngineConfig {
 }
 
 /// The settings keys an engine understands, besides `url`.
-pub const SETTING_KEYS: [&str; 12] = [
+pub const SETTING_KEYS: [&str; 13] = [
     "max_size",
     "min_idle",
     "connection_timeout",
@@ -295,6 +330,7 @@ pub const SETTING_KEYS: [&str; 12] = [
     "replica_max_wait",
     "replica_fallback",
     "pgbouncer",
+    "pipeline",
 ];
 
 impl EngineConfig {
@@ -303,9 +339,9 @@ impl EngineConfig {
     /// `{prefix}url` is required; `{prefix}max_size`, `min_idle`,
     /// `connection_timeout`, `idle_timeout`, `max_lifetime` (durations such as
     /// `500ms`, `2s`, `5m`, `1h`, or plain seconds; `none` for no limit),
-    /// `read_only` (true/false/1/0/yes/no/on/off), `application_name` and
-    /// `statement_cache` are optional. An unknown key under the prefix is an
-    /// error (a typo should not pass silently); errors name the key and never
+    /// `read_only` (true/false/1/0/yes/no/on/off), `application_name`,
+    /// `statement_cache` and `pipeline` are optional. An unknown key under
+    /// the prefix is an error (a typo should not pass silently); errors name the key and never
     /// show the URL.
     ///
     /// ```
@@ -383,6 +419,7 @@ impl EngineConfig {
             "replica_max_wait" => self.replica_max_wait(parse_duration(v)?.unwrap_or_default()),
             "replica_fallback" => self.replica_fallback(parse_bool(v)?),
             "pgbouncer" => self.pgbouncer(parse_bool(v)?),
+            "pipeline" => self.pipeline(parse_number(v)?),
             _ => {
                 return Err(format!(
                     "unknown setting (known: url, {})",
@@ -521,6 +558,7 @@ impl fmt::Debug for EngineConfig {
             .field("replica_of", &self.replica_of)
             .field("sslmode", &self.tls)
             .field("pgbouncer", &self.pgbouncer)
+            .field("pipeline", &self.pipeline)
             .finish()
     }
 }

@@ -11,8 +11,8 @@ use crate::config::EngineConfig;
 use crate::error::{Error, Result, describe};
 use crate::hooks::Hooks;
 use crate::manager::{Connector, Manager};
-pub(crate) use crate::ready::Conn;
 use crate::ready::PoolSlot;
+pub(crate) use crate::ready::{Conn, Lease};
 use crate::tracker::Tracker;
 
 /// Per-engine counters (monotonic since the registry was built).
@@ -166,6 +166,30 @@ impl Engine {
         // Rare (boxed, to keep the common future small): idle connections
         // that died with a server restart. Try past them all.
         Box::pin(self.replace_closed(conn, slot, Instant::now())).await
+    }
+
+    /// A connection for one autocommit statement: with
+    /// [`EngineConfig::pipeline`] above 1, possibly shared with other
+    /// autocommit statements (see [`crate::ready`]); else [`Engine::checkout`].
+    pub(crate) async fn lease(&self) -> Result<Lease> {
+        let max_in_flight = self.inner.config.pipeline;
+        if max_in_flight <= 1 {
+            return self.checkout().await.map(Lease::Own);
+        }
+        let slot = self.slot().ok_or_else(|| self.closed_error())?;
+        match slot.take_shared(max_in_flight) {
+            Ok(shared) if !shared.client.is_closed() => {
+                self.inner.counters.inc(|c| &c.checkouts);
+                return Ok(Lease::Shared(shared));
+            }
+            // Closed (the pool discards it when the last user is done) or
+            // nothing to share: a connection of its own, with the waiting,
+            // timeouts and replacement of closed ones that come with that.
+            Ok(closed) => drop(closed),
+            Err(waiting) => drop(waiting),
+        }
+        let conn = self.checkout().await?;
+        Ok(Lease::Shared(conn.into_shared()))
     }
 
     /// The slow path of [`Engine::checkout`]: waits on, counted from `started`.

@@ -57,8 +57,17 @@ impl StateCell {
 /// A pooled tokio-postgres client with its state and statement cache.
 ///
 /// One pointer wide: bb8 moves pooled connections by value on every checkout
-/// and return, so the fields live behind a box.
-pub(crate) struct PgConn(Box<ConnParts>);
+/// and return, so the fields live behind a pointer — an `Arc`, so that
+/// autocommit statements can share a connection (see
+/// [`crate::EngineConfig::pipeline`]).
+pub(crate) struct PgConn(Arc<ConnParts>);
+
+impl PgConn {
+    /// A handle on the connection's parts for a statement sharing it.
+    pub(crate) fn share(&self) -> Arc<ConnParts> {
+        self.0.clone()
+    }
+}
 
 /// The fields of a [`PgConn`].
 pub(crate) struct ConnParts {
@@ -384,7 +393,7 @@ impl bb8::ManageConnection for Manager {
     async fn connect(&self) -> Result<PgConn, tokio_postgres::Error> {
         let client = self.inner.connect().await?;
         let backend_pid = backend_pid(&client).await?;
-        Ok(PgConn(Box::new(ConnParts {
+        Ok(PgConn(Arc::new(ConnParts {
             client,
             backend_pid,
             state: Arc::new(StateCell::default()),

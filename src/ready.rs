@@ -19,13 +19,21 @@
 //!   waits, returns go to bb8, which wakes the waiter;
 //! - every [`FLUSH_EVERY`] the stack is handed back to bb8, so its idle
 //!   timeout, max lifetime and reaper apply as before (late by at most that).
+//!
+//! With [`crate::EngineConfig::pipeline`], autocommit statements take a
+//! [`Shared`] hold instead: the connection is *lent* (listed here with its
+//! number of users) and, while the pool is saturated, further autocommit
+//! statements join it, up to the configured number in flight. It comes back
+//! (parked, or to bb8) when its last user is done. Nobody joins while a
+//! checkout waits in bb8, so transactions are not starved, nor a connection
+//! lent before the last flush, so every connection still gets back to bb8.
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bb8::{Pool, PooledConnection};
 
-use crate::manager::{ConnState, Manager, PgConn};
+use crate::manager::{ConnParts, ConnState, Manager, PgConn};
 
 /// How often parked connections are handed back to bb8.
 pub(crate) const FLUSH_EVERY: Duration = Duration::from_secs(1);
@@ -36,6 +44,7 @@ type Pooled = PooledConnection<'static, Manager>;
 /// `reinit` replaces the whole slot.
 pub(crate) struct PoolSlot {
     pub(crate) pool: Pool<Manager>,
+    max_size: u32,
     ready: Mutex<Ready>,
 }
 
@@ -46,6 +55,19 @@ struct Ready {
     waiting: usize,
     /// Replaced or closed: returns go straight to bb8.
     retired: bool,
+    /// Connections lent to autocommit statements that may share them.
+    lent: Vec<Lent>,
+    /// Counts flushes: a connection lent before the last one takes no new users.
+    epoch: u64,
+    /// Connections out of bb8 in this slot's care: parked, lent or checked
+    /// out. At `max_size`, bb8 has none left and cannot open another.
+    out: u32,
+}
+
+struct Lent {
+    pooled: Pooled,
+    users: u32,
+    epoch: u64,
 }
 
 impl std::fmt::Debug for PoolSlot {
@@ -64,10 +86,14 @@ impl PoolSlot {
     pub(crate) fn new(pool: Pool<Manager>, max_size: u32, reaped: bool) -> Arc<PoolSlot> {
         let slot = Arc::new(PoolSlot {
             pool,
+            max_size,
             ready: Mutex::new(Ready {
                 stack: Vec::with_capacity(max_size as usize),
                 waiting: 0,
                 retired: false,
+                lent: Vec::new(),
+                epoch: 0,
+                out: 0,
             }),
         });
         // Without an idle timeout or a max lifetime there is nothing for bb8
@@ -104,6 +130,7 @@ impl PoolSlot {
 
     /// Wraps a connection bb8 handed out, so that it comes back here.
     pub(crate) fn wrap(self: &Arc<Self>, pooled: Pooled) -> Conn {
+        self.ready().out += 1;
         Conn {
             pooled: Some(pooled),
             slot: self.clone(),
@@ -111,21 +138,80 @@ impl PoolSlot {
     }
 
     fn give_back(&self, pooled: Pooled) {
-        if pooled.client.is_closed() || pooled.state.get() != ConnState::Idle {
-            return drop(pooled); // bb8's has_broken discards it
-        }
-        let mut ready = self.ready();
-        if ready.waiting == 0 && !ready.retired {
+        Self::settle(self.ready(), pooled);
+    }
+
+    /// Parks a clean connection, or gives it to bb8 (after the lock is
+    /// released) when a checkout waits there or the slot is retired.
+    fn settle(mut ready: MutexGuard<'_, Ready>, pooled: Pooled) {
+        if ready.waiting == 0 && !ready.retired && is_clean(&pooled) {
             ready.stack.push(pooled);
             return;
         }
+        ready.out -= 1;
         drop(ready);
-        drop(pooled); // to bb8, which hands it to a waiter
+        drop(pooled); // to bb8, which hands it to a waiter or discards it (has_broken)
     }
 
-    /// Hands every parked connection back to bb8.
+    /// Pipelined mode: a parked connection, lent from now on; or, while the
+    /// pool is saturated and nobody waits in bb8, a share of the least busy
+    /// lent connection with fewer than `max_in_flight` users. Otherwise the
+    /// caller is counted as waiting in bb8, as with [`PoolSlot::take`].
+    pub(crate) fn take_shared(self: &Arc<Self>, max_in_flight: u32) -> Result<Shared, Waiting<'_>> {
+        let mut ready = self.ready();
+        if let Some(pooled) = ready.stack.pop() {
+            return Ok(self.lend(&mut ready, pooled));
+        }
+        if ready.waiting == 0 && !ready.retired {
+            let epoch = ready.epoch;
+            let joinable = ready
+                .lent
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| {
+                    l.epoch == epoch && l.users < max_in_flight && !l.pooled.client.is_closed()
+                })
+                .min_by_key(|(_, l)| l.users)
+                .map(|(i, _)| i);
+            // Saturated: every connection bb8 may open is out here, so
+            // none is idle in bb8 and it cannot open another.
+            if let Some(i) = joinable {
+                if ready.out >= self.max_size {
+                    let lent = &mut ready.lent[i];
+                    lent.users += 1;
+                    return Ok(Shared {
+                        parts: lent.pooled.share(),
+                        slot: self.clone(),
+                    });
+                }
+            }
+        }
+        ready.waiting += 1;
+        Err(Waiting(self))
+    }
+
+    fn lend(self: &Arc<Self>, ready: &mut Ready, pooled: Pooled) -> Shared {
+        let parts = pooled.share();
+        ready.lent.push(Lent {
+            pooled,
+            users: 1,
+            epoch: ready.epoch,
+        });
+        Shared {
+            parts,
+            slot: self.clone(),
+        }
+    }
+
+    /// Hands every parked connection back to bb8, and closes lent ones to
+    /// new users.
     pub(crate) fn flush(&self) {
-        let parked = std::mem::take(&mut self.ready().stack);
+        let parked = {
+            let mut ready = self.ready();
+            ready.epoch += 1;
+            ready.out -= ready.stack.len() as u32;
+            std::mem::take(&mut ready.stack)
+        };
         drop(parked);
     }
 
@@ -190,6 +276,71 @@ impl Drop for Conn {
     fn drop(&mut self) {
         if let Some(pooled) = self.pooled.take() {
             self.slot.give_back(pooled);
+        }
+    }
+}
+
+impl Conn {
+    /// Lends this connection out for sharing (pipelined mode).
+    pub(crate) fn into_shared(mut self) -> Shared {
+        let pooled = self.pooled.take().expect("a checked-out connection");
+        let slot = self.slot.clone();
+        let mut ready = slot.ready();
+        slot.lend(&mut ready, pooled)
+    }
+}
+
+/// A clean connection: open, in autocommit, nothing cut off.
+fn is_clean(pooled: &Pooled) -> bool {
+    !pooled.client.is_closed() && pooled.state.get() == ConnState::Idle
+}
+
+/// An autocommit statement's hold on a lent connection, which other
+/// autocommit statements may share (pipelined mode). The last one to drop
+/// its hold returns the connection.
+pub(crate) struct Shared {
+    parts: Arc<ConnParts>,
+    slot: Arc<PoolSlot>,
+}
+
+impl std::ops::Deref for Shared {
+    type Target = ConnParts;
+    fn deref(&self) -> &ConnParts {
+        &self.parts
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let mut ready = self.slot.ready();
+        let found = ready
+            .lent
+            .iter()
+            .position(|l| std::ptr::eq::<ConnParts>(&**l.pooled, &*self.parts));
+        let Some(i) = found else { return };
+        ready.lent[i].users -= 1;
+        if ready.lent[i].users == 0 {
+            let pooled = ready.lent.swap_remove(i).pooled;
+            PoolSlot::settle(ready, pooled);
+        }
+    }
+}
+
+/// A connection checked out for one autocommit statement: a connection of
+/// its own, or (pipelined mode) a share of one.
+pub(crate) enum Lease {
+    /// Exclusive use.
+    Own(Conn),
+    /// Shared with other autocommit statements.
+    Shared(Shared),
+}
+
+impl std::ops::Deref for Lease {
+    type Target = ConnParts;
+    fn deref(&self) -> &ConnParts {
+        match self {
+            Lease::Own(conn) => conn,
+            Lease::Shared(shared) => shared,
         }
     }
 }

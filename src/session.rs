@@ -95,7 +95,7 @@ impl Session {
         reject_transaction_control(sql)?;
         // The common case first: a plain engine, no request scope.
         if self.scope.is_none() && self.engine.primary().is_none() {
-            let conn = self.engine.checkout().await?;
+            let conn = self.engine.lease().await?;
             self.engine.inner.counters.inc(|c| &c.statements);
             return conn
                 .run::<O>(sql, params, true)
@@ -143,7 +143,7 @@ impl Session {
 
     /// Runs one statement on this session's own engine.
     async fn run_here<O: Op>(&self, sql: &str, params: Params<'_>) -> Result<O::Out> {
-        let conn = self.engine.checkout().await?;
+        let conn = self.engine.lease().await?;
         self.engine.inner.counters.inc(|c| &c.statements);
         let Some(scope) = &self.scope else {
             return conn
@@ -222,7 +222,7 @@ impl Session {
     /// extra round trip); otherwise (first use, a re-prepare) it follows.
     async fn run_noting_lsn<O: Op>(
         &self,
-        conn: &crate::engine::Conn,
+        conn: &crate::manager::ConnParts,
         scope: &ScopeRef,
         sql: &str,
         params: Params<'_>,

@@ -22,11 +22,7 @@ async fn parked_connections_never_strand_a_waiting_checkout() {
     let registry = db
         .registry(|c| c.max_size(2).connection_timeout(Duration::from_secs(3)))
         .await;
-    db.plain()
-        .await
-        .batch_execute("CREATE TABLE counter (n int NOT NULL); INSERT INTO counter VALUES (0)")
-        .await
-        .unwrap();
+    create_counter(&db).await;
     let seed = Rng::seed("parked_connections_never_strand_a_waiting_checkout");
     let iters = env_u64("PGASSIST_PARK_ITERS", 150);
     let committed = Arc::new(AtomicU64::new(0));
@@ -69,26 +65,14 @@ async fn parked_connections_never_strand_a_waiting_checkout() {
             Ok::<_, Error>(())
         }));
     }
-    for task in tasks {
-        within(Duration::from_secs(120), "worker", task)
-            .await
-            .unwrap()
-            .expect("every statement gets a connection in time");
-    }
-    let n: i32 = db
-        .plain()
-        .await
-        .query_one("SELECT n FROM counter", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n = join_workers(tasks, "every statement gets a connection in time", &db).await;
     let committed = committed.load(Ordering::Relaxed);
     println!(
         "committed {committed}, cut off {}",
         cut_off.load(Ordering::Relaxed)
     );
     // Nothing that was cut off (or rolled back on drop) left a trace.
-    assert_eq!(n as u64, committed);
+    assert_eq!(n, committed);
     let stats = registry.stats();
     let writer = stats.engine("writer").unwrap();
     assert_eq!(writer.in_use, 0, "{writer:?}");
@@ -168,4 +152,183 @@ async fn parked_connections_are_idle_in_stats_and_on_the_server() {
     for (pid, state) in db.backends().await {
         assert_eq!(state, "idle", "backend {pid}");
     }
+}
+
+/// Pipelined mode: with the only connection busy on a slow autocommit
+/// statement, another autocommit statement is sent on it too (it would
+/// otherwise time out waiting for a connection of its own), while a
+/// transaction, which never shares, still waits and times out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_pool_pipelines_autocommit_statements_but_never_transactions() {
+    let db = Db::new().await;
+    let registry = db
+        .registry(|c| {
+            c.max_size(1)
+                .pipeline(4)
+                .connection_timeout(Duration::from_millis(150))
+        })
+        .await;
+    let session = registry.session("writer").unwrap();
+    // Open the one connection first, so that the pool is saturated below.
+    session.query_one("SELECT 1", &[]).await.unwrap();
+    let slow = {
+        let s = session.clone();
+        tokio::spawn(async move { s.execute("SELECT pg_sleep(0.6)", &[]).await })
+    };
+    let app = db.app.clone();
+    let plain = db.plain().await;
+    let sleeping = common::eventually(Duration::from_secs(5), || async {
+        let n: i64 = plain
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE application_name = $1 AND query LIKE 'SELECT pg_sleep%'",
+                &[&app],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n == 1
+    })
+    .await;
+    assert!(sleeping, "the slow statement never started");
+    // A transaction needs a connection of its own: none comes in 150 ms.
+    let e = session.begin().await.unwrap_err();
+    assert!(matches!(e, Error::PoolTimeout { .. }), "{e:?}");
+    // An autocommit statement rides along on the busy connection.
+    let row = within(
+        Duration::from_secs(5),
+        "pipelined statement",
+        session.query_one("SELECT 2::int, pg_backend_pid()", &[]),
+    )
+    .await
+    .expect("pipelined behind the slow statement, not timed out");
+    assert_eq!(row.get::<_, i32>(0), 2);
+    slow.await.unwrap().unwrap();
+    // One backend served both.
+    assert_eq!(db.backends().await.len(), 1);
+    let writer = registry.stats().engine("writer").unwrap().clone();
+    assert_eq!((writer.in_use, writer.connections), (0, 1), "{writer:?}");
+    assert_pool_clean(&db, &registry, 1).await;
+}
+
+/// Pipelined mode under load, with statements that fail and statements
+/// cut off mid-flight: every answer goes to the statement that asked (the
+/// value sent comes back), an error touches only its own statement, the
+/// transactions in between commit exactly, and the pool ends clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_statements_get_their_own_answers_and_errors() {
+    let db = Db::new().await;
+    let registry = db
+        .registry(|c| {
+            c.max_size(2)
+                .pipeline(8)
+                .connection_timeout(Duration::from_secs(5))
+        })
+        .await;
+    create_counter(&db).await;
+    let seed = Rng::seed("pipelined_statements_get_their_own_answers_and_errors");
+    let iters = env_u64("PGASSIST_PIPELINE_ITERS", 200);
+    let committed = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..32u64 {
+        let session = registry.session("writer").unwrap();
+        let committed = committed.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng::new(seed ^ (t << 32));
+            for i in 0..iters {
+                let value = (t * 1_000_000 + i) as i64;
+                match rng.below(10) {
+                    0 => {
+                        let e = session
+                            .query_one("SELECT 1 / ($1::bigint - $1::bigint)", &[&value])
+                            .await
+                            .unwrap_err();
+                        assert!(matches!(e, Error::Db { .. }), "{e:?}");
+                    }
+                    1 => {
+                        let tx = session.begin().await?;
+                        tx.execute("UPDATE counter SET n = n + 1", &[]).await?;
+                        tx.commit().await?;
+                        committed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    2 => {
+                        let cut = Duration::from_micros(rng.below(400));
+                        let _ = tokio::time::timeout(
+                            cut,
+                            session.query_one("SELECT $1::bigint", &[&value]),
+                        )
+                        .await;
+                    }
+                    _ => {
+                        let row = session.query_one("SELECT $1::bigint", &[&value]).await?;
+                        assert_eq!(row.get::<_, i64>(0), value, "an answer went astray");
+                    }
+                }
+            }
+            Ok::<_, Error>(())
+        }));
+    }
+    let n = join_workers(tasks, "no statement fails but the ones meant to", &db).await;
+    assert_eq!(n, committed.load(Ordering::Relaxed));
+    assert!(db.backends().await.len() <= 2);
+    let writer = registry.stats().engine("writer").unwrap().clone();
+    assert_eq!(writer.in_use, 0, "{writer:?}");
+    assert_pool_clean(&db, &registry, 2).await;
+}
+
+#[tokio::test]
+async fn pipelining_refuses_settings_it_cannot_honour() {
+    let db = Db::new().await;
+    for (what, config) in [
+        ("pipeline 0", db.config().pipeline(0)),
+        (
+            "pipeline with pgbouncer",
+            db.config().pipeline(4).pgbouncer(true),
+        ),
+        (
+            "pipeline without a statement cache",
+            db.config().statement_cache(0).pipeline(4),
+        ),
+    ] {
+        let e = pgassist::Registry::builder()
+            .engine("writer", config)
+            .build()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::Config(m) if m.contains("pipeline")),
+            "{what}: {e:?}"
+        );
+    }
+}
+
+/// A one-row table `counter`, for transactions to increment.
+async fn create_counter(db: &Db) {
+    db.plain()
+        .await
+        .batch_execute("CREATE TABLE counter (n int NOT NULL); INSERT INTO counter VALUES (0)")
+        .await
+        .unwrap();
+}
+
+/// Waits for every worker (none may fail or hang), then reads `counter`.
+async fn join_workers(
+    tasks: Vec<tokio::task::JoinHandle<Result<(), Error>>>,
+    what: &str,
+    db: &Db,
+) -> u64 {
+    for task in tasks {
+        within(Duration::from_secs(120), "worker", task)
+            .await
+            .unwrap()
+            .expect(what);
+    }
+    let n: i32 = db
+        .plain()
+        .await
+        .query_one("SELECT n FROM counter", &[])
+        .await
+        .unwrap()
+        .get(0);
+    n as u64
 }

@@ -47,6 +47,7 @@ fn color(c: Contender) -> RGBColor {
         Contender::Pgassist => RGBColor(214, 39, 40),
         Contender::PgassistJoin => RGBColor(255, 127, 14),
         Contender::PgassistPinned => RGBColor(240, 150, 150),
+        Contender::PgassistPipelined => RGBColor(188, 20, 90),
         Contender::Raw => RGBColor(31, 119, 180),
         Contender::Bb8Tuned => RGBColor(44, 160, 44),
         Contender::Bb8Held => RGBColor(150, 210, 150),

@@ -218,6 +218,15 @@ pub fn goals(results: &[CellResult]) -> Vec<Goal> {
     out.push(goal(IdleHeavy, 256, Pgassist, Bb8Held, 25.0));
     out.push(goal(IdleHeavy, 256, Pgassist, PgassistPinned, 25.0));
     out.push(goal(IdleHeavy, 256, Pgassist, Bb8Tuned, 1.0));
+    out.push(goal(IdleHeavy, 256, PgassistPipelined, Bb8Held, 25.0));
+    out.push(goal(
+        IdleHeavy,
+        256,
+        PgassistPipelined,
+        PgassistPinned,
+        25.0,
+    ));
+    out.push(goal(IdleHeavy, 256, PgassistPipelined, Bb8Tuned, 1.0));
     out.retain(|g| g.ratio.is_some());
     out
 }

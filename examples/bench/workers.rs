@@ -76,7 +76,13 @@ impl Workload {
                 Sqlx,
                 Pgbench,
             ],
-            Workload::IdleHeavy => &[Pgassist, PgassistPinned, Bb8Tuned, Bb8Held],
+            Workload::IdleHeavy => &[
+                Pgassist,
+                PgassistPipelined,
+                PgassistPinned,
+                Bb8Tuned,
+                Bb8Held,
+            ],
         }
     }
 }
@@ -89,6 +95,9 @@ pub enum Contender {
     PgassistJoin,
     /// W4 with the connection pinned for the whole request (a transaction).
     PgassistPinned,
+    /// W4 with `EngineConfig::pipeline(64)`: while all 8 connections are
+    /// busy, autocommit statements are pipelined onto them.
+    PgassistPipelined,
     /// tokio-postgres, one client per task, statements prepared once.
     Raw,
     /// bb8-postgres, `test_on_check_out(false)`, statements prepared once per connection.
@@ -111,6 +120,7 @@ impl Contender {
             Contender::Pgassist => "pgassist",
             Contender::PgassistJoin => "pgassist join!",
             Contender::PgassistPinned => "pgassist pinned",
+            Contender::PgassistPipelined => "pgassist pipelined",
             Contender::Raw => "tokio-postgres raw",
             Contender::Bb8Tuned => "bb8 tuned",
             Contender::Bb8Held => "bb8 tuned, held",
@@ -246,8 +256,17 @@ pub async fn run(
     use Contender::*;
     let size = pool;
     match contender {
-        Pgassist | PgassistJoin | PgassistPinned => {
-            let registry = pgassist_registry(url, pool).await?;
+        Pgassist | PgassistJoin | PgassistPinned | PgassistPipelined => {
+            let pipelined = contender == PgassistPipelined;
+            let registry =
+                pgassist_registry_with(
+                    url,
+                    pool,
+                    |c| {
+                        if pipelined { c.pipeline(PIPELINE) } else { c }
+                    },
+                )
+                .await?;
             let workers = (0..clients)
                 .map(|_| PgassistWorker {
                     session: registry.default_session(),
@@ -534,6 +553,9 @@ async fn join3(
         tx.query_one(SELECT_BRANCH, &b),
     )
 }
+
+/// Autocommit statements in flight per connection for `pgassist pipelined`.
+pub const PIPELINE: u32 = 64;
 
 /// One statement parameter (a named array: `join!` outlives temporaries).
 type Params<'a> = [&'a (dyn ToSql + Sync); 1];
