@@ -6,6 +6,9 @@
 //!
 //! - A [`Session`] sends no BEGIN: each statement checks out a connection,
 //!   runs and gives it back, so a session holds nothing between statements.
+//!   A connection that comes back clean waits in front of bb8 for the next
+//!   statement, and with [`EngineConfig::pipeline`] autocommit statements
+//!   share busy connections while the pool is saturated.
 //! - [`Session::begin`] pins one connection for a [`Transaction`]; nested
 //!   [`Transaction::begin`] is a SAVEPOINT; commit, rollback or drop restore
 //!   the connection to autocommit before it returns to the pool, and a
