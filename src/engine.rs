@@ -12,6 +12,7 @@ use crate::error::{Error, Result, describe};
 use crate::hooks::Hooks;
 use crate::manager::{Connector, Manager};
 use crate::ready::PoolSlot;
+use crate::ready::SharedTake;
 pub(crate) use crate::ready::{Conn, Lease};
 use crate::tracker::Tracker;
 
@@ -28,6 +29,7 @@ pub(crate) struct Counters {
     pub(crate) discarded_dirty: AtomicU64,
     pub(crate) discarded_closed: AtomicU64,
     pub(crate) statements: AtomicU64,
+    pub(crate) pipelined: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -177,16 +179,45 @@ impl Engine {
             return self.checkout().await.map(Lease::Own);
         }
         let slot = self.slot().ok_or_else(|| self.closed_error())?;
-        match slot.take_shared(max_in_flight) {
-            Ok(shared) if !shared.client.is_closed() => {
-                self.inner.counters.inc(|c| &c.checkouts);
-                return Ok(Lease::Shared(shared));
+        let mut started = None;
+        loop {
+            let freed = slot.share_freed();
+            let mut freed = std::pin::pin!(freed);
+            if started.is_some() {
+                // Registered before looking again: no wake-up is lost.
+                freed.as_mut().enable();
             }
-            // Closed (the pool discards it when the last user is done) or
-            // nothing to share: a connection of its own, with the waiting,
-            // timeouts and replacement of closed ones that come with that.
-            Ok(closed) => drop(closed),
-            Err(waiting) => drop(waiting),
+            match slot.take_shared(max_in_flight) {
+                SharedTake::Got(shared, joined) if !shared.client.is_closed() => {
+                    self.inner.counters.inc(|c| &c.checkouts);
+                    if joined {
+                        self.inner.counters.inc(|c| &c.pipelined);
+                    }
+                    return Ok(Lease::Shared(shared));
+                }
+                // Closed (the pool discards it when the last user is done)
+                // or not saturated: a connection of its own, with the
+                // waiting, timeouts and replacement of closed ones that
+                // come with that.
+                SharedTake::Got(closed, _) => {
+                    drop(closed);
+                    break;
+                }
+                SharedTake::Bb8 => break,
+                SharedTake::Wait(waiting) => {
+                    let Some(since) = started else {
+                        // Look once more, registered for a wake-up.
+                        started = Some(Instant::now());
+                        continue;
+                    };
+                    let limit = self.inner.config.connection_timeout;
+                    let deadline = tokio::time::Instant::from_std(since + limit);
+                    if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                        return Err(self.checkout_error(RunError::TimedOut, since));
+                    }
+                    drop(waiting);
+                }
+            }
         }
         let conn = self.checkout().await?;
         Ok(Lease::Shared(conn.into_shared()))
@@ -348,6 +379,7 @@ impl Engine {
             checkout_timeouts: get(&c.checkout_timeouts),
             connect_errors: get(&c.connect_errors),
             statements: get(&c.statements),
+            pipelined: get(&c.pipelined),
             begun: get(&c.begun),
             committed: get(&c.committed),
             rolled_back: get(&c.rolled_back),
@@ -411,6 +443,9 @@ pub struct EngineStats {
     pub connect_errors: u64,
     /// Statements run (autocommit and in transactions).
     pub statements: u64,
+    /// Autocommit statements sent on a connection other statements were
+    /// using ([`EngineConfig::pipeline`]).
+    pub pipelined: u64,
     /// Outermost transactions begun.
     pub begun: u64,
     /// Transactions committed.

@@ -22,11 +22,14 @@
 //!
 //! With [`crate::EngineConfig::pipeline`], autocommit statements take a
 //! [`Shared`] hold instead: the connection is *lent* (listed here with its
-//! number of users) and, while the pool is saturated, further autocommit
-//! statements join it, up to the configured number in flight. It comes back
-//! (parked, or to bb8) when its last user is done. Nobody joins while a
-//! checkout waits in bb8, so transactions are not starved, nor a connection
-//! lent before the last flush, so every connection still gets back to bb8.
+//! number of users) and, while the pool is saturated (every connection bb8
+//! may open is out here or promised to a checkout waiting there), further
+//! autocommit statements join it, up to the configured number in flight, or
+//! wait for a place; they never queue in bb8 then. It comes back (parked, or
+//! to bb8) when its last user is done. Nobody joins while a checkout waits
+//! in bb8, so lent connections drain to it and transactions are not starved;
+//! nor does anybody join a connection lent before the last flush, so every
+//! connection still gets back to bb8.
 
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -46,6 +49,8 @@ pub(crate) struct PoolSlot {
     pub(crate) pool: Pool<Manager>,
     max_size: u32,
     ready: Mutex<Ready>,
+    /// Wakes autocommit statements waiting for a share (pipelined mode).
+    share_free: tokio::sync::Notify,
 }
 
 struct Ready {
@@ -62,6 +67,8 @@ struct Ready {
     /// Connections out of bb8 in this slot's care: parked, lent or checked
     /// out. At `max_size`, bb8 has none left and cannot open another.
     out: u32,
+    /// Autocommit statements waiting for a share (see [`ShareWait`]).
+    share_waiters: usize,
 }
 
 struct Lent {
@@ -94,7 +101,9 @@ impl PoolSlot {
                 lent: Vec::new(),
                 epoch: 0,
                 out: 0,
+                share_waiters: 0,
             }),
+            share_free: tokio::sync::Notify::new(),
         });
         // Without an idle timeout or a max lifetime there is nothing for bb8
         // to enforce, and no timer is needed (each pending timer costs the
@@ -138,31 +147,50 @@ impl PoolSlot {
     }
 
     fn give_back(&self, pooled: Pooled) {
-        Self::settle(self.ready(), pooled);
+        self.settle(self.ready(), pooled);
     }
 
     /// Parks a clean connection, or gives it to bb8 (after the lock is
     /// released) when a checkout waits there or the slot is retired.
-    fn settle(mut ready: MutexGuard<'_, Ready>, pooled: Pooled) {
+    fn settle(&self, mut ready: MutexGuard<'_, Ready>, pooled: Pooled) {
         if ready.waiting == 0 && !ready.retired && is_clean(&pooled) {
             ready.stack.push(pooled);
-            return;
+            return self.unlock(ready);
         }
         ready.out -= 1;
-        drop(ready);
+        self.unlock(ready);
         drop(pooled); // to bb8, which hands it to a waiter or discards it (has_broken)
     }
 
+    /// Releases the lock after a change that may let a statement waiting
+    /// for a share go on, and wakes those waiting.
+    fn unlock(&self, ready: MutexGuard<'_, Ready>) {
+        let wake = ready.share_waiters > 0;
+        drop(ready);
+        if wake {
+            self.share_free.notify_waiters();
+        }
+    }
+
     /// Pipelined mode: a parked connection, lent from now on; or, while the
-    /// pool is saturated and nobody waits in bb8, a share of the least busy
-    /// lent connection with fewer than `max_in_flight` users. Otherwise the
-    /// caller is counted as waiting in bb8, as with [`PoolSlot::take`].
-    pub(crate) fn take_shared(self: &Arc<Self>, max_in_flight: u32) -> Result<Shared, Waiting<'_>> {
+    /// pool is saturated (every connection bb8 may open is out here) and
+    /// nobody waits in bb8, a share of the least busy lent connection with
+    /// fewer than `max_in_flight` users. While saturated with connections
+    /// lent but none to join, the caller waits for a share ([`ShareWait`]):
+    /// joins stop while a checkout waits in bb8, so lent connections drain
+    /// to it. Otherwise it takes a connection of its own from bb8.
+    pub(crate) fn take_shared(self: &Arc<Self>, max_in_flight: u32) -> SharedTake<'_> {
         let mut ready = self.ready();
         if let Some(pooled) = ready.stack.pop() {
-            return Ok(self.lend(&mut ready, pooled));
+            return SharedTake::Got(self.lend(&mut ready, pooled), false);
         }
-        if ready.waiting == 0 && !ready.retired {
+        // Saturated: every connection bb8 may open is out here or promised
+        // to a checkout waiting there.
+        let saturated = ready.out as usize + ready.waiting >= self.max_size as usize;
+        if !saturated || ready.retired || ready.lent.is_empty() {
+            return SharedTake::Bb8;
+        }
+        if ready.waiting == 0 {
             let epoch = ready.epoch;
             let joinable = ready
                 .lent
@@ -173,21 +201,25 @@ impl PoolSlot {
                 })
                 .min_by_key(|(_, l)| l.users)
                 .map(|(i, _)| i);
-            // Saturated: every connection bb8 may open is out here, so
-            // none is idle in bb8 and it cannot open another.
             if let Some(i) = joinable {
-                if ready.out >= self.max_size {
-                    let lent = &mut ready.lent[i];
-                    lent.users += 1;
-                    return Ok(Shared {
-                        parts: lent.pooled.share(),
-                        slot: self.clone(),
-                    });
-                }
+                let lent = &mut ready.lent[i];
+                lent.users += 1;
+                let shared = Shared {
+                    parts: lent.pooled.share(),
+                    slot: self.clone(),
+                };
+                return SharedTake::Got(shared, true);
             }
         }
-        ready.waiting += 1;
-        Err(Waiting(self))
+        ready.share_waiters += 1;
+        SharedTake::Wait(ShareWait(self))
+    }
+
+    /// Registers interest in the next change that may free a share; to be
+    /// enabled before [`PoolSlot::take_shared`] is asked again, so that no
+    /// wake-up is lost in between.
+    pub(crate) fn share_freed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.share_free.notified()
     }
 
     fn lend(self: &Arc<Self>, ready: &mut Ready, pooled: Pooled) -> Shared {
@@ -206,12 +238,11 @@ impl PoolSlot {
     /// Hands every parked connection back to bb8, and closes lent ones to
     /// new users.
     pub(crate) fn flush(&self) {
-        let parked = {
-            let mut ready = self.ready();
-            ready.epoch += 1;
-            ready.out -= ready.stack.len() as u32;
-            std::mem::take(&mut ready.stack)
-        };
+        let mut ready = self.ready();
+        ready.epoch += 1;
+        ready.out -= ready.stack.len() as u32;
+        let parked = std::mem::take(&mut ready.stack);
+        self.unlock(ready);
         drop(parked);
     }
 
@@ -234,7 +265,30 @@ pub(crate) struct Waiting<'a>(&'a PoolSlot);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.ready().waiting -= 1;
+        let mut ready = self.0.ready();
+        ready.waiting -= 1;
+        // Joins may go on again.
+        self.0.unlock(ready);
+    }
+}
+
+/// What [`PoolSlot::take_shared`] found.
+pub(crate) enum SharedTake<'a> {
+    /// A hold on a connection; `true` if others were using it.
+    Got(Shared, bool),
+    /// Saturated, but no share now: wait for one.
+    Wait(ShareWait<'a>),
+    /// Not saturated (or nothing lent): take a connection from bb8.
+    Bb8,
+}
+
+/// An autocommit statement counted as waiting for a share; uncounted when
+/// dropped.
+pub(crate) struct ShareWait<'a>(&'a PoolSlot);
+
+impl Drop for ShareWait<'_> {
+    fn drop(&mut self) {
+        self.0.ready().share_waiters -= 1;
     }
 }
 
@@ -321,7 +375,9 @@ impl Drop for Shared {
         ready.lent[i].users -= 1;
         if ready.lent[i].users == 0 {
             let pooled = ready.lent.swap_remove(i).pooled;
-            PoolSlot::settle(ready, pooled);
+            self.slot.settle(ready, pooled);
+        } else {
+            self.slot.unlock(ready);
         }
     }
 }

@@ -157,14 +157,15 @@ async fn parked_connections_are_idle_in_stats_and_on_the_server() {
 /// Pipelined mode: with the only connection busy on a slow autocommit
 /// statement, another autocommit statement is sent on it too (it would
 /// otherwise time out waiting for a connection of its own), while a
-/// transaction, which never shares, still waits and times out.
+/// transaction, which never shares, still waits and times out, and so does
+/// a statement beyond the `pipeline(2)` limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saturated_pool_pipelines_autocommit_statements_but_never_transactions() {
     let db = Db::new().await;
     let registry = db
         .registry(|c| {
             c.max_size(1)
-                .pipeline(4)
+                .pipeline(2)
                 .connection_timeout(Duration::from_millis(150))
         })
         .await;
@@ -173,7 +174,7 @@ async fn a_saturated_pool_pipelines_autocommit_statements_but_never_transactions
     session.query_one("SELECT 1", &[]).await.unwrap();
     let slow = {
         let s = session.clone();
-        tokio::spawn(async move { s.execute("SELECT pg_sleep(0.6)", &[]).await })
+        tokio::spawn(async move { s.execute("SELECT pg_sleep(1.5)", &[]).await })
     };
     let app = db.app.clone();
     let plain = db.plain().await;
@@ -194,20 +195,31 @@ async fn a_saturated_pool_pipelines_autocommit_statements_but_never_transactions
     // A transaction needs a connection of its own: none comes in 150 ms.
     let e = session.begin().await.unwrap_err();
     assert!(matches!(e, Error::PoolTimeout { .. }), "{e:?}");
-    // An autocommit statement rides along on the busy connection.
-    let row = within(
-        Duration::from_secs(5),
-        "pipelined statement",
-        session.query_one("SELECT 2::int, pg_backend_pid()", &[]),
-    )
-    .await
-    .expect("pipelined behind the slow statement, not timed out");
+    // An autocommit statement rides along on the busy connection…
+    let riding = {
+        let s = session.clone();
+        tokio::spawn(async move { s.query_one("SELECT 2::int", &[]).await })
+    };
+    let joined = common::eventually(Duration::from_secs(5), || async {
+        registry.stats().engine("writer").unwrap().pipelined == 1
+    })
+    .await;
+    assert!(joined, "the statement did not join the busy connection");
+    // …but no more than `pipeline(2)` are in flight on one connection: a
+    // third waits for a share, and times out like any checkout.
+    let e = session.query_one("SELECT 3", &[]).await.unwrap_err();
+    assert!(matches!(e, Error::PoolTimeout { .. }), "{e:?}");
+    let row = within(Duration::from_secs(5), "pipelined statement", riding)
+        .await
+        .unwrap()
+        .expect("pipelined behind the slow statement, not timed out");
     assert_eq!(row.get::<_, i32>(0), 2);
     slow.await.unwrap().unwrap();
     // One backend served both.
     assert_eq!(db.backends().await.len(), 1);
     let writer = registry.stats().engine("writer").unwrap().clone();
     assert_eq!((writer.in_use, writer.connections), (0, 1), "{writer:?}");
+    assert_eq!(writer.pipelined, 1, "{writer:?}");
     assert_pool_clean(&db, &registry, 1).await;
 }
 
@@ -221,7 +233,7 @@ async fn pipelined_statements_get_their_own_answers_and_errors() {
     let registry = db
         .registry(|c| {
             c.max_size(2)
-                .pipeline(8)
+                .pipeline(16)
                 .connection_timeout(Duration::from_secs(5))
         })
         .await;
@@ -237,21 +249,23 @@ async fn pipelined_statements_get_their_own_answers_and_errors() {
             let mut rng = Rng::new(seed ^ (t << 32));
             for i in 0..iters {
                 let value = (t * 1_000_000 + i) as i64;
-                match rng.below(10) {
-                    0 => {
+                // Mostly autocommit: a transaction waiting for a connection
+                // of its own stops statements from joining busy ones.
+                match rng.below(40) {
+                    0..=3 => {
                         let e = session
                             .query_one("SELECT 1 / ($1::bigint - $1::bigint)", &[&value])
                             .await
                             .unwrap_err();
                         assert!(matches!(e, Error::Db { .. }), "{e:?}");
                     }
-                    1 => {
+                    4 => {
                         let tx = session.begin().await?;
                         tx.execute("UPDATE counter SET n = n + 1", &[]).await?;
                         tx.commit().await?;
                         committed.fetch_add(1, Ordering::Relaxed);
                     }
-                    2 => {
+                    5..=8 => {
                         let cut = Duration::from_micros(rng.below(400));
                         let _ = tokio::time::timeout(
                             cut,
@@ -260,7 +274,11 @@ async fn pipelined_statements_get_their_own_answers_and_errors() {
                         .await;
                     }
                     _ => {
-                        let row = session.query_one("SELECT $1::bigint", &[&value]).await?;
+                        // A little server time, so connections are busy when
+                        // statements arrive and they share.
+                        let row = session
+                            .query_one("SELECT $1::bigint FROM pg_sleep(0.0005)", &[&value])
+                            .await?;
                         assert_eq!(row.get::<_, i64>(0), value, "an answer went astray");
                     }
                 }
@@ -273,6 +291,11 @@ async fn pipelined_statements_get_their_own_answers_and_errors() {
     assert!(db.backends().await.len() <= 2);
     let writer = registry.stats().engine("writer").unwrap().clone();
     assert_eq!(writer.in_use, 0, "{writer:?}");
+    assert!(writer.pipelined > 0, "nothing was pipelined: {writer:?}");
+    println!(
+        "{} of {} statements pipelined",
+        writer.pipelined, writer.statements
+    );
     assert_pool_clean(&db, &registry, 2).await;
 }
 

@@ -174,6 +174,20 @@ async fn one_iteration(
         }
         c
     };
+    // An autocommit statement first, also cut off at random; the pool is
+    // pipelined, so it often shares a connection with others in flight.
+    if rng.percent(30) {
+        let c = cut(rng);
+        let r = run_cut(c, session.query_one("SELECT $1::bigint", &[&id])).await;
+        if let Some(Ok(row)) = &r {
+            if row.get::<_, i64>(0) != id {
+                shared.unexpected.lock().unwrap().push(format!(
+                    "autocommit select {id}: another statement's answer"
+                ));
+            }
+        }
+        shared.check("autocommit select", &r);
+    }
     let c = cut(rng);
     let mut tx = match run_cut(c, session.begin()).await {
         None => return rec,
@@ -377,6 +391,7 @@ async fn cancellation_run(total: u64, budget: Duration) {
             "writer",
             db.config()
                 .max_size(CANCEL_POOL)
+                .pipeline(4)
                 .connection_timeout(Duration::from_secs(10)),
         )
         .on_end(move |ev, outcome| {
@@ -438,7 +453,8 @@ async fn cancellation_run(total: u64, budget: Duration) {
     println!(
         "cancellation: {} iterations in {} batches in {:.1?} (pool {CANCEL_POOL}, {CANCEL_TASKS} tasks): \
          {} futures cut off, {} commits acknowledged, {} commits cut off, {} commits failed, \
-         {} TransactionAborted errors; {} dirty connections discarded, {} rolled back, {} commit outcomes unknown",
+         {} TransactionAborted errors; {} dirty connections discarded, {} rolled back, {} commit outcomes unknown; \
+         {} autocommit statements pipelined onto a busy connection",
         get(&t.iterations),
         batches,
         started.elapsed(),
@@ -450,6 +466,7 @@ async fn cancellation_run(total: u64, budget: Duration) {
         w.discarded_dirty,
         w.rolled_back,
         w.commit_unknown,
+        w.pipelined,
     );
     assert!(done >= total.min(1000), "too few iterations ran: {done}");
 }
@@ -457,7 +474,8 @@ async fn cancellation_run(total: u64, budget: Duration) {
 /// Thousands of transactions whose begin, statements, savepoint begin /
 /// release / rollback, commit and rollback futures are dropped at random
 /// points (after a random number of polls, or by a timeout of a random
-/// fraction of a millisecond), by 8 tasks over a pool of 4. After every
+/// fraction of a millisecond), by 8 tasks over a pool of 4, with pipelined
+/// autocommit statements (also cut off) in between. After every
 /// batch of 400: nothing dirty on the server or in the pool, nothing lost,
 /// nothing uncommitted visible, hooks and callbacks truthful.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
