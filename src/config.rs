@@ -205,10 +205,10 @@ impl EngineConfig {
     /// pipelines requests in flight together on one connection — up to
     /// `max_in_flight` per connection, instead of waiting for a connection
     /// of its own. With all of them at that limit, it waits for a place (at
-    /// most `connection_timeout`, then [`Error::PoolTimeout`]). Many short requests then share few connections; each
-    /// statement is still one Parse/Bind/Execute/Sync of its own, so an error
-    /// in one does not touch the others, and no connection is held between
-    /// statements.
+    /// most `connection_timeout`, then [`Error::PoolTimeout`]). Many short
+    /// requests then share few connections; each statement is still one
+    /// Parse/Bind/Execute/Sync of its own, so an error in one does not touch
+    /// the others, and no connection is held between statements.
     ///
     /// Transactions and batches always get a connection of their own, and
     /// come first: while one waits, no statement joins a busy connection.
