@@ -127,40 +127,13 @@ pub fn server(registry: Registry, listener: std::net::TcpListener) -> std::io::R
 
 /// `GET /users`: through the reader, in autocommit.
 async fn list_users(db: Db) -> Result<HttpResponse, AppError> {
-    let rows = db.reader()?.query(shared::LIST_USERS, &[]).await?;
-    let users: Vec<User> = rows
-        .iter()
-        .map(|r| User {
-            id: r.get(0),
-            name: r.get(1),
-        })
-        .collect();
-    Ok(HttpResponse::Ok().json(users))
+    Ok(HttpResponse::Ok().json(shared::list_users(&db).await?))
 }
 
 /// `POST /users`: the user through the writer and an audit row through the
 /// logger, in this request's transactions.
 async fn create_user(db: Db, new: web::Json<NewUser>) -> Result<HttpResponse, AppError> {
-    let name = new.name.trim();
-    if name.is_empty() {
-        return Err(AppError(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "name must not be empty".into(),
-        ));
-    }
-    let row = db
-        .writer()?
-        .query_one(shared::INSERT_USER, &[&name])
-        .await?;
-    let user = User {
-        id: row.get(0),
-        name: name.to_owned(),
-    };
-    let message = format!("created user {} ({})", user.id, user.name);
-    db.logger()?
-        .execute(shared::INSERT_AUDIT, &[&message])
-        .await?;
-    Ok(HttpResponse::Created().json(user))
+    Ok(HttpResponse::Created().json(shared::create_user(&db, &new).await?))
 }
 
 /// `GET /debug/db`: this request's `Sessions::report()` as JSON.
@@ -179,32 +152,27 @@ async fn debug_html(db: Db) -> Result<HttpResponse, AppError> {
 
 /// An error answer: a status and a JSON body `{"error": "..."}`.
 #[derive(Debug)]
-pub struct AppError(StatusCode, String);
+pub struct AppError(shared::Failure);
+
+impl<E: Into<shared::Failure>> From<E> for AppError {
+    fn from(e: E) -> AppError {
+        AppError(e.into())
+    }
+}
 
 impl std::fmt::Display for AppError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.1)
+        f.write_str(&self.0.message)
     }
 }
 
 impl ResponseError for AppError {
     fn status_code(&self) -> StatusCode {
-        self.0
+        StatusCode::from_u16(self.0.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.0).json(serde_json::json!({ "error": self.1 }))
-    }
-}
-
-impl From<pgassist::Error> for AppError {
-    fn from(e: pgassist::Error) -> AppError {
-        let status = if shared::is_conflict(&e) {
-            StatusCode::CONFLICT
-        } else {
-            StatusCode::INTERNAL_SERVER_ERROR
-        };
-        AppError(status, shared::error_message(&e))
+        HttpResponse::build(self.status_code()).json(serde_json::json!({ "error": self.0.message }))
     }
 }
 

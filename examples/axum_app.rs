@@ -47,40 +47,14 @@ pub fn app(registry: Registry) -> Router {
 
 /// `GET /users`: through the reader, in autocommit.
 async fn list_users(db: Db) -> Result<Json<Vec<User>>, AppError> {
-    let rows = db.reader()?.query(shared::LIST_USERS, &[]).await?;
-    let users = rows
-        .iter()
-        .map(|r| User {
-            id: r.get(0),
-            name: r.get(1),
-        })
-        .collect();
-    Ok(Json(users))
+    Ok(Json(shared::list_users(&db).await?))
 }
 
 /// `POST /users`: the user through the writer and an audit row through the
 /// logger, both in this request's transactions. Any error status rolls both
 /// back; the 201 commits them.
 async fn create_user(db: Db, Json(new): Json<NewUser>) -> Result<Response, AppError> {
-    let name = new.name.trim();
-    if name.is_empty() {
-        return Err(AppError(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "name must not be empty".into(),
-        ));
-    }
-    let row = db
-        .writer()?
-        .query_one(shared::INSERT_USER, &[&name])
-        .await?;
-    let user = User {
-        id: row.get(0),
-        name: name.to_owned(),
-    };
-    let message = format!("created user {} ({})", user.id, user.name);
-    db.logger()?
-        .execute(shared::INSERT_AUDIT, &[&message])
-        .await?;
+    let user = shared::create_user(&db, &new).await?;
     Ok((StatusCode::CREATED, Json(user)).into_response())
 }
 
@@ -99,22 +73,19 @@ async fn debug_html(db: Db) -> Result<Response, AppError> {
 
 /// An error answer: a status and a JSON body `{"error": "..."}`.
 #[derive(Debug)]
-pub struct AppError(StatusCode, String);
+pub struct AppError(shared::Failure);
 
-impl From<pgassist::Error> for AppError {
-    fn from(e: pgassist::Error) -> AppError {
-        let status = if shared::is_conflict(&e) {
-            StatusCode::CONFLICT
-        } else {
-            StatusCode::INTERNAL_SERVER_ERROR
-        };
-        AppError(status, shared::error_message(&e))
+impl<E: Into<shared::Failure>> From<E> for AppError {
+    fn from(e: E) -> AppError {
+        AppError(e.into())
     }
 }
 
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
-        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+        let status =
+            StatusCode::from_u16(self.0.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(serde_json::json!({ "error": self.0.message }))).into_response()
     }
 }
 

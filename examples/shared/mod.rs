@@ -65,9 +65,56 @@ pub const LIST_USERS: &str = "SELECT id, name FROM users ORDER BY id";
 pub const INSERT_USER: &str = "INSERT INTO users(name) VALUES ($1) RETURNING id";
 pub const INSERT_AUDIT: &str = "INSERT INTO audit(message) VALUES ($1)";
 
-/// A unique violation: the name is taken.
-pub fn is_conflict(e: &pgassist::Error) -> bool {
-    e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+/// An error answer, framework aside: an HTTP status and a message (each
+/// example renders it as `{"error": "..."}`).
+#[derive(Debug)]
+pub struct Failure {
+    pub status: u16,
+    pub message: String,
+}
+
+impl From<pgassist::Error> for Failure {
+    /// A unique violation (the name is taken) is a 409, anything else a 500.
+    fn from(e: pgassist::Error) -> Failure {
+        let conflict = e.code() == Some(&SqlState::UNIQUE_VIOLATION);
+        Failure {
+            status: if conflict { 409 } else { 500 },
+            message: error_message(&e),
+        }
+    }
+}
+
+/// `GET /users`: through the reader, in autocommit.
+pub async fn list_users(db: &pgassist::Sessions) -> Result<Vec<User>, Failure> {
+    let rows = db.reader()?.query(LIST_USERS, &[]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| User {
+            id: r.get(0),
+            name: r.get(1),
+        })
+        .collect())
+}
+
+/// `POST /users`: the user through the writer and an audit row through the
+/// logger, in this request's transactions (committed by the framework layer
+/// when the answer is a success).
+pub async fn create_user(db: &pgassist::Sessions, new: &NewUser) -> Result<User, Failure> {
+    let name = new.name.trim();
+    if name.is_empty() {
+        return Err(Failure {
+            status: 422,
+            message: "name must not be empty".into(),
+        });
+    }
+    let row = db.writer()?.query_one(INSERT_USER, &[&name]).await?;
+    let user = User {
+        id: row.get(0),
+        name: name.to_owned(),
+    };
+    let message = format!("created user {} ({})", user.id, user.name);
+    db.logger()?.execute(INSERT_AUDIT, &[&message]).await?;
+    Ok(user)
 }
 
 /// The error and its causes: the server's own message is in the source.
