@@ -105,6 +105,12 @@ impl Registry {
         self.inner.engines[self.inner.default].name()
     }
 
+    /// The engine at `index` in registry order (an index from
+    /// [`Registry::engine_index`] or an engine's own).
+    pub(crate) fn engine_at(&self, index: usize) -> &Engine {
+        &self.inner.engines[index]
+    }
+
     /// The index of engine `name` in registry order.
     pub(crate) fn engine_index(&self, name: &str) -> Result<usize> {
         self.inner

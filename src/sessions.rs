@@ -226,12 +226,7 @@ impl Sessions {
 
     fn slot(&self, index: usize) -> &Session {
         self.slots[index].get_or_init(|| {
-            let engine = self
-                .registry
-                .engines()
-                .nth(index)
-                .expect("engine index")
-                .clone();
+            let engine = self.registry.engine_at(index).clone();
             Session::scoped(
                 engine,
                 ScopeRef {

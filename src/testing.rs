@@ -172,8 +172,14 @@ impl TestCluster {
     /// connections. Needs no async runtime, so it works from sync and async
     /// code alike.
     pub fn start(opts: ClusterOptions) -> HarnessResult<TestCluster> {
+        Self::launch(|local| local.init_and_start(&opts))
+    }
+
+    /// A cluster in fresh directories, set up and started by `start` (which
+    /// returns its port); on failure everything it left is stopped and removed.
+    fn launch(start: impl FnOnce(&Local) -> HarnessResult<u16>) -> HarnessResult<TestCluster> {
         let local = Local::create()?;
-        match local.init_and_start(&opts) {
+        match start(&local) {
             Ok(port) => Ok(TestCluster {
                 host: "127.0.0.1".to_owned(),
                 port,
@@ -197,19 +203,7 @@ impl TestCluster {
         if self.local.is_none() {
             return fail("a replica needs a cluster started by the harness, not DATABASE_URL");
         }
-        let local = Local::create()?;
-        match local.init_replica(self.port) {
-            Ok(port) => Ok(TestCluster {
-                host: "127.0.0.1".to_owned(),
-                port,
-                external_url: None,
-                local: Some(local),
-            }),
-            Err(e) => {
-                local.shutdown();
-                Err(e)
-            }
-        }
+        Self::launch(|local| local.init_replica(self.port))
     }
 
     /// Starts PgBouncer (transaction pooling) in front of this cluster, if

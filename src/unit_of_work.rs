@@ -121,12 +121,7 @@ impl UnitOfWork {
         if let Some(pos) = self.enlisted.iter().position(|(i, _)| *i == index) {
             return Ok(&self.enlisted[pos].1);
         }
-        let engine = self
-            .registry
-            .engines()
-            .nth(index)
-            .expect("engine index")
-            .clone();
+        let engine = self.registry.engine_at(index).clone();
         if !self.enlisted.is_empty() {
             let engines = self.enlisted.iter().map(|(_, tx)| tx.engine());
             if let Some(e) = engines.chain([&engine]).find(|e| e.config().is_pgbouncer()) {
