@@ -75,6 +75,28 @@ fn assert_fault_error(what: &str, e: &Error) {
     assert!(ok, "{what}: not a fault error: {e:?}");
 }
 
+/// A transaction whose connection is gone cannot go on: its next statement
+/// fails with a typed fault error (never a hang), and its commit with
+/// `TransactionAborted`, which is returned.
+async fn assert_transaction_lost(what: &str, tx: pgassist::Transaction<'static>) -> Error {
+    let e = within(
+        Duration::from_secs(5),
+        what,
+        tx.execute("INSERT INTO items(name) VALUES ('after the fault')", &[]),
+    )
+    .await
+    .unwrap_err();
+    assert_fault_error(what, &e);
+    let e = within(Duration::from_secs(5), "commit", tx.commit())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::TransactionAborted { .. }),
+        "{what}: {e:?}"
+    );
+    e
+}
+
 /// Runs `SELECT 1` until it succeeds; every failure on the way must be a
 /// typed fault error. Returns how long it took.
 async fn time_to_heal(s: &Session) -> (Duration, Vec<String>) {
@@ -187,18 +209,7 @@ async fn killed_backends_give_typed_errors_and_the_pool_heals() {
         }
     })
     .await;
-    let e = within(
-        Duration::from_secs(5),
-        "statement on a killed backend",
-        tx.execute("INSERT INTO items(name) VALUES ('after the kill')", &[]),
-    )
-    .await
-    .unwrap_err();
-    assert_fault_error("statement on a killed backend", &e);
-    let e = within(Duration::from_secs(5), "commit", tx.commit())
-        .await
-        .unwrap_err();
-    assert!(matches!(e, Error::TransactionAborted { .. }), "{e:?}");
+    let e = assert_transaction_lost("statement on a killed backend", tx).await;
     println!("killed mid-transaction: commit -> {e}");
 
     // One killed while idle in the transaction, then committed: COMMIT
@@ -286,18 +297,7 @@ async fn a_server_restart_gives_typed_errors_and_the_pool_heals() {
     assert!(heal < Duration::from_secs(2), "{heal:?}");
 
     // The transaction that spanned the restart cannot commit.
-    let e = within(
-        Duration::from_secs(5),
-        "statement",
-        tx.execute("INSERT INTO items(name) VALUES ('after')", &[]),
-    )
-    .await
-    .unwrap_err();
-    assert_fault_error("statement after the restart", &e);
-    let e = within(Duration::from_secs(5), "commit", tx.commit())
-        .await
-        .unwrap_err();
-    assert!(matches!(e, Error::TransactionAborted { .. }), "{e:?}");
+    assert_transaction_lost("statement after the restart", tx).await;
 
     // A fresh transaction works, on the same registry.
     let tx = t.begin().await.unwrap();
