@@ -37,7 +37,7 @@ use actix_web::http::{Method, StatusCode};
 use actix_web::middleware::{Next, from_fn};
 use actix_web::{App, HttpMessage, HttpResponse, HttpServer, ResponseError, web};
 use pgassist::{Registry, Sessions, TxOptions};
-pub use shared::{NewUser, User, connect, create_schema};
+pub use shared::{NewUser, connect, create_schema};
 
 /// The request's sessions, as handlers extract them.
 pub type Db = web::ReqData<Arc<Sessions>>;

@@ -18,7 +18,6 @@ use common::{Db, Disconnect, disconnect_mid_request};
 use pgassist::integrations::axum::Db as DbExtractor;
 use pgassist::integrations::tower::{COMMIT_FAILED_HEADER, RequestSessions, SessionsLayer};
 use pgassist::{EngineState, Error, Registry, SessionsReport, TxOptions};
-use serde_json::Value;
 
 /// Serves `app` on a free loopback port for the rest of the test.
 async fn serve(app: Router) -> String {
@@ -42,109 +41,7 @@ async fn axum_example_lists_creates_and_reports_over_http() {
     let registry = axum_app::connect(&db.db.url, &db.app).await.unwrap();
     axum_app::create_schema(&registry).await.unwrap();
     let base = serve(axum_app::app(registry.clone())).await;
-    let http = client();
-
-    // POST /users: 201, the user (writer) and its audit row (logger) committed.
-    let res = http
-        .post(format!("{base}/users"))
-        .json(&serde_json::json!({ "name": "ann" }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), StatusCode::CREATED);
-    let ann: axum_app::User = res.json().await.unwrap();
-    assert_eq!(ann.name, "ann");
-    assert_eq!(db.plain_count("SELECT count(*) FROM users").await, 1);
-    assert_eq!(db.plain_count("SELECT count(*) FROM audit").await, 1);
-
-    // A duplicate is a 409 and an empty name a 422; neither writes anything.
-    let dup = http
-        .post(format!("{base}/users"))
-        .json(&serde_json::json!({ "name": "ann" }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(dup.status(), StatusCode::CONFLICT);
-    let body: Value = dup.json().await.unwrap();
-    assert!(
-        body["error"].as_str().unwrap().contains("duplicate key"),
-        "{body}"
-    );
-    let empty = http
-        .post(format!("{base}/users"))
-        .json(&serde_json::json!({ "name": " " }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(empty.status(), StatusCode::UNPROCESSABLE_ENTITY);
-    assert_eq!(db.plain_count("SELECT count(*) FROM users").await, 1);
-    assert_eq!(db.plain_count("SELECT count(*) FROM audit").await, 1);
-
-    // GET /users through the reader.
-    let users: Vec<axum_app::User> = http
-        .get(format!("{base}/users"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(users, [ann]);
-
-    // GET /debug/db: this request's report, every engine touched once.
-    let report: Value = http
-        .get(format!("{base}/debug/db"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let engines = report["engines"].as_array().unwrap();
-    let names: Vec<&str> = engines
-        .iter()
-        .map(|e| e["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["writer", "reader", "logger"]);
-    let server_pids: Vec<i64> = db.backends().await.iter().map(|b| b.0 as i64).collect();
-    for e in engines {
-        assert_eq!(e["state"], "Start", "{e}");
-        assert_eq!(e["statements"], 1, "{e}");
-        assert_eq!(e["pool_size"], 8, "{e}");
-        let pids = e["backend_pids"].as_array().unwrap();
-        assert_eq!(pids.len(), 1, "{e}");
-        assert!(
-            server_pids.contains(&pids[0].as_i64().unwrap()),
-            "{e} not among {server_pids:?}"
-        );
-    }
-    assert_eq!(engines[0]["is_default"], true);
-    assert_eq!(engines[1]["read_only"], true);
-
-    // GET /debug/db.html: the same as a page.
-    let page = http
-        .get(format!("{base}/debug/db.html"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(page.status(), StatusCode::OK);
-    assert!(
-        page.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/html")
-    );
-    let html = page.text().await.unwrap();
-    for needle in [
-        "<table>",
-        "<td>writer</td>",
-        "<td>reader</td>",
-        "<td>logger</td>",
-        "START",
-    ] {
-        assert!(html.contains(needle), "{needle} missing from {html}");
-    }
-
+    common::users_api::exercise(&base, &db).await;
     db.wait_no_transactions().await;
     assert_eq!(registry.stats().open_transactions, 0);
 }

@@ -16,7 +16,6 @@ use actix_web::http::StatusCode;
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use common::{Db, Disconnect, disconnect_mid_request};
-use serde_json::Value;
 
 /// An actix server with the example's middleware and routes plus `extra`,
 /// one worker, on a free loopback port. Stop it with the handle.
@@ -59,94 +58,7 @@ async fn actix_example_lists_creates_and_reports_over_http() {
     let server = actix_app::server(registry.clone(), listener).unwrap();
     let handle = server.handle();
     tokio::spawn(server);
-    let http = client();
-
-    let res = http
-        .post(format!("{base}/users"))
-        .json(&serde_json::json!({ "name": "ann" }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status().as_u16(), 201);
-    let ann: actix_app::User = res.json().await.unwrap();
-    assert_eq!(ann.name, "ann");
-    assert_eq!(db.plain_count("SELECT count(*) FROM users").await, 1);
-    assert_eq!(db.plain_count("SELECT count(*) FROM audit").await, 1);
-
-    let dup = http
-        .post(format!("{base}/users"))
-        .json(&serde_json::json!({ "name": "ann" }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(dup.status().as_u16(), 409);
-    let body: Value = dup.json().await.unwrap();
-    let message = body["error"].as_str().unwrap();
-    assert!(message.contains("duplicate key"), "{body}");
-    assert_eq!(message.matches("db error").count(), 1, "{message}");
-    let empty = http
-        .post(format!("{base}/users"))
-        .json(&serde_json::json!({ "name": "" }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(empty.status().as_u16(), 422);
-    assert_eq!(db.plain_count("SELECT count(*) FROM users").await, 1);
-    assert_eq!(db.plain_count("SELECT count(*) FROM audit").await, 1);
-
-    let users: Vec<actix_app::User> = http
-        .get(format!("{base}/users"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(users, [ann]);
-
-    let report: Value = http
-        .get(format!("{base}/debug/db"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let engines = report["engines"].as_array().unwrap();
-    let server_pids: Vec<i64> = db.backends().await.iter().map(|b| b.0 as i64).collect();
-    assert_eq!(engines.len(), 3);
-    for e in engines {
-        assert_eq!(
-            (&e["state"], &e["statements"]),
-            (&Value::from("Start"), &Value::from(1)),
-            "{e}"
-        );
-        let pid = e["backend_pids"][0].as_i64().unwrap();
-        assert!(server_pids.contains(&pid), "{e} not among {server_pids:?}");
-    }
-
-    let page = http
-        .get(format!("{base}/debug/db.html"))
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        page.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/html")
-    );
-    let html = page.text().await.unwrap();
-    for needle in [
-        "<table>",
-        "<td>writer</td>",
-        "<td>reader</td>",
-        "<td>logger</td>",
-        "START",
-    ] {
-        assert!(html.contains(needle), "{needle} missing from {html}");
-    }
-
+    common::users_api::exercise(&base, &db).await;
     db.wait_no_transactions().await;
     assert_eq!(registry.stats().open_transactions, 0);
     handle.stop(false).await;

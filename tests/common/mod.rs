@@ -142,6 +142,7 @@ pub async fn in_transaction_backends(db: &Db) -> usize {
 }
 
 pub mod proxy;
+pub mod users_api;
 
 /// Awaits `fut`, failing the test if it takes longer than `limit`: nothing
 /// in these tests may hang.
