@@ -203,14 +203,7 @@ async fn a_client_that_disconnects_mid_request_gets_its_transaction_rolled_back_
                 let completion = Completion(done_tx.lock().unwrap().take());
                 let updated = updated_tx.clone();
                 async move {
-                    db.writer()
-                        .unwrap()
-                        .execute("UPDATE counters SET n = n + 1 WHERE id = 1", &[])
-                        .await
-                        .unwrap();
-                    if let Some(tx) = updated.lock().unwrap().take() {
-                        let _ = tx.send(());
-                    }
+                    common::update_and_signal(&db, &updated).await;
                     // A slow call to something else; the client gives up first.
                     tokio::time::sleep(Duration::from_secs(30)).await;
                     completion.done();

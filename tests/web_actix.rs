@@ -181,14 +181,7 @@ async fn actix_client_that_disconnects_mid_request_is_rolled_back_at_the_deadlin
                 let mut completion = Completion(Some(done_tx.lock().unwrap().clone()));
                 let updated = updated_tx.clone();
                 async move {
-                    db.writer()
-                        .unwrap()
-                        .execute("UPDATE counters SET n = n + 1 WHERE id = 1", &[])
-                        .await
-                        .unwrap();
-                    if let Some(tx) = updated.lock().unwrap().take() {
-                        let _ = tx.send(());
-                    }
+                    common::update_and_signal(&db, &updated).await;
                     tokio::time::sleep(Duration::from_secs(30)).await;
                     let _ = completion.0.take().unwrap().send(true);
                     HttpResponse::Ok().body("too late")

@@ -347,6 +347,23 @@ pub struct Disconnect {
     pub clean: Duration,
 }
 
+/// The handler side of [`disconnect_mid_request`]: updates `counters` row
+/// 1 in the request's transaction on the writer, then says so through
+/// `updated` (once; later requests find it taken).
+pub async fn update_and_signal(
+    db: &pgassist::Sessions,
+    updated: &std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+) {
+    db.writer()
+        .unwrap()
+        .execute("UPDATE counters SET n = n + 1 WHERE id = 1", &[])
+        .await
+        .unwrap();
+    if let Some(tx) = updated.lock().unwrap().take() {
+        let _ = tx.send(());
+    }
+}
+
 /// The server side of a client that disconnects mid-request. The handler
 /// has updated `counters` row 1 inside the request's transaction and sent
 /// `updated`; this checks the request holds its transaction, queues a plain
