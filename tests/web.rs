@@ -162,51 +162,19 @@ async fn a_commit_that_fails_turns_the_success_into_a_500() {
     db.wait_no_transactions().await;
 }
 
-/// Sends `Some(true)` when the handler ran to its end, `Some(false)` when its
-/// future was dropped before.
-struct Completion(Option<tokio::sync::oneshot::Sender<bool>>);
-
-impl Completion {
-    fn done(mut self) {
-        let _ = self.0.take().unwrap().send(true);
-    }
-}
-
-impl Drop for Completion {
-    fn drop(&mut self) {
-        if let Some(tx) = self.0.take() {
-            let _ = tx.send(false);
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_client_that_disconnects_mid_request_gets_its_transaction_rolled_back_at_once() {
     let db = Db::new().await;
-    db.plain()
-        .await
-        .batch_execute("CREATE TABLE counters (id int PRIMARY KEY, n int NOT NULL); INSERT INTO counters VALUES (1, 0)")
-        .await
-        .unwrap();
     let registry = db.three_engines().await;
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<bool>();
-    let done_tx = Arc::new(Mutex::new(Some(done_tx)));
-    // The handler says when its UPDATE has run. (pg_stat_activity alone is
-    // not enough: the backend can show "idle in transaction" between the
-    // lazy BEGIN and the UPDATE.)
-    let (updated_tx, updated_rx) = tokio::sync::oneshot::channel::<()>();
-    let updated_tx = Arc::new(Mutex::new(Some(updated_tx)));
+    let (handler, updated, mut probe) = common::SlowHandler::setup(&db).await;
     let app = Router::new()
         .route(
             "/slow",
             get(move |db: DbExtractor| {
-                let completion = Completion(done_tx.lock().unwrap().take());
-                let updated = updated_tx.clone();
+                let handler = handler.clone();
+                // A slow call to something else; the client gives up first.
                 async move {
-                    common::update_and_signal(&db, &updated).await;
-                    // A slow call to something else; the client gives up first.
-                    tokio::time::sleep(Duration::from_secs(30)).await;
-                    completion.done();
+                    handler.run(&db).await;
                     "too late"
                 }
             }),
@@ -235,7 +203,7 @@ async fn a_client_that_disconnects_mid_request_gets_its_transaction_rolled_back_
         lock_released,
         clean,
         ..
-    } = disconnect_mid_request(&db, request, updated_rx, Duration::from_secs(5)).await;
+    } = disconnect_mid_request(&db, request, updated, Duration::from_secs(5)).await;
     assert_eq!(
         n, 10,
         "the request's +1 was rolled back, only the +10 counts"
@@ -247,11 +215,7 @@ async fn a_client_that_disconnects_mid_request_gets_its_transaction_rolled_back_
     assert!(clean < Duration::from_secs(1), "{clean:?}");
 
     // The server dropped the handler's future; it did not run to its end.
-    let completed = tokio::time::timeout(Duration::from_secs(5), done_rx)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(!completed, "the handler was cancelled");
+    assert!(!probe.completed().await, "the handler was cancelled");
     assert_eq!(registry.stats().open_transactions, 0);
     // The connection came back clean: the next request runs on the pool.
     let body = client()

@@ -8,7 +8,6 @@ mod common;
 #[allow(dead_code)]
 mod actix_app;
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix_web::dev::ServerHandle;
@@ -138,18 +137,6 @@ async fn actix_middleware_commits_on_success_and_rolls_back_on_error_statuses() 
     handle.stop(false).await;
 }
 
-/// Sends `true` when the handler ran to its end, `false` when its future was
-/// dropped before.
-struct Completion(Option<std::sync::mpsc::Sender<bool>>);
-
-impl Drop for Completion {
-    fn drop(&mut self) {
-        if let Some(tx) = self.0.take() {
-            let _ = tx.send(false);
-        }
-    }
-}
-
 /// actix-web keeps running a handler whose client disconnected (upstream
 /// issues 1313, 3029, 3462), so the example's middleware bounds every
 /// request: past its deadline the handler is dropped and its transaction
@@ -159,31 +146,16 @@ impl Drop for Completion {
 async fn actix_client_that_disconnects_mid_request_is_rolled_back_at_the_deadline() {
     const DEADLINE: Duration = Duration::from_secs(2);
     let db = Db::new().await;
-    db.plain()
-        .await
-        .batch_execute("CREATE TABLE counters (id int PRIMARY KEY, n int NOT NULL); INSERT INTO counters VALUES (1, 0)")
-        .await
-        .unwrap();
     let registry = actix_app::connect(&db.db.url, &db.app).await.unwrap();
-    let (done_tx, done_rx) = std::sync::mpsc::channel::<bool>();
-    let done_tx = Arc::new(Mutex::new(done_tx));
-    // The handler says when its UPDATE has run. (pg_stat_activity alone is
-    // not enough: the backend can show "idle in transaction" between the
-    // lazy BEGIN and the UPDATE.)
-    let (updated_tx, updated_rx) = tokio::sync::oneshot::channel::<()>();
-    let updated_tx = Arc::new(Mutex::new(Some(updated_tx)));
+    let (handler, updated, mut probe) = common::SlowHandler::setup(&db).await;
     let (base, handle) = serve(registry.clone(), DEADLINE, move |cfg| {
-        let done_tx = done_tx.clone();
-        let updated_tx = updated_tx.clone();
+        let handler = handler.clone();
         cfg.route(
             "/slow",
             web::post().to(move |db: actix_app::Db| {
-                let mut completion = Completion(Some(done_tx.lock().unwrap().clone()));
-                let updated = updated_tx.clone();
+                let handler = handler.clone();
                 async move {
-                    common::update_and_signal(&db, &updated).await;
-                    tokio::time::sleep(Duration::from_secs(30)).await;
-                    let _ = completion.0.take().unwrap().send(true);
+                    handler.run(&db).await;
                     HttpResponse::Ok().body("too late")
                 }
             }),
@@ -197,7 +169,7 @@ async fn actix_client_that_disconnects_mid_request_is_rolled_back_at_the_deadlin
         counter: n,
         lock_released,
         clean,
-    } = disconnect_mid_request(&db, request, updated_rx, Duration::from_secs(10)).await;
+    } = disconnect_mid_request(&db, request, updated, Duration::from_secs(10)).await;
     assert_eq!(n, 10, "the request's +1 was rolled back");
     // Measured from when the request was sent: the deadline counts from there.
     let after_disconnect = lock_released;
@@ -212,8 +184,10 @@ async fn actix_client_that_disconnects_mid_request_is_rolled_back_at_the_deadlin
         "{lock_released:?}"
     );
     assert!(clean < DEADLINE + Duration::from_secs(1), "{clean:?}");
-    let completed = done_rx.recv_timeout(Duration::from_secs(5)).unwrap();
-    assert!(!completed, "the middleware dropped the handler");
+    assert!(
+        !probe.completed().await,
+        "the middleware dropped the handler"
+    );
     assert_eq!(registry.stats().open_transactions, 0);
     handle.stop(false).await;
 }

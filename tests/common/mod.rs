@@ -347,20 +347,80 @@ pub struct Disconnect {
     pub clean: Duration,
 }
 
-/// The handler side of [`disconnect_mid_request`]: updates `counters` row
-/// 1 in the request's transaction on the writer, then says so through
-/// `updated` (once; later requests find it taken).
-pub async fn update_and_signal(
-    db: &pgassist::Sessions,
-    updated: &std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
-) {
-    db.writer()
-        .unwrap()
-        .execute("UPDATE counters SET n = n + 1 WHERE id = 1", &[])
-        .await
-        .unwrap();
-    if let Some(tx) = updated.lock().unwrap().take() {
-        let _ = tx.send(());
+/// The handler side of [`disconnect_mid_request`]: a handler that updates
+/// `counters` row 1 in the request's transaction, says so, then "works" for
+/// 30 s, longer than any client waits. Cheap to clone into a route.
+#[derive(Clone)]
+pub struct SlowHandler {
+    updated: std::sync::Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>>,
+    done: tokio::sync::mpsc::UnboundedSender<bool>,
+}
+
+/// The test's side of a [`SlowHandler`]: how the handler ended.
+pub struct SlowHandlerProbe {
+    done: tokio::sync::mpsc::UnboundedReceiver<bool>,
+}
+
+impl SlowHandler {
+    /// Creates the `counters` table (row 1 at 0) and the handler with its
+    /// probes: the receiver fires once the first request's UPDATE has run
+    /// (pg_stat_activity alone cannot tell: the backend shows "idle in
+    /// transaction" between the lazy BEGIN and the UPDATE).
+    pub async fn setup(
+        db: &Db,
+    ) -> (
+        SlowHandler,
+        tokio::sync::oneshot::Receiver<()>,
+        SlowHandlerProbe,
+    ) {
+        db.plain()
+            .await
+            .batch_execute(
+                "CREATE TABLE counters (id int PRIMARY KEY, n int NOT NULL); \
+                 INSERT INTO counters VALUES (1, 0)",
+            )
+            .await
+            .unwrap();
+        let (updated_tx, updated) = tokio::sync::oneshot::channel();
+        let (done_tx, done) = tokio::sync::mpsc::unbounded_channel();
+        let handler = SlowHandler {
+            updated: std::sync::Arc::new(std::sync::Mutex::new(Some(updated_tx))),
+            done: done_tx,
+        };
+        (handler, updated, SlowHandlerProbe { done })
+    }
+
+    /// The handler's body; the probe learns whether it ran to its end or
+    /// was dropped on the way.
+    pub async fn run(&self, db: &pgassist::Sessions) {
+        struct Completion(Option<tokio::sync::mpsc::UnboundedSender<bool>>);
+        impl Drop for Completion {
+            fn drop(&mut self) {
+                if let Some(tx) = self.0.take() {
+                    let _ = tx.send(false);
+                }
+            }
+        }
+        let mut completion = Completion(Some(self.done.clone()));
+        db.writer()
+            .unwrap()
+            .execute("UPDATE counters SET n = n + 1 WHERE id = 1", &[])
+            .await
+            .unwrap();
+        if let Some(tx) = self.updated.lock().unwrap().take() {
+            let _ = tx.send(());
+        }
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let _ = completion.0.take().unwrap().send(true);
+    }
+}
+
+impl SlowHandlerProbe {
+    /// Whether the handler ran to its end (false: its future was dropped).
+    pub async fn completed(&mut self) -> bool {
+        within(Duration::from_secs(5), "handler outcome", self.done.recv())
+            .await
+            .expect("the handler reports its outcome")
     }
 }
 
