@@ -127,11 +127,9 @@ async fn time_to_heal(s: &Session) -> (Duration, Vec<String>) {
 /// Opens `n` pooled connections at once.
 /// A transaction that wrote a row named `name`, whose backend was then
 /// terminated; returns it with that backend's pid.
-async fn begin_then_kill(
-    s: &Session,
-    plain: &tokio_postgres::Client,
-    name: &str,
-) -> (pgassist::Transaction<'static>, i32) {
+/// A transaction that has inserted `name` into `items`, and the pid of
+/// its backend.
+async fn begin_with_insert(s: &Session, name: &str) -> (pgassist::Transaction<'static>, i32) {
     let tx = s.begin().await.unwrap();
     tx.execute("INSERT INTO items(name) VALUES ($1)", &[&name])
         .await
@@ -141,6 +139,15 @@ async fn begin_then_kill(
         .await
         .unwrap()
         .get(0);
+    (tx, pid)
+}
+
+async fn begin_then_kill(
+    s: &Session,
+    plain: &tokio_postgres::Client,
+    name: &str,
+) -> (pgassist::Transaction<'static>, i32) {
+    let (tx, pid) = begin_with_insert(s, name).await;
     plain
         .query("SELECT pg_terminate_backend($1)", &[&pid])
         .await
@@ -232,15 +239,7 @@ async fn killed_backends_give_typed_errors_and_the_pool_heals() {
         )
         .await
         .unwrap();
-    let tx = t.begin().await.unwrap();
-    tx.execute("INSERT INTO items(name) VALUES ('killed in commit')", &[])
-        .await
-        .unwrap();
-    let pid: i32 = tx
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let (tx, pid) = begin_with_insert(&t, "killed in commit").await;
     let killer = async {
         tokio::time::sleep(Duration::from_millis(200)).await;
         plain
