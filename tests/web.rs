@@ -55,16 +55,7 @@ fn writes_then_answers(registry: Registry) -> Router {
             post(
                 |db: DbExtractor,
                  axum::extract::Path((status, name)): axum::extract::Path<(u16, String)>| async move {
-                    for engine in ["writer", "logger"] {
-                        db.get(engine)
-                            .unwrap()
-                            .execute(
-                                "INSERT INTO items(name) VALUES ($1)",
-                                &[&format!("{name}-{engine}")],
-                            )
-                            .await
-                            .unwrap();
-                    }
+                    common::insert_on_writer_and_logger(&db, &name).await;
                     (StatusCode::from_u16(status).unwrap(), format!("answered {status}"))
                 },
             ),

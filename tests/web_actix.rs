@@ -65,16 +65,7 @@ async fn actix_example_lists_creates_and_reports_over_http() {
 
 async fn write_then_answer(db: actix_app::Db, path: web::Path<(u16, String)>) -> HttpResponse {
     let (status, name) = path.into_inner();
-    for engine in ["writer", "logger"] {
-        db.get(engine)
-            .unwrap()
-            .execute(
-                "INSERT INTO items(name) VALUES ($1)",
-                &[&format!("{name}-{engine}")],
-            )
-            .await
-            .unwrap();
-    }
+    common::insert_on_writer_and_logger(&db, &name).await;
     if name == "deferred" {
         // Succeeds now; the deferred unique check fails at COMMIT.
         db.writer()

@@ -347,6 +347,21 @@ pub struct Disconnect {
     pub clean: Duration,
 }
 
+/// A handler's writes in the request's transactions: an `items` row
+/// `{name}-writer` through the writer and `{name}-logger` through the logger.
+pub async fn insert_on_writer_and_logger(db: &pgassist::Sessions, name: &str) {
+    for engine in ["writer", "logger"] {
+        db.get(engine)
+            .unwrap()
+            .execute(
+                "INSERT INTO items(name) VALUES ($1)",
+                &[&format!("{name}-{engine}")],
+            )
+            .await
+            .unwrap();
+    }
+}
+
 /// The handler side of [`disconnect_mid_request`]: a handler that updates
 /// `counters` row 1 in the request's transaction, says so, then "works" for
 /// 30 s, longer than any client waits. Cheap to clone into a route.
