@@ -82,48 +82,41 @@
 #![deny(missing_docs)]
 
 mod config;
-mod control;
-mod engine;
 mod error;
-pub mod helpers;
-mod hooks;
-mod lru;
-mod manager;
-mod queryable;
-mod ready;
-pub mod recovery;
-mod registry;
-mod replica;
-mod retry;
-mod session;
-mod sessions;
+mod front;
+mod pool;
+mod sql;
 mod telemetry;
-pub mod tls;
-mod tracker;
-mod transaction;
-pub mod unit_of_work;
+mod two_phase;
+mod tx;
 
 #[cfg(feature = "tower")]
 pub mod integrations;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use config::tls;
+pub use sql::helpers;
+pub use two_phase::{recovery, unit_of_work};
+
+pub use config::tls::SslMode;
 pub use config::{DEFAULT_STATEMENT_CACHE, EngineConfig};
-pub use engine::{Engine, EngineStats};
 pub use error::{Error, Result};
+pub use front::engine::{Engine, EngineStats};
+pub use front::registry::{Registry, RegistryBuilder, RegistryStats};
+pub use front::session::Session;
+pub use front::sessions::{
+    EngineReport, EngineState, InfoMut, OpenTransaction, Sessions, SessionsReport,
+};
 pub use helpers::{
     Direction, MAX_IDENTIFIER_LEN, RangeQuery, Similar, Table, Value, columns_as_dict, escape_like,
     quote_ident,
 };
-pub use hooks::{Outcome, TxEvent};
-pub use queryable::Queryable;
-pub use recovery::{InDoubt, RecoveryReport};
-pub use registry::{Registry, RegistryBuilder, RegistryStats};
-pub use session::Session;
-pub use sessions::{EngineReport, EngineState, InfoMut, OpenTransaction, Sessions, SessionsReport};
-pub use tls::SslMode;
-pub use transaction::{IsolationLevel, Transaction, TxOptions};
-pub use unit_of_work::UnitOfWork;
+pub use sql::queryable::Queryable;
+pub use two_phase::recovery::{InDoubt, RecoveryReport};
+pub use two_phase::unit_of_work::UnitOfWork;
+pub use tx::hooks::{Outcome, TxEvent};
+pub use tx::transaction::{IsolationLevel, Transaction, TxOptions};
 
 pub use tokio_postgres;
 pub use tokio_postgres::types::{FromSql, ToSql};

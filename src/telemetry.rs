@@ -12,8 +12,8 @@ mod enabled {
 
     use tracing::Instrument;
 
-    use crate::engine::Engine;
     use crate::error::Result;
+    use crate::front::engine::Engine;
 
     /// What every span of one engine repeats, computed once.
     #[derive(Debug)]
@@ -55,7 +55,7 @@ mod enabled {
     }
 
     /// Records how a transaction ended on its span.
-    pub(crate) fn record_outcome(span: &tracing::Span, outcome: crate::hooks::Outcome) {
+    pub(crate) fn record_outcome(span: &tracing::Span, outcome: crate::tx::hooks::Outcome) {
         span.record("pgassist.outcome", tracing::field::debug(outcome));
     }
 
@@ -67,7 +67,7 @@ mod enabled {
         fut: impl Future<Output = Result<T>>,
     ) -> Result<T> {
         let f = &engine.inner.telemetry;
-        let operation = crate::control::first_keyword(sql).to_ascii_uppercase();
+        let operation = crate::sql::control::first_keyword(sql).to_ascii_uppercase();
         let span = tracing::info_span!(
             parent: parent.cloned().unwrap_or_else(tracing::Span::current),
             "pgassist.statement",
@@ -105,7 +105,7 @@ pub(crate) fn warn(message: &str) {
 
 #[cfg(not(feature = "tracing"))]
 mod disabled {
-    use crate::engine::Engine;
+    use crate::front::engine::Engine;
 
     /// Nothing to remember without the feature.
     #[derive(Debug)]
@@ -122,7 +122,7 @@ mod disabled {
 
     pub(crate) fn transaction_span(_: &Engine, _: u64) -> TxSpan {}
 
-    pub(crate) fn record_outcome(_: &TxSpan, _: crate::hooks::Outcome) {}
+    pub(crate) fn record_outcome(_: &TxSpan, _: crate::tx::hooks::Outcome) {}
 }
 
 #[cfg(not(feature = "tracing"))]

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
-use crate::manager::{ConnState, StateCell};
+use crate::pool::manager::{ConnState, StateCell};
 
 /// The connection a transaction took out of autocommit.
 #[derive(Debug)]

@@ -5,14 +5,14 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::config::EngineConfig;
-use crate::engine::{Engine, EngineStats};
 use crate::error::{Error, Result};
-use crate::hooks::{Hooks, Outcome, TxEvent};
-use crate::session::Session;
-use crate::sessions::Sessions;
-use crate::tracker::Tracker;
-use crate::transaction::TxOptions;
-use crate::unit_of_work::UnitOfWork;
+use crate::front::engine::{Engine, EngineStats};
+use crate::front::session::Session;
+use crate::front::sessions::Sessions;
+use crate::two_phase::unit_of_work::UnitOfWork;
+use crate::tx::hooks::{Hooks, Outcome, TxEvent};
+use crate::tx::tracker::Tracker;
+use crate::tx::transaction::TxOptions;
 
 /// The named engines of an application (writer, reader, logger, …), one of
 /// them the default. Cheap to clone: share one across the whole app.

@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::front::engine::Engine;
 
 /// How long a replica found down is skipped before it is tried again.
 const RETRY_DOWN_AFTER: Duration = Duration::from_secs(1);

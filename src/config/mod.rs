@@ -4,6 +4,8 @@
 //! Its `Debug` and `Display` never show the password, and neither do the
 //! errors made while parsing a URL.
 
+pub mod tls;
+
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
@@ -38,7 +40,7 @@ pub struct EngineConfig {
     pub(crate) replica_of: Option<String>,
     pub(crate) replica_max_wait: Duration,
     pub(crate) replica_fallback: bool,
-    pub(crate) tls: crate::tls::TlsSettings,
+    pub(crate) tls: crate::config::tls::TlsSettings,
     pub(crate) pgbouncer: bool,
     pub(crate) pipeline: u32,
 }
@@ -54,7 +56,7 @@ impl EngineConfig {
             return Err(Error::Config("the database URL is empty".into()));
         }
         check_at_signs(url)?;
-        let (driver_url, tls) = crate::tls::split_tls_params(url).map_err(|e| match e {
+        let (driver_url, tls) = crate::config::tls::split_tls_params(url).map_err(|e| match e {
             Error::Config(m) => Error::Config(format!(
                 "cannot parse the database URL: {}",
                 redact(&m, url)
@@ -86,7 +88,7 @@ impl EngineConfig {
             replica_of: None,
             replica_max_wait: Duration::ZERO,
             replica_fallback: true,
-            tls: crate::tls::TlsSettings::default(),
+            tls: crate::config::tls::TlsSettings::default(),
             pgbouncer: false,
             pipeline: 1,
         }
@@ -171,7 +173,7 @@ impl EngineConfig {
     /// How to secure connections (libpq's `sslmode`; also read from the
     /// URL's `sslmode=`). `require` and the `verify-*` modes need the
     /// `rustls` feature.
-    pub fn sslmode(mut self, mode: crate::tls::SslMode) -> Self {
+    pub fn sslmode(mut self, mode: crate::config::tls::SslMode) -> Self {
         self.tls.mode = mode;
         self
     }
@@ -291,7 +293,7 @@ impl EngineConfig {
         #[cfg(not(feature = "rustls"))]
         if !matches!(
             self.tls.mode,
-            crate::tls::SslMode::Disable | crate::tls::SslMode::Prefer
+            crate::config::tls::SslMode::Disable | crate::config::tls::SslMode::Prefer
         ) {
             return bad(format!(
                 "sslmode {:?} needs TLS: build pgassist with the `rustls` feature",

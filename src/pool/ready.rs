@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use bb8::{Pool, PooledConnection};
 
-use crate::manager::{ConnParts, ConnState, Manager, PgConn};
+use crate::pool::manager::{ConnParts, ConnState, Manager, PgConn};
 
 /// How often parked connections are handed back to bb8.
 pub(crate) const FLUSH_EVERY: Duration = Duration::from_secs(1);

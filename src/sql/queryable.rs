@@ -7,8 +7,8 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use crate::error::Result;
-use crate::session::Session;
-use crate::transaction::Transaction;
+use crate::front::session::Session;
+use crate::tx::transaction::Transaction;
 
 /// Runs statements: implemented by [`Session`] (autocommit) and
 /// [`Transaction`] (inside the transaction or savepoint).

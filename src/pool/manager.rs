@@ -16,8 +16,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, NoTls, Row, Statement};
 
-use crate::engine::Counters;
-use crate::lru::Lru;
+use crate::front::engine::Counters;
+use crate::pool::cache::Lru;
 
 /// The transaction state of a pooled connection, as pgassist knows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -340,8 +340,8 @@ impl Connector {
     pub(crate) fn new(engine: &str, config: &crate::EngineConfig) -> crate::Result<Connector> {
         let pg = config.connect_config();
         #[cfg(feature = "rustls")]
-        if config.tls.mode != crate::tls::SslMode::Disable {
-            let tls = crate::tls::connector(engine, &config.tls)?;
+        if config.tls.mode != crate::config::tls::SslMode::Disable {
+            let tls = crate::config::tls::connector(engine, &config.tls)?;
             return Ok(Connector::Rustls(PostgresConnectionManager::new(pg, tls)));
         }
         let _ = engine;

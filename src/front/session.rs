@@ -5,14 +5,14 @@ use futures::future::BoxFuture;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
-use crate::control::{reject_control_in_batch, reject_transaction_control};
-use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::manager::{Execute, One, Op, Opt, Params, Query};
-use crate::replica::Target;
-use crate::retry;
-use crate::sessions::ScopeRef;
-use crate::transaction::{Transaction, TxOptions};
+use crate::front::engine::Engine;
+use crate::front::replica::Target;
+use crate::front::sessions::ScopeRef;
+use crate::pool::manager::{Execute, One, Op, Opt, Params, Query};
+use crate::sql::control::{reject_control_in_batch, reject_transaction_control};
+use crate::tx::retry;
+use crate::tx::transaction::{Transaction, TxOptions};
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -222,12 +222,15 @@ impl Session {
     /// extra round trip); otherwise (first use, a re-prepare) it follows.
     async fn run_noting_lsn<O: Op>(
         &self,
-        conn: &crate::manager::ConnParts,
+        conn: &crate::pool::manager::ConnParts,
         scope: &ScopeRef,
         sql: &str,
         params: Params<'_>,
     ) -> std::result::Result<O::Out, tokio_postgres::Error> {
-        let lsn_query = || conn.client.simple_query(crate::replica::INSERT_LSN_SQL);
+        let lsn_query = || {
+            conn.client
+                .simple_query(crate::front::replica::INSERT_LSN_SQL)
+        };
         let replans = conn.replans.load(Ordering::Relaxed);
         let (out, mut lsn) = if conn.is_cached(sql) {
             let (out, lsn) =
@@ -241,7 +244,7 @@ impl Session {
         }
         if let Some(lsn) = out
             .is_ok()
-            .then(|| lsn.as_deref().and_then(crate::replica::lsn_of))
+            .then(|| lsn.as_deref().and_then(crate::front::replica::lsn_of))
             .flatten()
         {
             scope.note_lsn(lsn);

@@ -35,7 +35,7 @@ use tokio_postgres::Row;
 use tokio_postgres::types::{FromSql, Kind, ToSql, Type};
 
 use crate::error::{Error, Result};
-use crate::queryable::Queryable;
+use crate::sql::queryable::Queryable;
 
 /// The longest identifier PostgreSQL keeps (`NAMEDATALEN - 1` bytes in a
 /// default build). The server silently truncates longer names, which could

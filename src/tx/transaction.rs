@@ -31,11 +31,11 @@ use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
-use crate::engine::{Conn, Engine};
 use crate::error::{Error, Result, ends_session, is_connection_loss};
-use crate::hooks::{Callback, Outcome, TxEvent, run_after_commit, run_after_rollback};
-use crate::manager::{ConnState, Execute, One, Op, Opt, Params, Query};
-use crate::sessions::ScopeRef;
+use crate::front::engine::{Conn, Engine};
+use crate::front::sessions::ScopeRef;
+use crate::pool::manager::{ConnState, Execute, One, Op, Opt, Params, Query};
+use crate::tx::hooks::{Callback, Outcome, TxEvent, run_after_commit, run_after_rollback};
 
 /// Transaction isolation levels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -326,7 +326,7 @@ impl TxCore {
     }
 
     async fn run<O: Op>(&self, sql: &str, params: Params<'_>) -> Result<O::Out> {
-        self.refuse_control(crate::control::reject_transaction_control(sql))?;
+        self.refuse_control(crate::sql::control::reject_transaction_control(sql))?;
         self.ready().await?;
         self.engine.inner.counters.inc(|c| &c.statements);
         let started = self.scope.as_ref().map(|_| Instant::now());
@@ -373,7 +373,7 @@ impl TxCore {
     }
 
     async fn batch(&self, sql: &str) -> Result<()> {
-        self.refuse_control(crate::control::reject_control_in_batch(sql))?;
+        self.refuse_control(crate::sql::control::reject_control_in_batch(sql))?;
         self.ready().await?;
         self.engine.inner.counters.inc(|c| &c.statements);
         let cut_off = CutOffGuard::arm(&self.statement_cut);
@@ -760,7 +760,7 @@ impl<'a> Transaction<'a> {
         let committed = if track_lsn {
             core.control_rows(sql)
                 .await
-                .map(|messages| crate::replica::lsn_of(&messages))
+                .map(|messages| crate::front::replica::lsn_of(&messages))
         } else {
             core.control(sql).await.map(|()| None)
         };
@@ -953,7 +953,7 @@ impl Drop for Transaction<'_> {
 /// task carrying it was dropped with a runtime shutting down), so that the
 /// pool discards the connection and no entry stays behind.
 struct EndGuard {
-    inner: Arc<crate::engine::EngineInner>,
+    inner: Arc<crate::front::engine::EngineInner>,
     tx: u64,
     clean: bool,
 }

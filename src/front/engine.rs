@@ -9,12 +9,12 @@ use bb8::{Pool, RunError};
 
 use crate::config::EngineConfig;
 use crate::error::{Error, Result, describe};
-use crate::hooks::Hooks;
-use crate::manager::{Connector, Manager};
-use crate::ready::PoolSlot;
-use crate::ready::SharedTake;
-pub(crate) use crate::ready::{Conn, Lease};
-use crate::tracker::Tracker;
+use crate::pool::manager::{Connector, Manager};
+use crate::pool::ready::PoolSlot;
+use crate::pool::ready::SharedTake;
+pub(crate) use crate::pool::ready::{Conn, Lease};
+use crate::tx::hooks::Hooks;
+use crate::tx::tracker::Tracker;
 
 /// Per-engine counters (monotonic since the registry was built).
 #[derive(Debug, Default)]
@@ -79,8 +79,8 @@ pub(crate) struct EngineInner {
     pub(crate) index: usize,
     /// Some engine is a replica of this one: record WAL positions after commits.
     pub(crate) has_replicas: std::sync::atomic::AtomicBool,
-    pub(crate) replica: crate::replica::ReplicaState,
-    pub(crate) two_phase: crate::unit_of_work::TwoPhaseState,
+    pub(crate) replica: crate::front::replica::ReplicaState,
+    pub(crate) two_phase: crate::two_phase::unit_of_work::TwoPhaseState,
     connector: Connector,
 }
 
@@ -134,7 +134,7 @@ impl Engine {
     }
 
     /// Checks out a connection: the most recently returned clean one if any
-    /// is parked (see [`crate::ready`]), else one from bb8. A connection
+    /// is parked (see [`crate::pool::ready`]), else one from bb8. A connection
     /// found closed (its server went away while it sat idle) is discarded
     /// and replaced transparently.
     pub(crate) async fn checkout(&self) -> Result<Conn> {
@@ -172,7 +172,7 @@ impl Engine {
 
     /// A connection for one autocommit statement: with
     /// [`EngineConfig::pipeline`] above 1, possibly shared with other
-    /// autocommit statements (see [`crate::ready`]); else [`Engine::checkout`].
+    /// autocommit statements (see [`crate::pool::ready`]); else [`Engine::checkout`].
     pub(crate) async fn lease(&self) -> Result<Lease> {
         let max_in_flight = self.inner.config.pipeline;
         if max_in_flight <= 1 {

@@ -26,11 +26,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
-use crate::hooks::{Callback, run_after_commit};
-use crate::registry::Registry;
-use crate::session::Session;
-use crate::sessions::ScopeRef;
-use crate::transaction::{Transaction, TxOptions, quote_literal};
+use crate::front::registry::Registry;
+use crate::front::session::Session;
+use crate::front::sessions::ScopeRef;
+use crate::tx::hooks::{Callback, run_after_commit};
+use crate::tx::transaction::{Transaction, TxOptions, quote_literal};
 
 /// The coordinator's table of commit decisions.
 pub(crate) const DECISIONS_TABLE: &str = "pgassist_2pc_decisions";
@@ -48,7 +48,7 @@ pub enum Step {
 }
 
 /// Several engines' transactions, committed together. See the
-/// [module docs](crate::unit_of_work).
+/// [module docs](crate::two_phase::unit_of_work).
 ///
 /// ```no_run
 /// # async fn demo(registry: pgassist::Registry) -> Result<(), pgassist::Error> {

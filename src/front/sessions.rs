@@ -18,9 +18,9 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::registry::Registry;
-use crate::session::Session;
-use crate::transaction::{Transaction, TxCore, TxOptions};
+use crate::front::registry::Registry;
+use crate::front::session::Session;
+use crate::tx::transaction::{Transaction, TxCore, TxOptions};
 
 /// Where one engine stands within a request, as in sqlassist's debug panel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -14,11 +14,11 @@ use std::time::Duration;
 use tokio_postgres::SimpleQueryMessage;
 use tokio_postgres::error::SqlState;
 
-use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::registry::Registry;
-use crate::transaction::quote_literal;
-use crate::unit_of_work::{DECISIONS_TABLE, run_autocommit};
+use crate::front::engine::Engine;
+use crate::front::registry::Registry;
+use crate::two_phase::unit_of_work::{DECISIONS_TABLE, run_autocommit};
+use crate::tx::transaction::quote_literal;
 
 /// How old an undecided prepared transaction must be before
 /// [`Registry::recover`] rolls it back.
@@ -51,7 +51,7 @@ pub struct RecoveryReport {
 
 impl Registry {
     /// Resolves in-doubt prepared transactions; see the
-    /// [module docs](crate::recovery). Rolls back undecided ones older than
+    /// [module docs](crate::two_phase::recovery). Rolls back undecided ones older than
     /// [`DEFAULT_RECOVERY_GRACE`].
     pub async fn recover(&self) -> Result<RecoveryReport> {
         self.recover_older_than(DEFAULT_RECOVERY_GRACE).await
