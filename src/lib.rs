@@ -56,16 +56,30 @@
 //! has confirmed COMMIT or ROLLBACK; otherwise it stays marked dirty and the
 //! pool discards it (closing it makes the server roll back).
 //!
+//! Every pooled connection has one state (idle, begin pending, open,
+//! aborted, committing, rolling back, in doubt, broken), changed only by one
+//! transition function; a step the state does not allow is refused before
+//! anything is sent — so a savepoint whose transaction has ended, whoever
+//! ended it, cannot run a statement. Only an idle connection goes back to
+//! the pool; any other is discarded.
+//!
 //! Cancellation: every control statement (BEGIN, SAVEPOINT, RELEASE, ROLLBACK
-//! TO) runs inside a critical section — a flag set synchronously before the
-//! await and cleared after the server answered. A future dropped in between
-//! leaves the flag set, and the transaction then refuses everything but a
-//! rollback. Statement errors mark the transaction aborted, so `commit()`
+//! TO, COMMIT) runs in a critical section — a guard armed before the await
+//! and disarmed after the server answered. A future dropped in between puts
+//! the connection in doubt, and the transaction then refuses everything but a
+//! rollback. Statement errors make the transaction aborted, so `commit()`
 //! rolls back and says so; and once a statement's future was dropped before
 //! its answer came (an error pgassist could not see), COMMIT is sent as
 //! `SELECT 1; COMMIT`: in an aborted transaction the probe fails and COMMIT
 //! is skipped, so a COMMIT the server turned into a ROLLBACK is never
 //! reported as a success.
+//!
+//! Transaction control sent as a statement (BEGIN, COMMIT, SAVEPOINT, …) is
+//! refused: a single statement is checked by its first keyword, a batch
+//! statement by statement. Batches are also checked by the server itself: a
+//! probe of the transaction status rides behind every batch (in the same
+//! round trip), and a batch that left a transaction open, or ended one
+//! early, is reported and its connection never reused as it is.
 //!
 //! ## The per-request container
 //!
@@ -84,6 +98,7 @@
 mod config;
 mod error;
 mod front;
+mod guard;
 mod pool;
 mod sql;
 mod telemetry;
@@ -116,7 +131,8 @@ pub use sql::queryable::Queryable;
 pub use two_phase::recovery::{InDoubt, RecoveryReport};
 pub use two_phase::unit_of_work::UnitOfWork;
 pub use tx::hooks::{Outcome, TxEvent};
-pub use tx::transaction::{IsolationLevel, Transaction, TxOptions};
+pub use tx::options::{IsolationLevel, TxOptions};
+pub use tx::transaction::Transaction;
 
 pub use tokio_postgres;
 pub use tokio_postgres::types::{FromSql, ToSql};

@@ -13,17 +13,17 @@ mod enabled {
     use tracing::Instrument;
 
     use crate::error::Result;
-    use crate::front::engine::Engine;
 
     /// What every span of one engine repeats, computed once.
     #[derive(Debug)]
     pub(crate) struct Fields {
+        engine: String,
         namespace: String,
         address: String,
     }
 
     impl Fields {
-        pub(crate) fn new(pg: &tokio_postgres::Config) -> Fields {
+        pub(crate) fn new(engine: &str, pg: &tokio_postgres::Config) -> Fields {
             use tokio_postgres::config::Host;
             let address = match pg.get_hosts().first() {
                 Some(Host::Tcp(h)) => h.clone(),
@@ -31,6 +31,7 @@ mod enabled {
                 None => String::new(),
             };
             Fields {
+                engine: engine.to_owned(),
                 namespace: pg.get_dbname().unwrap_or_default().to_owned(),
                 address,
             }
@@ -41,32 +42,30 @@ mod enabled {
     pub(crate) type TxSpan = tracing::Span;
 
     /// The span of one transaction, ended when the transaction ends.
-    pub(crate) fn transaction_span(engine: &Engine, id: u64) -> tracing::Span {
-        let f = &engine.inner.telemetry;
+    pub(crate) fn transaction_span(f: &Fields, id: u64) -> tracing::Span {
         tracing::info_span!(
             "pgassist.transaction",
             db.system = "postgresql",
             db.namespace = %f.namespace,
             server.address = %f.address,
-            pgassist.engine = %engine.name(),
+            pgassist.engine = %f.engine,
             pgassist.transaction_id = id,
             pgassist.outcome = tracing::field::Empty,
         )
     }
 
     /// Records how a transaction ended on its span.
-    pub(crate) fn record_outcome(span: &tracing::Span, outcome: crate::tx::hooks::Outcome) {
+    pub(crate) fn record_outcome(span: &tracing::Span, outcome: impl std::fmt::Debug) {
         span.record("pgassist.outcome", tracing::field::debug(outcome));
     }
 
     /// Runs `fut` inside a statement span (a child of `parent`, if given).
     pub(crate) async fn statement<T>(
-        engine: &Engine,
+        f: &Fields,
         parent: Option<&tracing::Span>,
         sql: &str,
         fut: impl Future<Output = Result<T>>,
     ) -> Result<T> {
-        let f = &engine.inner.telemetry;
         let operation = crate::sql::control::first_keyword(sql).to_ascii_uppercase();
         let span = tracing::info_span!(
             parent: parent.cloned().unwrap_or_else(tracing::Span::current),
@@ -75,7 +74,7 @@ mod enabled {
             db.namespace = %f.namespace,
             db.operation.name = %operation,
             server.address = %f.address,
-            pgassist.engine = %engine.name(),
+            pgassist.engine = %f.engine,
             pgassist.outcome = tracing::field::Empty,
             error.type = tracing::field::Empty,
         );
@@ -105,14 +104,12 @@ pub(crate) fn warn(message: &str) {
 
 #[cfg(not(feature = "tracing"))]
 mod disabled {
-    use crate::front::engine::Engine;
-
     /// Nothing to remember without the feature.
     #[derive(Debug)]
     pub(crate) struct Fields;
 
     impl Fields {
-        pub(crate) fn new(_: &tokio_postgres::Config) -> Fields {
+        pub(crate) fn new(_: &str, _: &tokio_postgres::Config) -> Fields {
             Fields
         }
     }
@@ -120,9 +117,9 @@ mod disabled {
     /// No span without the feature.
     pub(crate) type TxSpan = ();
 
-    pub(crate) fn transaction_span(_: &Engine, _: u64) -> TxSpan {}
+    pub(crate) fn transaction_span(_: &Fields, _: u64) -> TxSpan {}
 
-    pub(crate) fn record_outcome(_: &TxSpan, _: crate::tx::hooks::Outcome) {}
+    pub(crate) fn record_outcome(_: &TxSpan, _: impl std::fmt::Debug) {}
 }
 
 #[cfg(not(feature = "tracing"))]

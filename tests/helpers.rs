@@ -53,7 +53,12 @@ async fn sent_since(db: &Db, session: &impl Queryable, from: u64) -> Vec<String>
     assert!(lines.iter().any(|l| l.contains(&marker)), "{lines:#?}");
     lines
         .into_iter()
-        .filter(|l| !l.contains(&marker) && !l.contains("SELECT pg_backend_pid()"))
+        .filter(|l| {
+            !l.contains(&marker)
+                && !l.contains("SELECT pg_backend_pid()")
+                // The transaction-status probe that rides behind every batch.
+                && !l.contains("pg_catalog.statement_timestamp()")
+        })
         .collect()
 }
 

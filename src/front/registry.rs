@@ -4,15 +4,14 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
+use super::engine::{Engine, EngineStats, Links};
+use super::session::Session;
+use super::sessions::Sessions;
 use crate::config::EngineConfig;
 use crate::error::{Error, Result};
-use crate::front::engine::{Engine, EngineStats};
-use crate::front::session::Session;
-use crate::front::sessions::Sessions;
-use crate::two_phase::unit_of_work::UnitOfWork;
 use crate::tx::hooks::{Hooks, Outcome, TxEvent};
+use crate::tx::options::TxOptions;
 use crate::tx::tracker::Tracker;
-use crate::tx::transaction::TxOptions;
 
 /// The named engines of an application (writer, reader, logger, …), one of
 /// them the default. Cheap to clone: share one across the whole app.
@@ -149,12 +148,6 @@ impl Registry {
     /// The prefix of this registry's two-phase commit ids.
     pub fn two_phase_prefix(&self) -> &str {
         &self.inner.two_phase_prefix
-    }
-
-    /// A unit of work across engines: a transaction per engine as each is
-    /// touched, committed atomically (two-phase commit with several).
-    pub fn unit_of_work(&self) -> UnitOfWork {
-        UnitOfWork::new(self.clone(), None)
     }
 
     /// A per-request container: sessions for any engine, created lazily.
@@ -305,68 +298,81 @@ impl RegistryBuilder {
         }
         let hooks = Arc::new(self.hooks);
         let tracker = Arc::new(Tracker::default());
-        let mut engines: Vec<Engine> = Vec::with_capacity(self.engines.len());
-        for (name, config) in self.engines {
+        let configs = self.engines;
+        for (i, (name, _)) in configs.iter().enumerate() {
             if name.is_empty() {
                 return Err(Error::Config("an engine name cannot be empty".into()));
             }
-            if engines.iter().any(|e| e.name() == name) {
+            if configs[..i].iter().any(|(n, _)| n == name) {
                 return Err(Error::Config(format!(
                     "engine `{name}` is configured twice"
                 )));
             }
-            engines.push(Engine::new(
-                &name,
-                engines.len(),
-                config,
-                hooks.clone(),
-                tracker.clone(),
-            )?);
         }
-        for replica in &engines {
-            let Some(primary_name) = replica.config().replica_of.as_deref() else {
+        // The links between engines are resolved first, so that every
+        // engine is built complete and never changes afterwards.
+        let mut primary_of: Vec<Option<usize>> = vec![None; configs.len()];
+        for (i, (name, config)) in configs.iter().enumerate() {
+            let Some(primary_name) = config.replica_of.as_deref() else {
                 continue;
             };
-            let primary = engines
+            let primary = configs
                 .iter()
-                .find(|e| e.name() == primary_name)
+                .position(|(n, _)| n == primary_name)
                 .ok_or_else(|| {
                     Error::Config(format!(
-                        "engine `{}` is a replica of unknown engine `{primary_name}`",
-                        replica.name()
+                        "engine `{name}` is a replica of unknown engine `{primary_name}`"
                     ))
                 })?;
-            if primary.config().replica_of.is_some() || primary.name() == replica.name() {
+            if configs[primary].1.replica_of.is_some() || primary == i {
                 return Err(Error::Config(format!(
-                    "engine `{}`: replica_of must name a primary, not `{primary_name}`",
-                    replica.name()
+                    "engine `{name}`: replica_of must name a primary, not `{primary_name}`"
                 )));
             }
-            primary
-                .inner
-                .has_replicas
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-            // Reads that must go to the primary use a read-only pool of their
-            // own there: a replica's session stays read-only wherever it reads.
-            let mut fallback = primary
-                .config()
-                .clone()
-                .read_only(true)
-                .max_size(replica.config().max_size);
-            fallback.min_idle = None;
-            if let Some(app) = replica.config().pg.get_application_name() {
-                fallback = fallback.application_name(app);
-            }
-            let fallback_name = format!("{} (on {primary_name})", replica.name());
-            let fallback = Engine::new(
-                &fallback_name,
-                replica.inner.index,
-                fallback,
+            primary_of[i] = Some(primary);
+        }
+        let mut engines: Vec<Engine> = Vec::with_capacity(configs.len());
+        for (index, (name, config)) in configs.iter().enumerate() {
+            let replica_of = match primary_of[index] {
+                None => None,
+                Some(primary) => {
+                    // Reads that must go to the primary use a read-only pool of
+                    // their own there: a replica's session stays read-only
+                    // wherever it reads.
+                    let (primary_name, primary_config) = &configs[primary];
+                    let mut fallback = primary_config
+                        .clone()
+                        .read_only(true)
+                        .max_size(config.max_size);
+                    fallback.min_idle = None;
+                    if let Some(app) = config.pg.get_application_name() {
+                        fallback = fallback.application_name(app);
+                    }
+                    let fallback = Engine::new(
+                        &format!("{name} (on {primary_name})"),
+                        fallback,
+                        hooks.clone(),
+                        tracker.clone(),
+                        Links {
+                            index,
+                            ..Links::default()
+                        },
+                    )?;
+                    Some((primary, fallback))
+                }
+            };
+            let links = Links {
+                index,
+                has_replicas: primary_of.contains(&Some(index)),
+                replica_of,
+            };
+            engines.push(Engine::new(
+                name,
+                config.clone(),
                 hooks.clone(),
                 tracker.clone(),
-            )?;
-            let _ = replica.inner.replica.primary.set(fallback);
-            let _ = replica.inner.replica.primary_index.set(primary.inner.index);
+                links,
+            )?);
         }
         let default = match &self.default {
             None => 0,

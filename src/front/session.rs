@@ -5,14 +5,16 @@ use futures::future::BoxFuture;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
+use super::engine::Engine;
+use super::replica::Target;
+use super::sessions::ScopeRef;
 use crate::error::{Error, Result};
-use crate::front::engine::Engine;
-use crate::front::replica::Target;
-use crate::front::sessions::ScopeRef;
-use crate::pool::manager::{Execute, One, Op, Opt, Params, Query};
+use crate::pool::manager::{ConnParts, Execute, One, Op, Opt, Params, Query};
 use crate::sql::control::{reject_control_in_batch, reject_transaction_control};
-use crate::tx::retry;
-use crate::tx::transaction::{Transaction, TxOptions};
+use crate::sql::lsn::{INSERT_LSN_SQL, first_lsn};
+use crate::tx::options::TxOptions;
+use crate::tx::transaction::Transaction;
+use crate::tx::{Observer, retry, sql};
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -82,7 +84,7 @@ impl Session {
     ) -> impl Future<Output = Result<O::Out>> + Send {
         #[cfg(feature = "tracing")]
         return crate::telemetry::statement(
-            &self.engine,
+            self.engine.pool().telemetry(),
             None,
             sql,
             self.run_untraced::<O>(sql, params),
@@ -96,7 +98,7 @@ impl Session {
         // The common case first: a plain engine, no request scope.
         if self.scope.is_none() && self.engine.primary().is_none() {
             let conn = self.engine.lease().await?;
-            self.engine.inner.counters.inc(|c| &c.statements);
+            self.engine.pool().counters().inc(|c| &c.statements);
             return conn
                 .run::<O>(sql, params, true)
                 .await
@@ -144,7 +146,7 @@ impl Session {
     /// Runs one statement on this session's own engine.
     async fn run_here<O: Op>(&self, sql: &str, params: Params<'_>) -> Result<O::Out> {
         let conn = self.engine.lease().await?;
-        self.engine.inner.counters.inc(|c| &c.statements);
+        self.engine.pool().counters().inc(|c| &c.statements);
         let Some(scope) = &self.scope else {
             return conn
                 .run::<O>(sql, params, true)
@@ -152,7 +154,7 @@ impl Session {
                 .map_err(|e| Error::from_pg(self.engine.name(), e));
         };
         let started = Instant::now();
-        let out = if self.engine.inner.has_replicas.load(Ordering::Relaxed) {
+        let out = if self.engine.inner.has_replicas {
             self.run_noting_lsn::<O>(&conn, scope, sql, params).await
         } else {
             conn.run::<O>(sql, params, true).await
@@ -200,6 +202,12 @@ impl Session {
     /// Runs one or more statements without parameters (simple protocol), in
     /// autocommit. A batch holding a transaction control statement (anywhere
     /// in it, not only first) is refused: use [`Session::begin`].
+    ///
+    /// The text check is backed by the server's word: a probe of the
+    /// transaction status goes out pipelined behind the batch (no extra
+    /// round trip), and a batch that left its connection inside a
+    /// transaction — through SQL the text check could not see — gets an
+    /// error, and the connection is discarded (the server rolls back).
     pub async fn batch_execute(&self, sql: &str) -> Result<()> {
         reject_control_in_batch(sql)?;
         if self.scope.is_some() {
@@ -208,11 +216,36 @@ impl Session {
             }
         }
         let conn = self.engine.checkout().await?;
-        self.engine.inner.counters.inc(|c| &c.statements);
-        conn.client
-            .batch_execute(sql)
-            .await
-            .map_err(|e| Error::from_pg(self.engine.name(), e))
+        self.engine.pool().counters().inc(|c| &c.statements);
+        let client = &conn.client;
+        let (batch, probe) = futures::future::join(
+            client.batch_execute(sql),
+            client.simple_query(sql::STATUS_PROBE),
+        )
+        .await;
+        let in_block = match &probe {
+            Ok(messages) => sql::probe_says_in_block(messages) != Some(false),
+            Err(e) => {
+                conn.vet(e);
+                e.code() == Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION)
+            }
+        };
+        if in_block {
+            conn.state.mark_broken();
+        }
+        if let Err(e) = batch {
+            conn.vet(&e);
+            return Err(Error::from_pg(self.engine.name(), e));
+        }
+        if in_block {
+            return Err(Error::Usage(format!(
+                "engine `{}`: the batch left its connection inside a transaction (a transaction \
+                 control statement the text check did not recognise); the connection was \
+                 discarded, which rolled it back: use session.begin()",
+                self.engine.name()
+            )));
+        }
+        Ok(())
     }
 
     /// Runs a statement on a primary with replicas and records where this
@@ -222,15 +255,12 @@ impl Session {
     /// extra round trip); otherwise (first use, a re-prepare) it follows.
     async fn run_noting_lsn<O: Op>(
         &self,
-        conn: &crate::pool::manager::ConnParts,
+        conn: &ConnParts,
         scope: &ScopeRef,
         sql: &str,
         params: Params<'_>,
     ) -> std::result::Result<O::Out, tokio_postgres::Error> {
-        let lsn_query = || {
-            conn.client
-                .simple_query(crate::front::replica::INSERT_LSN_SQL)
-        };
+        let lsn_query = || conn.client.simple_query(INSERT_LSN_SQL);
         let replans = conn.replans.load(Ordering::Relaxed);
         let (out, mut lsn) = if conn.is_cached(sql) {
             let (out, lsn) =
@@ -244,7 +274,7 @@ impl Session {
         }
         if let Some(lsn) = out
             .is_ok()
-            .then(|| lsn.as_deref().and_then(crate::front::replica::lsn_of))
+            .then(|| lsn.as_deref().and_then(first_lsn))
             .flatten()
         {
             scope.note_lsn(lsn);
@@ -304,7 +334,10 @@ impl Session {
             }
         }
         let conn = self.engine.checkout().await?;
-        Transaction::start(&self.engine, conn, options, attempt, self.scope.clone())
+        let observer = self.scope.as_ref().map(|scope| {
+            Box::new(scope.reporter(self.engine.inner.has_replicas)) as Box<dyn Observer>
+        });
+        Transaction::start(self.engine.env(), conn, options, attempt, observer)
     }
 
     /// Runs `f` in a transaction: commit on `Ok`, roll back on `Err`.
@@ -360,3 +393,5 @@ impl Session {
         }
     }
 }
+
+crate::sql::queryable::delegate_queryable!(Session);

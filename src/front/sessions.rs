@@ -17,10 +17,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::Duration;
 
+use super::registry::Registry;
+use super::session::Session;
 use crate::error::{Error, Result};
-use crate::front::registry::Registry;
-use crate::front::session::Session;
-use crate::tx::transaction::{Transaction, TxCore, TxOptions};
+use crate::tx::Observer;
+use crate::tx::options::TxOptions;
+use crate::tx::transaction::{Transaction, TxCore};
 
 /// Where one engine stands within a request, as in sqlassist's debug panel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,11 +127,12 @@ impl ScopeRef {
         }
     }
 
-    /// Lists an open transaction in the report.
-    pub(crate) fn register(&self, core: &Arc<TxCore>) {
-        let mut list = self.usage().transactions.lock().expect("transactions");
-        list.retain(|w| w.strong_count() > 0);
-        list.push(Arc::downgrade(core));
+    /// What a transaction of this session reports to the container.
+    pub(crate) fn reporter(&self, has_replicas: bool) -> Reporter {
+        Reporter {
+            scope: self.clone(),
+            has_replicas,
+        }
     }
 
     pub(crate) fn info<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
@@ -157,6 +160,38 @@ impl ScopeRef {
         let tx = Arc::new(session.begin_outermost(options).await?);
         *usage.request_tx.lock().expect("request tx") = Some(tx.clone());
         Ok(tx)
+    }
+}
+
+/// A transaction's reports to its request's container: statements for the
+/// report, the commit's WAL position for read-your-writes.
+pub(crate) struct Reporter {
+    scope: ScopeRef,
+    has_replicas: bool,
+}
+
+impl Observer for Reporter {
+    fn statement_ran(&self, backend_pid: i32, took: Duration) {
+        self.scope.record(backend_pid, took);
+    }
+
+    fn wants_commit_lsn(&self) -> bool {
+        self.has_replicas
+    }
+
+    fn committed_at(&self, lsn: u64) {
+        self.scope.note_lsn(lsn);
+    }
+
+    fn opened(&self, tx: &Arc<TxCore>) {
+        let mut list = self
+            .scope
+            .usage()
+            .transactions
+            .lock()
+            .expect("transactions");
+        list.retain(|w| w.strong_count() > 0);
+        list.push(Arc::downgrade(tx));
     }
 }
 
@@ -259,16 +294,12 @@ impl Sessions {
         self.slot(self.registry.table_engine_index(table))
     }
 
-    /// A unit of work whose transactions belong to this request (they show
-    /// in [`Sessions::report`]): see [`crate::UnitOfWork`].
-    pub fn unit_of_work(&self) -> crate::UnitOfWork {
-        crate::UnitOfWork::new(
-            self.registry.clone(),
-            Some(ScopeRef {
-                scope: self.scope.clone(),
-                index: self.registry.default_index(),
-            }),
-        )
+    /// The container's link for sessions of engine `index`.
+    pub(crate) fn scope_ref(&self, index: usize) -> ScopeRef {
+        ScopeRef {
+            scope: self.scope.clone(),
+            index,
+        }
     }
 
     /// The `writer` engine's session.

@@ -1,14 +1,14 @@
 //! The pooled connection type and the bb8 manager that makes and vets it.
 //!
-//! Each connection carries its transaction state. bb8 asks
+//! Each connection carries its state (see [`super::state`]). bb8 asks
 //! [`ManageConnection::has_broken`] when a connection comes back; anything but
-//! [`ConnState::Idle`] — in a transaction, aborted, or with a BEGIN / COMMIT /
-//! ROLLBACK / SAVEPOINT cut off mid-flight — makes bb8 discard the connection
-//! (closing it makes the server roll back), so a dirty connection is never
-//! handed to another user.
+//! idle — in a transaction, aborted, with a BEGIN / COMMIT / ROLLBACK /
+//! SAVEPOINT cut off mid-flight, or with the protocol out of step — makes bb8
+//! discard the connection (closing it makes the server roll back), so a
+//! dirty connection is never handed to another user.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bb8_postgres::PostgresConnectionManager;
@@ -16,43 +16,9 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, NoTls, Row, Statement};
 
-use crate::front::engine::Counters;
-use crate::pool::cache::Lru;
-
-/// The transaction state of a pooled connection, as pgassist knows it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub(crate) enum ConnState {
-    /// Autocommit, no transaction open: the only state fit for the pool.
-    Idle = 0,
-    /// Taken out of autocommit by a transaction (BEGIN sent or about to be).
-    InTransaction = 1,
-    /// A statement failed inside the transaction: only a rollback is possible.
-    Aborted = 2,
-}
-
-impl ConnState {
-    fn from_u8(v: u8) -> ConnState {
-        match v {
-            0 => ConnState::Idle,
-            1 => ConnState::InTransaction,
-            _ => ConnState::Aborted,
-        }
-    }
-}
-
-/// A connection's state cell, shared with the per-transaction connection map.
-#[derive(Debug, Default)]
-pub(crate) struct StateCell(AtomicU8);
-
-impl StateCell {
-    pub(crate) fn get(&self) -> ConnState {
-        ConnState::from_u8(self.0.load(Ordering::Acquire))
-    }
-    pub(crate) fn set(&self, s: ConnState) {
-        self.0.store(s as u8, Ordering::Release);
-    }
-}
+use super::cache::Lru;
+use super::state::{Event, StateCell};
+use super::stats::Counters;
 
 /// A pooled tokio-postgres client with its state and statement cache.
 ///
@@ -183,14 +149,24 @@ impl ConnParts {
         may_replan: bool,
     ) -> Result<O::Out, tokio_postgres::Error> {
         if let Some(types) = &self.types {
-            return self.run_unnamed::<O>(types, sql, params, !may_replan).await;
+            return self
+                .run_unnamed::<O>(types, sql, params, !may_replan)
+                .await
+                .inspect_err(|e| self.vet(e));
         }
         let cached = self.cache.lock().expect("statement cache").get(sql);
         let stmt = match cached {
             Some(stmt) => stmt,
-            None => self.prepare_cached(sql).await?,
+            None => self
+                .prepare_cached(sql)
+                .await
+                .inspect_err(|e| self.vet(e))?,
         };
         match O::prepared(&self.client, &stmt, params).await {
+            Err(e) if !leaves_connection_usable(&e) => {
+                self.state.mark_broken();
+                Err(e)
+            }
             Err(e) if is_stale_plan(&e) => {
                 self.forget(sql);
                 if !may_replan {
@@ -225,17 +201,19 @@ impl ConnParts {
             Some(t) => t,
             None => {
                 if !in_transaction {
-                    // Dirty until COMMIT answers: a future dropped in between
-                    // leaves the connection to be discarded, not reused.
-                    self.state.set(ConnState::InTransaction);
+                    // Out of autocommit until COMMIT answers: a future dropped
+                    // in between leaves the connection to be discarded.
+                    let _ = self.state.apply(Event::Pin);
+                    let _ = self.state.apply(Event::BeginSent);
                     self.client.batch_execute("BEGIN").await?;
                 }
                 let described = self.client.prepare(sql).await;
                 let tys: Option<Arc<[Type]>> = described.as_ref().ok().map(|s| s.params().into());
                 drop(described); // queues Close before the COMMIT below
                 if !in_transaction {
+                    let _ = self.state.apply(Event::Commit);
                     self.client.batch_execute("COMMIT").await?;
-                    self.state.set(ConnState::Idle);
+                    let _ = self.state.apply(Event::Ended);
                 }
                 let Some(tys) = tys else {
                     // Report the server's error for the statement itself.
@@ -282,9 +260,48 @@ impl ConnParts {
         self.types.is_none() && self.cache.lock().expect("statement cache").contains(sql)
     }
 
+    /// Marks the connection broken after an error that leaves the protocol
+    /// out of step (see [`leaves_connection_usable`]).
+    pub(crate) fn vet(&self, e: &tokio_postgres::Error) {
+        if !leaves_connection_usable(e) {
+            self.state.mark_broken();
+        }
+    }
+
     fn forget(&self, sql: &str) {
         self.cache.lock().expect("statement cache").remove(sql);
     }
+}
+
+/// Whether the connection can serve the next statement after `e`.
+///
+/// A server error (SQLSTATE) arrives in step with the protocol, and so do
+/// the driver's own checks made before anything is sent (parameter count
+/// and conversion) or on rows already received. Anything else — an
+/// unexpected message, such as the CopyInResponse of a `COPY … FROM STDIN`
+/// sent as a plain statement, after which the server waits for COPY data
+/// that never comes — leaves the connection out of step, and a closed
+/// connection is gone: either way it must never reach another user.
+pub(crate) fn leaves_connection_usable(e: &tokio_postgres::Error) -> bool {
+    if e.as_db_error().is_some() {
+        return true;
+    }
+    if e.is_closed() {
+        return false;
+    }
+    // The driver's error kinds are not public: these are the Display texts
+    // of the kinds raised before sending or after a complete answer.
+    let text = e.to_string();
+    [
+        "error serializing parameter",
+        "error encoding message to server",
+        "error deserializing column",
+        "invalid column",
+        "expected ",
+        "query returned an unexpected number of",
+    ]
+    .iter()
+    .any(|prefix| text.starts_with(prefix))
 }
 
 fn is_stale_plan(e: &tokio_postgres::Error) -> bool {
@@ -412,31 +429,12 @@ impl bb8::ManageConnection for Manager {
         if conn.client.is_closed() {
             return true;
         }
-        if conn.state.get() != ConnState::Idle {
+        if !conn.state.is_idle() {
             self.counters
                 .discarded_dirty
                 .fetch_add(1, Ordering::Relaxed);
             return true;
         }
         false
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn state_cell_round_trips() {
-        let c = StateCell::default();
-        assert_eq!(c.get(), ConnState::Idle);
-        for s in [
-            ConnState::InTransaction,
-            ConnState::Aborted,
-            ConnState::Idle,
-        ] {
-            c.set(s);
-            assert_eq!(c.get(), s);
-        }
     }
 }

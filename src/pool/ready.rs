@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use bb8::{Pool, PooledConnection};
 
-use crate::pool::manager::{ConnParts, ConnState, Manager, PgConn};
+use super::manager::{ConnParts, Manager, PgConn};
 
 /// How often parked connections are handed back to bb8.
 pub(crate) const FLUSH_EVERY: Duration = Duration::from_secs(1);
@@ -346,7 +346,7 @@ impl Conn {
 
 /// A clean connection: open, in autocommit, nothing cut off.
 fn is_clean(pooled: &Pooled) -> bool {
-    !pooled.client.is_closed() && pooled.state.get() == ConnState::Idle
+    !pooled.client.is_closed() && pooled.state.is_idle()
 }
 
 /// An autocommit statement's hold on a lent connection, which other

@@ -7,11 +7,10 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use crate::error::Result;
-use crate::front::session::Session;
-use crate::tx::transaction::Transaction;
 
-/// Runs statements: implemented by [`Session`] (autocommit) and
-/// [`Transaction`] (inside the transaction or savepoint).
+/// Runs statements: implemented by [`Session`](crate::Session) (autocommit)
+/// and [`Transaction`](crate::Transaction) (inside the transaction or
+/// savepoint).
 ///
 /// ```no_run
 /// async fn count(db: &impl pgassist::Queryable) -> Result<i64, pgassist::Error> {
@@ -47,46 +46,50 @@ pub trait Queryable: Sync {
     fn batch_execute(&self, sql: &str) -> impl Future<Output = Result<()>> + Send;
 }
 
+/// Implements [`Queryable`] for a type with inherent methods of the same
+/// names (each type invokes it next to its own definition).
 macro_rules! delegate_queryable {
     ($ty:ty) => {
-        impl Queryable for $ty {
+        impl $crate::Queryable for $ty {
             fn query(
                 &self,
                 sql: &str,
-                params: &[&(dyn ToSql + Sync)],
-            ) -> impl Future<Output = Result<Vec<Row>>> + Send {
+                params: &[&(dyn $crate::ToSql + Sync)],
+            ) -> impl std::future::Future<Output = $crate::Result<Vec<$crate::Row>>> + Send {
                 <$ty>::query(self, sql, params)
             }
             fn query_one(
                 &self,
                 sql: &str,
-                params: &[&(dyn ToSql + Sync)],
-            ) -> impl Future<Output = Result<Row>> + Send {
+                params: &[&(dyn $crate::ToSql + Sync)],
+            ) -> impl std::future::Future<Output = $crate::Result<$crate::Row>> + Send {
                 <$ty>::query_one(self, sql, params)
             }
             fn query_opt(
                 &self,
                 sql: &str,
-                params: &[&(dyn ToSql + Sync)],
-            ) -> impl Future<Output = Result<Option<Row>>> + Send {
+                params: &[&(dyn $crate::ToSql + Sync)],
+            ) -> impl std::future::Future<Output = $crate::Result<Option<$crate::Row>>> + Send {
                 <$ty>::query_opt(self, sql, params)
             }
             fn execute(
                 &self,
                 sql: &str,
-                params: &[&(dyn ToSql + Sync)],
-            ) -> impl Future<Output = Result<u64>> + Send {
+                params: &[&(dyn $crate::ToSql + Sync)],
+            ) -> impl std::future::Future<Output = $crate::Result<u64>> + Send {
                 <$ty>::execute(self, sql, params)
             }
-            fn batch_execute(&self, sql: &str) -> impl Future<Output = Result<()>> + Send {
+            fn batch_execute(
+                &self,
+                sql: &str,
+            ) -> impl std::future::Future<Output = $crate::Result<()>> + Send {
                 <$ty>::batch_execute(self, sql)
             }
         }
     };
 }
 
-delegate_queryable!(Session);
-delegate_queryable!(Transaction<'_>);
+pub(crate) use delegate_queryable;
 
 /// References run statements too, so `&Session` from a
 /// [`crate::Sessions`] container passes where `&impl Queryable` is expected.

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::front::engine::Engine;
 use crate::front::registry::Registry;
 use crate::two_phase::unit_of_work::{DECISIONS_TABLE, run_autocommit};
-use crate::tx::transaction::quote_literal;
+use crate::tx::sql::quote_literal;
 
 /// How old an undecided prepared transaction must be before
 /// [`Registry::recover`] rolls it back.

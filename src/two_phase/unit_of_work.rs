@@ -29,8 +29,11 @@ use crate::error::{Error, Result};
 use crate::front::registry::Registry;
 use crate::front::session::Session;
 use crate::front::sessions::ScopeRef;
+use crate::front::sessions::Sessions;
 use crate::tx::hooks::{Callback, run_after_commit};
-use crate::tx::transaction::{Transaction, TxOptions, quote_literal};
+use crate::tx::options::TxOptions;
+use crate::tx::sql::quote_literal;
+use crate::tx::transaction::Transaction;
 
 /// The coordinator's table of commit decisions.
 pub(crate) const DECISIONS_TABLE: &str = "pgassist_2pc_decisions";
@@ -82,6 +85,25 @@ impl std::fmt::Debug for UnitOfWork {
     }
 }
 
+impl Registry {
+    /// A unit of work across engines: a transaction per engine as each is
+    /// touched, committed atomically (two-phase commit with several).
+    pub fn unit_of_work(&self) -> UnitOfWork {
+        UnitOfWork::new(self.clone(), None)
+    }
+}
+
+impl Sessions {
+    /// A unit of work whose transactions belong to this request (they show
+    /// in [`Sessions::report`]): see [`UnitOfWork`].
+    pub fn unit_of_work(&self) -> UnitOfWork {
+        UnitOfWork::new(
+            self.registry().clone(),
+            Some(self.scope_ref(self.registry().default_index())),
+        )
+    }
+}
+
 impl UnitOfWork {
     pub(crate) fn new(registry: Registry, scope: Option<ScopeRef>) -> UnitOfWork {
         UnitOfWork {
@@ -123,7 +145,10 @@ impl UnitOfWork {
         }
         let engine = self.registry.engine_at(index).clone();
         if !self.enlisted.is_empty() {
-            let engines = self.enlisted.iter().map(|(_, tx)| tx.engine());
+            let engines = self
+                .enlisted
+                .iter()
+                .map(|(i, _)| self.registry.engine_at(*i));
             if let Some(e) = engines.chain([&engine]).find(|e| e.config().is_pgbouncer()) {
                 return Err(Error::Config(format!(
                     "engine `{}` runs through PgBouncer: a unit of work across several engines needs \
@@ -186,18 +211,18 @@ impl UnitOfWork {
                 None => Ok(()),
             };
         }
-        let (_, coordinator) = enlisted.remove(0);
+        let (coordinator_index, coordinator) = enlisted.remove(0);
         let prefix = self.registry.two_phase_prefix();
         let id = unique_id();
         let global = format!("{prefix}:{id}:{}", coordinator.engine_name());
-        let engine_of = |tx: &Transaction<'static>| tx.engine().clone();
-        ensure_decision_table(coordinator.engine()).await?;
+        let engine_of = |index: usize| self.registry.engine_at(index).clone();
+        ensure_decision_table(self.registry.engine_at(coordinator_index)).await?;
 
         // Phase 1: prepare all but the coordinator.
         let mut prepared = Vec::new();
         let mut callbacks: Vec<Callback> = Vec::new();
-        for (n, (_, tx)) in enlisted.into_iter().enumerate() {
-            let engine = engine_of(&tx);
+        for (n, (index, tx)) in enlisted.into_iter().enumerate() {
+            let engine = engine_of(index);
             let gid = format!("{global}:{}", engine.name());
             match tx.prepare(&gid).await {
                 Ok(Some(cbs)) => {
@@ -231,7 +256,7 @@ impl UnitOfWork {
                     .join(",")
             )
         );
-        let coordinator_engine = engine_of(&coordinator);
+        let coordinator_engine = engine_of(coordinator_index);
         if let Err(e) = coordinator.batch_execute(&decision).await {
             abort_prepared(&prepared).await;
             drop(coordinator);
@@ -364,24 +389,6 @@ async fn allows_prepare(engine: &crate::Engine) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// Two-phase commit facts cached per engine.
-#[derive(Debug)]
-pub(crate) struct TwoPhaseState {
-    /// `max_prepared_transactions`, or `u64::MAX` while unknown.
-    max_prepared: AtomicU64,
-    /// The decision table is known to exist.
-    decision_table: std::sync::atomic::AtomicBool,
-}
-
-impl Default for TwoPhaseState {
-    fn default() -> Self {
-        TwoPhaseState {
-            max_prepared: AtomicU64::new(u64::MAX),
-            decision_table: Default::default(),
-        }
-    }
 }
 
 /// A 128-bit random hex id (std's randomly seeded hasher, the clock and a counter).

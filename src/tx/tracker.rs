@@ -7,16 +7,17 @@
 //! discards it — and the entry is removed (`after_end`). A nested begin finds
 //! its connection already recorded and out of autocommit.
 //!
-//! The map is the single place that flips a connection back to `Idle`, so
-//! "nothing leaves the map dirty" holds by construction: a connection either
-//! goes back clean through here or is closed by the pool.
+//! The map is the single place where a transaction's connection goes back
+//! to idle (the state machine's `Ended`), so "nothing leaves the map dirty"
+//! holds by construction: a connection either goes back clean through here
+//! or stays out of idle, and the pool closes it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
-use crate::pool::manager::{ConnState, StateCell};
+use crate::pool::state::{Event, StateCell};
 
 /// The connection a transaction took out of autocommit.
 #[derive(Debug)]
@@ -50,12 +51,12 @@ impl Tracker {
         conn_id: u64,
         state: &Arc<StateCell>,
     ) -> Result<()> {
-        if state.get() != ConnState::Idle {
+        if let Err(refused) = state.apply(Event::Pin) {
             return Err(Error::Usage(format!(
-                "engine `{engine}`: connection {conn_id} is already in a transaction"
+                "engine `{engine}`: connection {conn_id}: {}",
+                refused.reason()
             )));
         }
-        state.set(ConnState::InTransaction);
         let tracked = Tracked {
             engine: engine.clone(),
             conn_id,
@@ -72,7 +73,7 @@ impl Tracker {
             .lock()
             .expect("tracker")
             .get(&tx)
-            .is_some_and(|t| t.conn_id == conn_id && t.state.get() != ConnState::Idle)
+            .is_some_and(|t| t.conn_id == conn_id && !t.state.is_idle())
     }
 
     /// Ends transaction `tx`: its connection is restored to autocommit when
@@ -80,8 +81,10 @@ impl Tracker {
     /// dirty for the pool to discard. The entry is removed.
     pub(crate) fn after_end(&self, tx: u64, clean: bool) {
         let entry = self.map.lock().expect("tracker").remove(&tx);
-        if let (Some(t), true) = (entry, clean) {
-            t.state.set(ConnState::Idle);
+        if let Some(t) = entry {
+            let _ = t
+                .state
+                .apply(if clean { Event::Ended } else { Event::Lost });
         }
     }
 
@@ -104,6 +107,7 @@ impl Tracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pool::state::ConnState;
 
     #[test]
     fn begin_end_restores_and_removes() {
@@ -112,13 +116,15 @@ mod tests {
         let state = Arc::new(StateCell::default());
         let tx = t.next_id();
         t.after_begin(tx, &engine, 7, &state).unwrap();
-        assert_eq!(state.get(), ConnState::InTransaction);
+        assert_eq!(state.get(), ConnState::BeginPending);
         assert!(t.holds(tx, 7));
         assert_eq!(t.in_transaction("writer"), 1);
         // A second begin on a connection already out of autocommit is refused.
         assert!(t.after_begin(t.next_id(), &engine, 7, &state).is_err());
         t.after_end(tx, true);
         assert_eq!(state.get(), ConnState::Idle);
+        // A savepoint of the ended transaction is refused by the machine.
+        assert!(state.apply(Event::Statement).is_err());
         assert_eq!(t.in_transaction("writer"), 0);
         assert_eq!(t.open_transactions(), 0);
     }
@@ -130,9 +136,10 @@ mod tests {
         let state = Arc::new(StateCell::default());
         let tx = t.next_id();
         t.after_begin(tx, &engine, 1, &state).unwrap();
-        state.set(ConnState::Aborted);
+        state.apply(Event::BeginSent).unwrap();
+        state.apply(Event::Failed).unwrap();
         t.after_end(tx, false);
-        assert_eq!(state.get(), ConnState::Aborted);
+        assert_eq!(state.get(), ConnState::InDoubt);
         assert_eq!(t.open_transactions(), 0);
     }
 }

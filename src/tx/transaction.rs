@@ -1,210 +1,67 @@
-//! Opt-in transactions: the guard, its options, savepoints and the drop path.
-//!
-//! A [`Transaction`] pins one pooled connection for its life. BEGIN is sent
-//! lazily, pipelined with the first statement (one round trip saved; a
-//! transaction that runs nothing sends nothing). Nested [`Transaction::begin`]
-//! is a SAVEPOINT. The connection goes back to the pool only once the server
-//! has confirmed COMMIT or ROLLBACK; otherwise it stays marked dirty and the
-//! pool discards it (closing it makes the server roll back).
-//!
-//! Cancellation: every control statement (BEGIN, SAVEPOINT, RELEASE, ROLLBACK
-//! TO) runs inside a critical section — a flag set synchronously before the
-//! await and cleared after the server answered. A future dropped in between
-//! leaves the flag set, and the transaction then refuses everything but a
-//! rollback. Statement errors mark the transaction aborted, so `commit()`
-//! rolls back and says so; and once a statement's future was dropped before
-//! its answer came (an error pgassist could not see), COMMIT is sent as
-//! `SELECT 1; COMMIT`: in an aborted transaction the probe fails and COMMIT
-//! is skipped, so a COMMIT the server turned into a ROLLBACK is never
-//! reported as a success.
+//! Opt-in transactions: the guard, savepoints and the one end path. How
+//! they behave is told once, in [the crate docs](crate#how-transactions-work);
+//! this module runs each step through the connection's state machine
+//! (`pool::state`) with the SQL of [`super::sql`].
 
 use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
-use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
+use super::hooks::{Callback, Outcome, TxEvent, run_after_commit, run_after_rollback};
+use super::options::TxOptions;
+use super::{Env, Observer, sql};
 use crate::error::{Error, Result, ends_session, is_connection_loss};
-use crate::front::engine::{Conn, Engine};
-use crate::front::sessions::ScopeRef;
-use crate::pool::manager::{ConnState, Execute, One, Op, Opt, Params, Query};
-use crate::tx::hooks::{Callback, Outcome, TxEvent, run_after_commit, run_after_rollback};
-
-/// Transaction isolation levels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum IsolationLevel {
-    /// READ UNCOMMITTED (PostgreSQL treats it as READ COMMITTED).
-    ReadUncommitted,
-    /// READ COMMITTED, PostgreSQL's default.
-    ReadCommitted,
-    /// REPEATABLE READ.
-    RepeatableRead,
-    /// SERIALIZABLE.
-    Serializable,
-}
-
-impl IsolationLevel {
-    fn sql(self) -> &'static str {
-        match self {
-            IsolationLevel::ReadUncommitted => "READ UNCOMMITTED",
-            IsolationLevel::ReadCommitted => "READ COMMITTED",
-            IsolationLevel::RepeatableRead => "REPEATABLE READ",
-            IsolationLevel::Serializable => "SERIALIZABLE",
-        }
-    }
-}
-
-/// How to begin a transaction, all sent in one BEGIN statement.
-///
-/// ```
-/// use pgassist::{IsolationLevel, TxOptions};
-/// let opts = TxOptions::new().isolation(IsolationLevel::Serializable).read_only(true).deferrable(true).retries(5);
-/// ```
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TxOptions {
-    isolation: Option<IsolationLevel>,
-    read_only: Option<bool>,
-    deferrable: Option<bool>,
-    pub(crate) retries: u32,
-    pub(crate) durable: bool,
-}
-
-impl TxOptions {
-    /// The server's defaults, no retries.
-    pub fn new() -> Self {
-        Self::default()
-    }
-    /// Sets the isolation level.
-    pub fn isolation(mut self, level: IsolationLevel) -> Self {
-        self.isolation = Some(level);
-        self
-    }
-    /// READ ONLY (`true`) or READ WRITE (`false`).
-    pub fn read_only(mut self, yes: bool) -> Self {
-        self.read_only = Some(yes);
-        self
-    }
-    /// DEFERRABLE (meaningful for SERIALIZABLE READ ONLY).
-    pub fn deferrable(mut self, yes: bool) -> Self {
-        self.deferrable = Some(yes);
-        self
-    }
-    /// For [`crate::Session::transaction`]: how many times to run the closure
-    /// again after a serialization failure or deadlock (default 0).
-    pub fn retries(mut self, n: u32) -> Self {
-        self.retries = n;
-        self
-    }
-
-    /// Requires an outermost transaction (Django's `atomic(durable=True)`):
-    /// beginning it where it would become a savepoint — inside a
-    /// transaction-per-request scope — fails with [`Error::Usage`], so a
-    /// caller that needs its work committed when it returns can rely on it.
-    pub fn durable(mut self) -> Self {
-        self.durable = true;
-        self
-    }
-
-    /// The BEGIN statement for these options.
-    pub(crate) fn begin_sql(&self) -> Cow<'static, str> {
-        if self.isolation.is_none() && self.read_only.is_none() && self.deferrable.is_none() {
-            return Cow::Borrowed("BEGIN");
-        }
-        let mut sql = String::from("BEGIN");
-        if let Some(level) = self.isolation {
-            sql.push_str(" ISOLATION LEVEL ");
-            sql.push_str(level.sql());
-        }
-        match self.read_only {
-            Some(true) => sql.push_str(" READ ONLY"),
-            Some(false) => sql.push_str(" READ WRITE"),
-            None => {}
-        }
-        match self.deferrable {
-            Some(true) => sql.push_str(" DEFERRABLE"),
-            Some(false) => sql.push_str(" NOT DEFERRABLE"),
-            None => {}
-        }
-        Cow::Owned(sql)
-    }
-}
+use crate::guard::DropGuard;
+use crate::pool::Conn;
+use crate::pool::manager::{Execute, One, Op, Opt, Params, Query};
+use crate::pool::state::{ConnState, Event, Refusal};
 
 /// What one outermost transaction shares with its savepoints.
 pub(crate) struct TxCore {
     conn: Conn,
-    engine: Engine,
+    env: Arc<Env>,
     event: TxEvent,
     begin_sql: Cow<'static, str>,
-    /// BEGIN has been sent (it goes out with the first statement).
-    begun: AtomicBool,
-    /// Critical-section flag: a control statement was sent and its answer
-    /// not yet seen. Still set after the await means the future was dropped
-    /// (or the connection failed): the server state is unknown.
-    in_doubt: AtomicBool,
-    /// Shallowest savepoint (depth, number) dropped without commit or
-    /// rollback; rolled back before the next operation.
-    pending_rollback: Mutex<Option<(u32, u32)>>,
-    /// Numbers savepoints, so names never repeat within a transaction.
-    savepoints: AtomicU32,
-    /// A statement failed with 40001 / 40P01: the closure form may retry.
-    saw_retryable: AtomicBool,
-    /// A statement's future was dropped before its answer came: the server
-    /// may have aborted the transaction without our knowing, so COMMIT is
-    /// sent behind a probe (`SELECT 1; COMMIT`) that fails in that case.
-    statement_cut: AtomicBool,
-    /// COMMIT is on the wire. Still set when the transaction is dropped
-    /// means its commit future was cut off: the outcome is unknown.
-    committing: AtomicBool,
+    /// The transaction's own bookkeeping; its state is the connection's.
+    book: Mutex<Book>,
     on_commit: Mutex<Vec<Callback>>,
     attempt: u32,
-    /// Savepoints open now.
-    depth_now: AtomicU32,
-    /// Set once the outermost transaction has ended.
-    ended: AtomicBool,
     /// The per-request container this transaction reports to, if any.
-    scope: Option<ScopeRef>,
+    observer: Option<Box<dyn Observer>>,
     span: crate::telemetry::TxSpan,
     /// The runtime the transaction began on: the drop path spawns its
     /// ROLLBACK there, from whatever thread the guard is dropped on.
     runtime: Option<tokio::runtime::Handle>,
 }
 
-/// `text` as a SQL string literal.
-pub(crate) fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
-
-/// Sets a flag if dropped while armed: a future cut off between sending its
-/// request and reading the answer (diesel-async's critical section, as a
-/// guard, so that statements pipelined alongside on `&self` still run).
-struct CutOffGuard<'a>(Option<&'a AtomicBool>);
-
-impl<'a> CutOffGuard<'a> {
-    fn arm(flag: &'a AtomicBool) -> Self {
-        CutOffGuard(Some(flag))
-    }
-    fn disarm(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for CutOffGuard<'_> {
-    fn drop(&mut self) {
-        if let Some(flag) = self.0 {
-            flag.store(true, Ordering::Release);
-        }
-    }
-}
-
-fn savepoint_name(number: u32) -> String {
-    format!("pgassist_sp_{number}")
+/// What a transaction remembers besides its connection's state.
+#[derive(Debug, Default)]
+struct Book {
+    /// Savepoints open now.
+    depth: u32,
+    /// Savepoints begun so far: numbers their names, never reused.
+    savepoints: u32,
+    /// Shallowest savepoint (depth, number) dropped without commit or
+    /// rollback; rolled back before the next operation.
+    pending_rollback: Option<(u32, u32)>,
+    /// A statement's future was dropped before its answer came: the server
+    /// may have aborted the transaction without our knowing, so COMMIT goes
+    /// behind a probe ([`sql::commit`]).
+    statement_cut: bool,
+    /// A statement failed with 40001 / 40P01: the closure form may retry.
+    saw_retryable: bool,
+    /// COMMIT or PREPARE TRANSACTION was sent: a guard dropped after that
+    /// without an answer ends with an unknown outcome, not a rollback.
+    commit_sent: bool,
+    /// The outermost transaction has ended (for reports).
+    ended: bool,
 }
 
 impl TxCore {
@@ -215,25 +72,26 @@ impl TxCore {
 
     /// Savepoints open now.
     pub(crate) fn depth_now(&self) -> u32 {
-        self.depth_now.load(Ordering::Relaxed)
+        self.book().depth
     }
 
     /// Whether BEGIN has gone out.
     pub(crate) fn is_begun(&self) -> bool {
-        self.begun.load(Ordering::Relaxed)
+        !matches!(self.conn.state.get(), ConnState::BeginPending)
     }
 
     /// Whether the outermost transaction is still open.
     pub(crate) fn is_open(&self) -> bool {
-        !self.ended.load(Ordering::Relaxed)
+        !self.book().ended
+    }
+
+    fn book(&self) -> MutexGuard<'_, Book> {
+        // Nothing panics while holding it; a poisoned lock is still consistent.
+        self.book.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn name(&self) -> &str {
         &self.event.engine
-    }
-
-    fn state(&self) -> ConnState {
-        self.conn.state.get()
     }
 
     fn aborted(&self, reason: &str) -> Error {
@@ -243,9 +101,30 @@ impl TxCore {
         }
     }
 
+    /// The error for a step the state machine refused: nothing was sent.
+    fn refused(&self, refusal: Refusal) -> Error {
+        match refusal {
+            Refusal::Aborted | Refusal::InDoubt => self.aborted(refusal.reason()),
+            Refusal::Broken => Error::Closed {
+                engine: self.name().to_owned(),
+                reason: "the transaction's connection is broken".into(),
+            },
+            Refusal::Ended | Refusal::Ending | Refusal::NotIdle => Error::Usage(format!(
+                "engine `{}`: {}; nothing was sent",
+                self.name(),
+                refusal.reason()
+            )),
+        }
+    }
+
+    /// Applies `event` to the connection's state machine.
+    fn apply(&self, event: Event) -> Result<ConnState> {
+        self.conn.state.apply(event).map_err(|r| self.refused(r))
+    }
+
     /// Runs a control statement inside the critical section.
     async fn control(&self, sql: &str) -> std::result::Result<(), tokio_postgres::Error> {
-        let cut_off = CutOffGuard::arm(&self.in_doubt);
+        let cut_off = DropGuard::new(|| self.lost());
         let r = self.conn.client.batch_execute(sql).await;
         cut_off.disarm();
         self.after_control(r)
@@ -256,10 +135,15 @@ impl TxCore {
         &self,
         sql: &str,
     ) -> std::result::Result<Vec<tokio_postgres::SimpleQueryMessage>, tokio_postgres::Error> {
-        let cut_off = CutOffGuard::arm(&self.in_doubt);
+        let cut_off = DropGuard::new(|| self.lost());
         let r = self.conn.client.simple_query(sql).await;
         cut_off.disarm();
         self.after_control(r)
+    }
+
+    /// The server's state is unknown from here on.
+    fn lost(&self) {
+        let _ = self.conn.state.apply(Event::Lost);
     }
 
     /// The server answered a control statement (even with an error): its
@@ -268,23 +152,29 @@ impl TxCore {
         &self,
         r: std::result::Result<T, tokio_postgres::Error>,
     ) -> std::result::Result<T, tokio_postgres::Error> {
-        if matches!(&r, Err(e) if is_connection_loss(e)) {
-            self.in_doubt.store(true, Ordering::Release);
+        if let Err(e) = &r {
+            if is_connection_loss(e) {
+                self.lost();
+            } else {
+                self.conn.vet(e);
+            }
         }
         r
     }
 
-    /// Classifies a statement error and updates the transaction state.
+    /// Classifies a statement error and moves the machine.
     fn statement_error(&self, e: tokio_postgres::Error) -> Error {
         if let Some(code) = e.code() {
-            self.conn.state.set(ConnState::Aborted);
+            let _ = self.conn.state.apply(Event::Failed);
             if *code == SqlState::T_R_SERIALIZATION_FAILURE
                 || *code == SqlState::T_R_DEADLOCK_DETECTED
             {
-                self.saw_retryable.store(true, Ordering::Release);
+                self.book().saw_retryable = true;
             }
         } else if is_connection_loss(&e) {
-            self.in_doubt.store(true, Ordering::Release);
+            self.lost();
+        } else {
+            self.conn.vet(&e);
         }
         Error::from_pg(self.name(), e)
     }
@@ -292,24 +182,18 @@ impl TxCore {
     /// Checks that the transaction can run something, first rolling back a
     /// savepoint that was dropped unfinished.
     async fn ready(&self) -> Result<()> {
-        if self.in_doubt.load(Ordering::Acquire) {
-            return Err(self
-                .aborted("a transaction control statement was cut off or the connection failed"));
+        match self.conn.state.apply(Event::Statement) {
+            Ok(_) | Err(Refusal::Aborted) => {}
+            Err(refusal) => return Err(self.refused(refusal)),
         }
-        let pending = self.pending_rollback.lock().expect("pending").take();
+        let pending = self.book().pending_rollback.take();
         if let Some((_, number)) = pending {
-            let sp = savepoint_name(number);
-            self.control(&format!(
-                "ROLLBACK TO SAVEPOINT {sp}; RELEASE SAVEPOINT {sp}"
-            ))
-            .await
-            .map_err(|e| self.statement_error(e))?;
-            self.conn.state.set(ConnState::InTransaction);
+            self.control(&sql::rollback_to(number))
+                .await
+                .map_err(|e| self.statement_error(e))?;
+            self.apply(Event::Restored)?;
         }
-        if self.state() == ConnState::Aborted {
-            return Err(self.aborted("an earlier statement failed"));
-        }
-        Ok(())
+        self.apply(Event::Statement).map(drop)
     }
 
     /// Refuses BEGIN / COMMIT / ROLLBACK / SAVEPOINT / RELEASE / … sent as a
@@ -328,12 +212,12 @@ impl TxCore {
     async fn run<O: Op>(&self, sql: &str, params: Params<'_>) -> Result<O::Out> {
         self.refuse_control(crate::sql::control::reject_transaction_control(sql))?;
         self.ready().await?;
-        self.engine.inner.counters.inc(|c| &c.statements);
-        let started = self.scope.as_ref().map(|_| Instant::now());
-        let cut_off = CutOffGuard::arm(&self.statement_cut);
+        self.env.pool.counters().inc(|c| &c.statements);
+        let started = self.observer.as_ref().map(|_| Instant::now());
+        let cut_off = DropGuard::new(|| self.book().statement_cut = true);
         #[cfg(feature = "tracing")]
         let out = crate::telemetry::statement(
-            &self.engine,
+            self.env.pool.telemetry(),
             Some(&self.span),
             sql,
             self.in_transaction(self.conn.run::<O>(sql, params, false)),
@@ -344,8 +228,8 @@ impl TxCore {
             .in_transaction(self.conn.run::<O>(sql, params, false))
             .await;
         cut_off.disarm();
-        if let (Some(scope), Some(started)) = (&self.scope, started) {
-            scope.record(self.conn.backend_pid, started.elapsed());
+        if let (Some(observer), Some(started)) = (&self.observer, started) {
+            observer.statement_ran(self.conn.backend_pid, started.elapsed());
         }
         out
     }
@@ -357,14 +241,14 @@ impl TxCore {
         &self,
         statement: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
     ) -> Result<T> {
-        let result = if self.begun.swap(true, Ordering::AcqRel) {
+        let result = if self.apply(Event::BeginSent)? != ConnState::BeginPending {
             statement.await
         } else {
             let (began, result) =
                 futures::future::join(self.control(&self.begin_sql), statement).await;
             if let Err(e) = began {
                 // The statement may have run outside a transaction: refuse to go on.
-                self.in_doubt.store(true, Ordering::Release);
+                self.lost();
                 return Err(Error::from_pg(self.name(), e));
             }
             result
@@ -372,16 +256,36 @@ impl TxCore {
         result.map_err(|e| self.statement_error(e))
     }
 
+    /// Runs a batch in the transaction, with the transaction-status probe
+    /// pipelined behind it (no extra round trip): should a statement the
+    /// text check could not see have ended the transaction on the server,
+    /// the machine learns it here, and the transaction goes no further.
     async fn batch(&self, sql: &str) -> Result<()> {
         self.refuse_control(crate::sql::control::reject_control_in_batch(sql))?;
         self.ready().await?;
-        self.engine.inner.counters.inc(|c| &c.statements);
-        let cut_off = CutOffGuard::arm(&self.statement_cut);
-        let r = self
-            .in_transaction(self.conn.client.batch_execute(sql))
+        self.env.pool.counters().inc(|c| &c.statements);
+        let cut_off = DropGuard::new(|| self.book().statement_cut = true);
+        let client = &self.conn.client;
+        let both = async {
+            let (batch, probe) = futures::future::join(
+                client.batch_execute(sql),
+                client.simple_query(sql::STATUS_PROBE),
+            )
             .await;
+            batch.map(|()| probe)
+        };
+        let r = self.in_transaction(both).await;
         cut_off.disarm();
-        r
+        match r? {
+            Ok(messages) if sql::probe_says_in_block(&messages) == Some(false) => {
+                self.lost();
+                Err(self.aborted(
+                    "the batch ended the transaction on the server (a transaction control \
+                     statement the text check did not recognise); the transaction cannot go on",
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -410,8 +314,7 @@ impl fmt::Debug for Transaction<'_> {
             .field("engine", &core.name())
             .field("id", &core.event.id)
             .field("depth", &self.depth)
-            .field("begun", &core.begun.load(Ordering::Relaxed))
-            .field("state", &core.state())
+            .field("state", &core.conn.state.get())
             .finish()
     }
 }
@@ -420,43 +323,34 @@ impl<'a> Transaction<'a> {
     /// Pins `conn` for a new outermost transaction and records it in the
     /// per-transaction connection map. Nothing is sent yet.
     pub(crate) fn start(
-        engine: &Engine,
+        env: &Arc<Env>,
         conn: Conn,
         options: TxOptions,
         attempt: u32,
-        scope: Option<ScopeRef>,
+        observer: Option<Box<dyn Observer>>,
     ) -> Result<Transaction<'a>> {
-        let inner = &engine.inner;
-        let id = inner.tracker.next_id();
-        inner
-            .tracker
-            .after_begin(id, &inner.name, conn.id, &conn.state)?;
+        let pool = &env.pool;
+        let id = env.tracker.next_id();
+        env.tracker
+            .after_begin(id, pool.name_arc(), conn.id, &conn.state)?;
         let event = TxEvent {
-            engine: inner.name.clone(),
+            engine: pool.name_arc().clone(),
             id,
             options,
         };
-        inner.counters.inc(|c| &c.begun);
-        inner.hooks.begin(&event);
+        pool.counters().inc(|c| &c.begun);
+        env.hooks.begin(&event);
         let tx = Transaction {
             core: Arc::new(TxCore {
                 conn,
-                engine: engine.clone(),
+                env: env.clone(),
                 begin_sql: event.options.begin_sql(),
                 event,
-                begun: AtomicBool::new(false),
-                in_doubt: AtomicBool::new(false),
-                pending_rollback: Mutex::new(None),
-                savepoints: AtomicU32::new(0),
-                saw_retryable: AtomicBool::new(false),
-                committing: AtomicBool::new(false),
-                statement_cut: AtomicBool::new(false),
+                book: Mutex::new(Book::default()),
                 on_commit: Mutex::new(Vec::new()),
                 attempt,
-                depth_now: AtomicU32::new(0),
-                ended: AtomicBool::new(false),
-                scope,
-                span: crate::telemetry::transaction_span(engine, id),
+                observer,
+                span: crate::telemetry::transaction_span(pool.telemetry(), id),
                 runtime: tokio::runtime::Handle::try_current().ok(),
             }),
             depth: 0,
@@ -465,8 +359,8 @@ impl<'a> Transaction<'a> {
             done: false,
             _borrow: PhantomData,
         };
-        if let Some(scope) = &tx.core.scope {
-            scope.register(&tx.core);
+        if let Some(observer) = &tx.core.observer {
+            observer.opened(&tx.core);
         }
         Ok(tx)
     }
@@ -502,7 +396,7 @@ impl<'a> Transaction<'a> {
     }
 
     pub(crate) fn saw_retryable(&self) -> bool {
-        self.core().saw_retryable.load(Ordering::Acquire)
+        self.core().book().saw_retryable
     }
 
     /// Runs `f` after the outermost COMMIT succeeds, in registration order
@@ -604,23 +498,24 @@ impl<'a> Transaction<'a> {
     pub(crate) async fn savepoint<'b>(&self) -> Result<Transaction<'b>> {
         let core = self.core();
         core.ready().await?;
-        if !core.engine.inner.tracker.holds(core.event.id, core.conn.id) {
+        if !core.env.tracker.holds(core.event.id, core.conn.id) {
             return Err(Error::Usage(format!(
                 "engine `{}`: nested begin on a connection that is not out of autocommit",
                 core.name()
             )));
         }
-        let number = core.savepoints.fetch_add(1, Ordering::Relaxed) + 1;
-        let sql = if core.begun.swap(true, Ordering::AcqRel) {
-            format!("SAVEPOINT {}", savepoint_name(number))
-        } else {
-            format!("{}; SAVEPOINT {}", core.begin_sql, savepoint_name(number))
+        let number = {
+            let mut book = core.book();
+            book.savepoints += 1;
+            book.savepoints
         };
-        core.control(&sql)
+        let begin =
+            (core.apply(Event::BeginSent)? == ConnState::BeginPending).then_some(&*core.begin_sql);
+        core.control(&sql::savepoint(begin, number))
             .await
             .map_err(|e| core.statement_error(e))?;
         let mark = core.on_commit.lock().expect("on_commit").len();
-        core.depth_now.fetch_add(1, Ordering::Relaxed);
+        core.book().depth += 1;
         Ok(Transaction {
             core: self.core.clone(),
             depth: self.depth + 1,
@@ -665,15 +560,13 @@ impl<'a> Transaction<'a> {
             self.rollback_outermost().await;
             return Err(e);
         }
-        if !core.begun.load(Ordering::Acquire) {
+        if core.conn.state.get() == ConnState::BeginPending {
             let _ = self.finish(Outcome::RolledBack, true);
             return Ok(None);
         }
-        let gid = quote_literal(gid);
-        let sql = format!(
-            "SELECT 1; PREPARE TRANSACTION {gid}; SELECT count(*) FROM pg_prepared_xacts WHERE gid = {gid}"
-        );
-        match core.control_rows(&sql).await {
+        core.apply(Event::Commit)?;
+        core.book().commit_sent = true;
+        match core.control_rows(&sql::prepare(gid)).await {
             Ok(messages) => {
                 let prepared = messages.iter().any(|m| {
                     matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("1"))
@@ -715,11 +608,6 @@ impl<'a> Transaction<'a> {
         }
     }
 
-    /// The engine this transaction runs on.
-    pub(crate) fn engine(&self) -> &Engine {
-        &self.core().engine
-    }
-
     async fn commit_outermost(&mut self) -> Result<()> {
         let core = self.core();
         if let Err(e) = core.ready().await {
@@ -729,7 +617,7 @@ impl<'a> Transaction<'a> {
                 other => self.core().aborted(&other.to_string()),
             });
         }
-        if !core.begun.load(Ordering::Acquire) {
+        if core.conn.state.get() == ConnState::BeginPending {
             run_after_commit(self.finish(Outcome::Committed, true)).await;
             return Ok(());
         }
@@ -743,32 +631,22 @@ impl<'a> Transaction<'a> {
         }
         // With replicas to keep up with, read the WAL insert position in the
         // same round trip: it covers this commit's record.
-        let track_lsn =
-            core.scope.is_some() && core.engine.inner.has_replicas.load(Ordering::Relaxed);
-        // Every statement error was seen (it marks the transaction aborted),
-        // unless a statement was cut off: then COMMIT goes behind a probe
-        // that fails in an aborted transaction, so a COMMIT the server would
-        // turn into a ROLLBACK is never reported as a success.
-        let probe = core.statement_cut.load(Ordering::Acquire);
-        let sql = match (probe, track_lsn) {
-            (false, false) => "COMMIT",
-            (true, false) => "SELECT 1; COMMIT",
-            (false, true) => "COMMIT; SELECT pg_current_wal_insert_lsn()::text",
-            (true, true) => "SELECT 1; COMMIT; SELECT pg_current_wal_insert_lsn()::text",
-        };
-        core.committing.store(true, Ordering::Release);
+        let track_lsn = core.observer.as_ref().is_some_and(|o| o.wants_commit_lsn());
+        let probe = core.book().statement_cut;
+        let sql = sql::commit(probe, track_lsn);
+        core.apply(Event::Commit)?;
+        core.book().commit_sent = true;
         let committed = if track_lsn {
             core.control_rows(sql)
                 .await
-                .map(|messages| crate::front::replica::lsn_of(&messages))
+                .map(|messages| crate::sql::first_lsn(&messages))
         } else {
             core.control(sql).await.map(|()| None)
         };
-        core.committing.store(false, Ordering::Release);
         match committed {
             Ok(lsn) => {
-                if let (Some(scope), Some(lsn)) = (&core.scope, lsn) {
-                    scope.note_lsn(lsn);
+                if let (Some(observer), Some(lsn)) = (&core.observer, lsn) {
+                    observer.committed_at(lsn);
                 }
                 run_after_commit(self.finish(Outcome::Committed, true)).await;
                 Ok(())
@@ -788,7 +666,11 @@ impl<'a> Transaction<'a> {
     /// it is discarded, which rolls back on the server as well.
     async fn rollback_outermost(&mut self) {
         let core = self.core();
-        let clean = !core.begun.load(Ordering::Acquire) || core.control("ROLLBACK").await.is_ok();
+        let clean = match core.conn.state.apply(Event::Rollback) {
+            Ok(ConnState::BeginPending) => true,
+            Ok(_) => core.control(sql::ROLLBACK).await.is_ok(),
+            Err(_) => false,
+        };
         let _ = self.finish(Outcome::RolledBack, clean);
     }
 
@@ -797,7 +679,7 @@ impl<'a> Transaction<'a> {
         let before = core.ready().await;
         if let Err(e) = before {
             if !matches!(&e, Error::TransactionAborted { .. })
-                || core.in_doubt.load(Ordering::Acquire)
+                || core.conn.state.get() != ConnState::Aborted
             {
                 return Err(e);
             }
@@ -806,13 +688,7 @@ impl<'a> Transaction<'a> {
                 .core()
                 .aborted("a statement in the savepoint failed; rolled back to the savepoint"));
         }
-        match core
-            .control(&format!(
-                "RELEASE SAVEPOINT {}",
-                savepoint_name(self.number)
-            ))
-            .await
-        {
+        match core.control(&sql::release(self.number)).await {
             Ok(()) => {
                 self.end_savepoint();
                 Ok(())
@@ -829,22 +705,18 @@ impl<'a> Transaction<'a> {
 
     async fn rollback_savepoint(&mut self) -> Result<()> {
         let core = self.core();
-        if core.in_doubt.load(Ordering::Acquire) {
-            return Err(core
-                .aborted("a transaction control statement was cut off or the connection failed"));
+        // Only an open or aborted transaction can roll back to a savepoint.
+        if let Err(refusal) = crate::pool::state::next(core.conn.state.get(), Event::Restored) {
+            return Err(core.refused(refusal));
         }
         // Savepoints nested in this one are undone with it.
-        core.pending_rollback
-            .lock()
-            .expect("pending")
+        core.book()
+            .pending_rollback
             .take_if(|(d, _)| *d > self.depth);
-        let sp = savepoint_name(self.number);
-        core.control(&format!(
-            "ROLLBACK TO SAVEPOINT {sp}; RELEASE SAVEPOINT {sp}"
-        ))
-        .await
-        .map_err(|e| core.statement_error(e))?;
-        core.conn.state.set(ConnState::InTransaction);
+        core.control(&sql::rollback_to(self.number))
+            .await
+            .map_err(|e| core.statement_error(e))?;
+        core.apply(Event::Restored)?;
         run_after_rollback(self.callbacks_since_mark());
         self.end_savepoint();
         Ok(())
@@ -852,27 +724,28 @@ impl<'a> Transaction<'a> {
 
     fn end_savepoint(&mut self) {
         self.done = true;
-        self.core.depth_now.fetch_sub(1, Ordering::Relaxed);
+        self.core.book().depth -= 1;
     }
 
-    /// Ends the outermost transaction: the connection map restores the
-    /// connection (or leaves it dirty for the pool to discard), counters and
-    /// hooks see the outcome. Returns the registered callbacks: the caller
-    /// runs the commit ones after a commit (they may be async).
+    /// Ends the outermost transaction: counters, listeners and the span see
+    /// the outcome, and the callbacks are settled. The one end path, for
+    /// commit, rollback, prepare and drop alike; the connection map entry
+    /// is closed by [`Transaction::finish`] or, on drop, once the spawned
+    /// ROLLBACK is answered. Returns the commit callbacks for the caller to
+    /// run (they may be async).
     #[must_use = "commit callbacks must run after a commit"]
-    fn finish(&mut self, outcome: Outcome, clean: bool) -> Vec<Callback> {
+    fn end(&mut self, outcome: Outcome) -> Vec<Callback> {
         self.done = true;
         let core = self.core();
-        core.ended.store(true, Ordering::Relaxed);
-        let inner = &core.engine.inner;
-        inner.tracker.after_end(core.event.id, clean);
+        core.book().ended = true;
+        let counters = core.env.pool.counters();
         match outcome {
-            Outcome::Committed => inner.counters.inc(|c| &c.committed),
-            Outcome::RolledBack => inner.counters.inc(|c| &c.rolled_back),
-            Outcome::Unknown => inner.counters.inc(|c| &c.commit_unknown),
+            Outcome::Committed => counters.inc(|c| &c.committed),
+            Outcome::RolledBack => counters.inc(|c| &c.rolled_back),
+            Outcome::Unknown => counters.inc(|c| &c.commit_unknown),
             Outcome::Prepared => {}
         }
-        inner.hooks.end(&core.event, outcome);
+        core.env.hooks.end(&core.event, outcome);
         crate::telemetry::record_outcome(&core.span, outcome);
         let callbacks = std::mem::take(&mut *core.on_commit.lock().expect("on_commit"));
         match outcome {
@@ -883,6 +756,16 @@ impl<'a> Transaction<'a> {
         }
         Vec::new()
     }
+
+    /// [`Transaction::end`], and the connection map restores the connection
+    /// (`clean`: the server confirmed the end) or leaves it for the pool to
+    /// discard.
+    #[must_use = "commit callbacks must run after a commit"]
+    fn finish(&mut self, outcome: Outcome, clean: bool) -> Vec<Callback> {
+        let callbacks = self.end(outcome);
+        self.core.env.tracker.after_end(self.core.event.id, clean);
+        callbacks
+    }
 }
 
 impl Drop for Transaction<'_> {
@@ -892,80 +775,50 @@ impl Drop for Transaction<'_> {
         }
         let core = self.core.clone();
         if self.depth > 0 {
-            core.depth_now.fetch_sub(1, Ordering::Relaxed);
+            core.book().depth -= 1;
             run_after_rollback(self.callbacks_since_mark());
-            let mut pending = core.pending_rollback.lock().expect("pending");
-            if pending.is_none_or(|(d, _)| d > self.depth) {
-                *pending = Some((self.depth, self.number));
+            let mut book = core.book();
+            if book.pending_rollback.is_none_or(|(d, _)| d > self.depth) {
+                book.pending_rollback = Some((self.depth, self.number));
             }
             return;
         }
-        if !core.begun.load(Ordering::Acquire) {
+        // A commit future cut off while COMMIT was on the wire: the server
+        // may have committed, so the outcome is unknown, not a rollback.
+        let outcome = if core.book().commit_sent {
+            Outcome::Unknown
+        } else {
+            Outcome::RolledBack
+        };
+        let state = core.conn.state.apply(Event::Rollback);
+        if state == Ok(ConnState::BeginPending) {
+            // Nothing was sent: nothing to roll back.
             let _ = self.finish(Outcome::RolledBack, true);
             return;
         }
-        // Fire the end hooks now; the map entry stays until the server confirms.
-        self.done = true;
-        core.ended.store(true, Ordering::Relaxed);
-        let inner = core.engine.inner.clone();
-        // A commit future cut off while COMMIT was on the wire: the server
-        // may have committed, so the outcome is unknown, not a rollback.
-        let outcome = if core.committing.load(Ordering::Acquire) {
-            inner.counters.inc(|c| &c.commit_unknown);
-            Outcome::Unknown
-        } else {
-            inner.counters.inc(|c| &c.rolled_back);
-            Outcome::RolledBack
+        let _ = self.end(outcome);
+        let runtime = core.runtime.clone();
+        let (Ok(_), Some(rt)) = (state, runtime) else {
+            // Broken, or no runtime to send ROLLBACK on: the pool discards
+            // the connection.
+            core.env.tracker.after_end(core.event.id, false);
+            return;
         };
-        inner.hooks.end(&core.event, outcome);
-        crate::telemetry::record_outcome(&core.span, outcome);
-        let callbacks = std::mem::take(&mut *core.on_commit.lock().expect("on_commit"));
-        if outcome == Outcome::RolledBack {
-            run_after_rollback(callbacks);
-        }
         // The runtime the transaction began on, even when dropped on a thread
         // outside it. Entered while spawning: should that runtime be shutting
         // down, the task is dropped at once, its connection goes back to the
         // pool, and the pool may spawn a replacement.
-        match core.runtime.clone() {
-            Some(rt) => {
-                let _entered = rt.enter();
-                // Should the task never finish (dropped with its runtime),
-                // the guard still ends the entry, dirty.
-                let ending = EndGuard {
-                    inner: inner.clone(),
-                    tx: core.event.id,
-                    clean: false,
-                };
-                rt.spawn(async move {
-                    let clean = core.conn.client.batch_execute("ROLLBACK").await.is_ok();
-                    ending.end(clean);
-                });
-            }
-            // No runtime to send ROLLBACK on: the pool discards the connection.
-            None => inner.tracker.after_end(core.event.id, false),
-        }
+        let _entered = rt.enter();
+        // Should the task never finish — or never start, dropped with its
+        // runtime — the entry still ends, dirty.
+        let (env, id) = (core.env.clone(), core.event.id);
+        let unconfirmed = DropGuard::new(move || env.tracker.after_end(id, false));
+        rt.spawn(async move {
+            let clean = core.conn.client.batch_execute(sql::ROLLBACK).await.is_ok();
+            unconfirmed.disarm();
+            core.env.tracker.after_end(core.event.id, clean);
+        });
     }
 }
 
-/// Ends a dropped transaction's entry in the connection map when dropped:
-/// clean if [`EndGuard::end`] reported the ROLLBACK answered, else dirty (the
-/// task carrying it was dropped with a runtime shutting down), so that the
-/// pool discards the connection and no entry stays behind.
-struct EndGuard {
-    inner: Arc<crate::front::engine::EngineInner>,
-    tx: u64,
-    clean: bool,
-}
-
-impl EndGuard {
-    fn end(mut self, clean: bool) {
-        self.clean = clean;
-    }
-}
-
-impl Drop for EndGuard {
-    fn drop(&mut self) {
-        self.inner.tracker.after_end(self.tx, self.clean);
-    }
-}
+crate::sql::queryable::delegate_queryable!(Transaction<'_>);

@@ -1,0 +1,420 @@
+//! The one state machine of a pooled connection and the transaction it
+//! carries.
+//!
+//! Every connection has exactly one [`ConnState`], kept in its
+//! [`StateCell`]. The cell is written only through [`StateCell::apply`],
+//! which runs the pure transition function [`next`]; nothing else in the
+//! crate stores a state. The pool reads the same cell: only
+//! [`ConnState::Idle`] is parked for the next user or handed back to bb8 as
+//! healthy, anything else is discarded (closing a connection makes the
+//! server roll back whatever it had open).
+//!
+//! Why the machine lives in the pool layer: bb8's `has_broken` and the ready
+//! stack must read it, and the pool may not import the transaction layer.
+//! The transaction layer drives it (and builds the SQL for each step, see
+//! `tx::sql`); the pool only asks "is it idle?" and marks a connection
+//! broken when the protocol goes out of step.
+//!
+//! ```text
+//!            Pin              BeginSent             Commit
+//!   Idle ──────────▶ BeginPending ─────────▶ Open ──────────▶ Committing
+//!    ▲                   │  Failed            │ ▲ Restored        │
+//!    │                   └──────────▶ Aborted ┘ │                 │ Rollback
+//!    │ Ended                              │     │                 ▼
+//!    └──────── (from any transaction state, once the server answered)
+//!                                         └── Rollback ──▶ RollingBack
+//!   Lost (cut off, connection gone): any transaction state ─▶ InDoubt
+//!   InDoubt ── Rollback ──▶ RollingBack (a ROLLBACK answered settles it)
+//!   Desync (protocol out of step):   any state ─────────────▶ Broken
+//! ```
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// Where a pooled connection stands, as pgassist knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum ConnState {
+    /// Autocommit, nothing open, nothing in flight: the only state fit for
+    /// the pool.
+    Idle = 0,
+    /// Pinned by a transaction; BEGIN goes out with its first statement.
+    BeginPending = 1,
+    /// Inside a transaction block (BEGIN sent).
+    Open = 2,
+    /// A statement failed inside the transaction: only a rollback (of the
+    /// transaction, or to a savepoint) can follow.
+    Aborted = 3,
+    /// COMMIT (or PREPARE TRANSACTION) is on the wire.
+    Committing = 4,
+    /// ROLLBACK is on the wire.
+    RollingBack = 5,
+    /// The server's transaction state is unknown: a control statement's
+    /// future was dropped mid-flight, or the connection failed during one.
+    InDoubt = 6,
+    /// Unusable: the protocol is out of step (a COPY pgassist did not
+    /// start, an unexpected message) or the connection is gone.
+    Broken = 7,
+}
+
+/// What happened to a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Event {
+    /// A transaction takes the connection out of autocommit.
+    Pin,
+    /// BEGIN is sent (with the transaction's first statement).
+    BeginSent,
+    /// A statement is about to be sent inside the transaction (a check:
+    /// the state does not change).
+    Statement,
+    /// The server answered a statement of the transaction with an error.
+    Failed,
+    /// ROLLBACK TO SAVEPOINT was answered: the transaction can go on.
+    Restored,
+    /// COMMIT / PREPARE TRANSACTION is sent.
+    Commit,
+    /// ROLLBACK is sent.
+    Rollback,
+    /// The server confirmed the end of the transaction (COMMIT, ROLLBACK or
+    /// PREPARE TRANSACTION answered): back to autocommit.
+    Ended,
+    /// A control statement was cut off, or the connection failed during
+    /// one: nobody knows what the server did.
+    Lost,
+    /// The protocol went out of step, or the connection closed.
+    Desync,
+}
+
+/// Why a transition was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// A transaction needs a connection in autocommit.
+    NotIdle,
+    /// The transaction has ended (committed, rolled back, prepared): its
+    /// savepoints cannot run anything any more.
+    Ended,
+    /// A statement failed earlier: only a rollback can follow.
+    Aborted,
+    /// COMMIT or ROLLBACK is in flight.
+    Ending,
+    /// The server's state is unknown.
+    InDoubt,
+    /// The connection is unusable.
+    Broken,
+}
+
+impl Refusal {
+    /// Why, in words for an error message.
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Refusal::NotIdle => "the connection is already in a transaction",
+            Refusal::Ended => "the transaction has already ended",
+            Refusal::Aborted => "an earlier statement failed",
+            Refusal::Ending => "the transaction is being committed or rolled back",
+            Refusal::InDoubt => {
+                "a transaction control statement was cut off or the connection failed"
+            }
+            Refusal::Broken => "the connection is broken",
+        }
+    }
+}
+
+/// The transition function: the state after `event` in `state`, or why
+/// `event` cannot happen there. Pure, so every transition is unit-tested.
+pub(crate) fn next(state: ConnState, event: Event) -> Result<ConnState, Refusal> {
+    use ConnState::*;
+    use Event::*;
+    // What a state refuses statements with.
+    let refusal = |s: ConnState| match s {
+        Idle => Refusal::Ended,
+        Aborted => Refusal::Aborted,
+        Committing | RollingBack => Refusal::Ending,
+        InDoubt => Refusal::InDoubt,
+        Broken => Refusal::Broken,
+        // Only reached for events these states refuse for being too early.
+        BeginPending | Open => Refusal::Ended,
+    };
+    match (state, event) {
+        (_, Desync) => Ok(Broken),
+        (Broken, _) => Err(Refusal::Broken),
+        (Idle, Pin) => Ok(BeginPending),
+        (_, Pin) => Err(Refusal::NotIdle),
+        (BeginPending, BeginSent) | (Open, BeginSent) => Ok(Open),
+        (BeginPending | Open, Statement) => Ok(state),
+        (s, BeginSent | Statement) => Err(refusal(s)),
+        (BeginPending | Open | Aborted, Failed) => Ok(Aborted),
+        (s, Failed) => Err(refusal(s)),
+        (Open | Aborted, Restored) => Ok(Open),
+        (s, Restored) => Err(refusal(s)),
+        (Open, Commit) => Ok(Committing),
+        (BeginPending, Commit) => Err(Refusal::Ended),
+        (s, Commit) => Err(refusal(s)),
+        // A ROLLBACK pipelined behind whatever was cut off is answered after
+        // it: once answered, the connection is in autocommit for sure.
+        (BeginPending | Open | Aborted | Committing | InDoubt, Rollback) => Ok(RollingBack),
+        (s, Rollback) => Err(refusal(s)),
+        (BeginPending | Open | Aborted | Committing | RollingBack, Ended) => Ok(Idle),
+        (s, Ended) => Err(refusal(s)),
+        (Idle, Lost) => Ok(Broken),
+        (InDoubt, Lost) => Ok(InDoubt),
+        (_, Lost) => Ok(InDoubt),
+    }
+}
+
+impl ConnState {
+    fn from_u8(v: u8) -> ConnState {
+        match v {
+            0 => ConnState::Idle,
+            1 => ConnState::BeginPending,
+            2 => ConnState::Open,
+            3 => ConnState::Aborted,
+            4 => ConnState::Committing,
+            5 => ConnState::RollingBack,
+            6 => ConnState::InDoubt,
+            _ => ConnState::Broken,
+        }
+    }
+}
+
+/// A connection's state, shared by the connection, its transaction and
+/// the per-transaction connection map. Written only by [`StateCell::apply`].
+#[derive(Debug, Default)]
+pub(crate) struct StateCell(AtomicU8);
+
+impl StateCell {
+    /// The current state.
+    #[inline]
+    pub(crate) fn get(&self) -> ConnState {
+        ConnState::from_u8(self.0.load(Ordering::Acquire))
+    }
+
+    /// Whether the connection is fit for the next user.
+    #[inline]
+    pub(crate) fn is_idle(&self) -> bool {
+        self.0.load(Ordering::Acquire) == ConnState::Idle as u8
+    }
+
+    /// Applies `event` atomically (statements pipelined on one transaction
+    /// may race): returns the state it was applied in, or the refusal.
+    pub(crate) fn apply(&self, event: Event) -> Result<ConnState, Refusal> {
+        let mut current = self.0.load(Ordering::Acquire);
+        loop {
+            let from = ConnState::from_u8(current);
+            let to = next(from, event)?;
+            if to == from {
+                return Ok(from);
+            }
+            match self.0.compare_exchange_weak(
+                current,
+                to as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(from),
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// Marks the connection unusable (protocol out of step, or closed).
+    pub(crate) fn mark_broken(&self) {
+        let _ = self.apply(Event::Desync);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ConnState::*;
+    use super::Event::*;
+    use super::*;
+
+    const STATES: [ConnState; 8] = [
+        Idle,
+        BeginPending,
+        Open,
+        Aborted,
+        Committing,
+        RollingBack,
+        InDoubt,
+        Broken,
+    ];
+    const EVENTS: [Event; 10] = [
+        Pin, BeginSent, Statement, Failed, Restored, Commit, Rollback, Ended, Lost, Desync,
+    ];
+
+    /// Every (state, event) pair, written out: the whole machine in one table.
+    #[test]
+    fn every_transition() {
+        use Refusal as R;
+        let expected: [(ConnState, [Result<ConnState, Refusal>; 10]); 8] = [
+            //          Pin           BeginSent       Statement       Failed          Restored        Commit          Rollback          Ended           Lost          Desync
+            (
+                Idle,
+                [
+                    Ok(BeginPending),
+                    Err(R::Ended),
+                    Err(R::Ended),
+                    Err(R::Ended),
+                    Err(R::Ended),
+                    Err(R::Ended),
+                    Err(R::Ended),
+                    Err(R::Ended),
+                    Ok(Broken),
+                    Ok(Broken),
+                ],
+            ),
+            (
+                BeginPending,
+                [
+                    Err(R::NotIdle),
+                    Ok(Open),
+                    Ok(BeginPending),
+                    Ok(Aborted),
+                    Err(R::Ended),
+                    Err(R::Ended),
+                    Ok(RollingBack),
+                    Ok(Idle),
+                    Ok(InDoubt),
+                    Ok(Broken),
+                ],
+            ),
+            (
+                Open,
+                [
+                    Err(R::NotIdle),
+                    Ok(Open),
+                    Ok(Open),
+                    Ok(Aborted),
+                    Ok(Open),
+                    Ok(Committing),
+                    Ok(RollingBack),
+                    Ok(Idle),
+                    Ok(InDoubt),
+                    Ok(Broken),
+                ],
+            ),
+            (
+                Aborted,
+                [
+                    Err(R::NotIdle),
+                    Err(R::Aborted),
+                    Err(R::Aborted),
+                    Ok(Aborted),
+                    Ok(Open),
+                    Err(R::Aborted),
+                    Ok(RollingBack),
+                    Ok(Idle),
+                    Ok(InDoubt),
+                    Ok(Broken),
+                ],
+            ),
+            (
+                Committing,
+                [
+                    Err(R::NotIdle),
+                    Err(R::Ending),
+                    Err(R::Ending),
+                    Err(R::Ending),
+                    Err(R::Ending),
+                    Err(R::Ending),
+                    Ok(RollingBack),
+                    Ok(Idle),
+                    Ok(InDoubt),
+                    Ok(Broken),
+                ],
+            ),
+            (
+                RollingBack,
+                [
+                    Err(R::NotIdle),
+                    Err(R::Ending),
+                    Err(R::Ending),
+                    Err(R::Ending),
+                    Err(R::Ending),
+                    Err(R::Ending),
+                    Err(R::Ending),
+                    Ok(Idle),
+                    Ok(InDoubt),
+                    Ok(Broken),
+                ],
+            ),
+            (
+                InDoubt,
+                [
+                    Err(R::NotIdle),
+                    Err(R::InDoubt),
+                    Err(R::InDoubt),
+                    Err(R::InDoubt),
+                    Err(R::InDoubt),
+                    Err(R::InDoubt),
+                    Ok(RollingBack),
+                    Err(R::InDoubt),
+                    Ok(InDoubt),
+                    Ok(Broken),
+                ],
+            ),
+            (
+                Broken,
+                [
+                    Err(R::Broken),
+                    Err(R::Broken),
+                    Err(R::Broken),
+                    Err(R::Broken),
+                    Err(R::Broken),
+                    Err(R::Broken),
+                    Err(R::Broken),
+                    Err(R::Broken),
+                    Err(R::Broken),
+                    Ok(Broken),
+                ],
+            ),
+        ];
+        for (state, row) in expected {
+            for (event, want) in EVENTS.iter().zip(row) {
+                assert_eq!(next(state, *event), want, "{state:?} + {event:?}");
+            }
+        }
+    }
+
+    /// Only a confirmed end leads back to Idle: a state in doubt needs a
+    /// ROLLBACK answered first, and a broken connection never comes back.
+    #[test]
+    fn nothing_unconfirmed_reaches_idle() {
+        for state in [InDoubt, Broken] {
+            for event in EVENTS {
+                assert_ne!(next(state, event), Ok(Idle), "{state:?} + {event:?}");
+            }
+        }
+        assert_eq!(next(InDoubt, Rollback), Ok(RollingBack));
+        assert_eq!(next(Broken, Rollback), Err(Refusal::Broken));
+        for state in STATES {
+            assert_ne!(next(state, Lost), Ok(Idle));
+            assert_eq!(next(state, Desync), Ok(Broken));
+        }
+    }
+
+    #[test]
+    fn the_cell_applies_transitions_and_reports_the_state_before() {
+        let cell = StateCell::default();
+        assert!(cell.is_idle());
+        assert_eq!(cell.apply(Pin), Ok(Idle));
+        assert_eq!(cell.apply(Pin), Err(Refusal::NotIdle));
+        // Two statements race to send BEGIN: only the first sees BeginPending.
+        assert_eq!(cell.apply(BeginSent), Ok(BeginPending));
+        assert_eq!(cell.apply(BeginSent), Ok(Open));
+        assert_eq!(cell.apply(Failed), Ok(Open));
+        assert_eq!(cell.apply(Statement), Err(Refusal::Aborted));
+        assert_eq!(cell.apply(Restored), Ok(Aborted));
+        assert_eq!(cell.apply(Commit), Ok(Open));
+        assert_eq!(cell.apply(Ended), Ok(Committing));
+        assert!(cell.is_idle());
+        // A savepoint of an ended transaction cannot run anything.
+        assert_eq!(cell.apply(Statement), Err(Refusal::Ended));
+        cell.mark_broken();
+        assert_eq!(cell.get(), Broken);
+        assert!(!cell.is_idle());
+        for v in 0..=u8::MAX {
+            // Any stored byte reads as some state (the cell never panics).
+            let _ = ConnState::from_u8(v);
+        }
+    }
+}

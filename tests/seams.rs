@@ -1,0 +1,227 @@
+//! The seams between the pieces that hold a connection's state, each bug
+//! found there pinned by a test that observes the server: a savepoint that
+//! outlives its transaction, a batch that slips transaction control past the
+//! text check, a COPY that leaves the protocol out of step.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Db, in_transaction_backends};
+use pgassist::{Error, TxOptions};
+
+/// Statements the server logged for this test since `from`, in order,
+/// reduced to their SQL text.
+fn logged(db: &Db, from: u64) -> Vec<String> {
+    db.statements_since(from)
+        .iter()
+        .filter_map(|l| {
+            l.split_once("statement: ")
+                .or_else(|| l.split_once(": "))
+                .map(|(_, sql)| sql.trim().to_owned())
+        })
+        .collect()
+}
+
+/// A database whose connections read backslashes in '…' strings as escapes
+/// (`standard_conforming_strings = off`), the setting the text check cannot
+/// see, and a registry of one connection on it.
+async fn backslash_escapes_on() -> (Db, pgassist::Registry) {
+    let db = Db::new().await;
+    db.plain()
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{}\" SET standard_conforming_strings = off",
+            db.db.name
+        ))
+        .await
+        .unwrap();
+    let registry = db.registry(|c| c.max_size(1)).await;
+    (db, registry)
+}
+
+/// A savepoint taken from a per-request transaction cannot run anything
+/// once `finish(true)` has committed the request: it gets a typed error and
+/// nothing reaches the server (the bug: the INSERT ran in autocommit and
+/// was committed on its own, and RELEASE failed with 25P01).
+#[tokio::test]
+async fn a_savepoint_cannot_outlive_its_request_transaction() {
+    let db = Db::new().await;
+    let registry = db.registry(|c| c).await;
+    let from = db.log_offset();
+    let sessions = registry.sessions_in_transaction(TxOptions::new());
+    let writer = sessions.writer().unwrap().clone();
+    writer
+        .execute("INSERT INTO items(name) VALUES ('outer')", &[])
+        .await
+        .unwrap();
+    let sp = writer.begin().await.unwrap();
+    assert_eq!(sp.depth(), 1);
+    sp.execute("INSERT INTO items(name) VALUES ('in savepoint')", &[])
+        .await
+        .unwrap();
+    sessions.finish(true).await.unwrap();
+
+    let late = sp
+        .execute("INSERT INTO items(name) VALUES ('after the end')", &[])
+        .await;
+    assert!(
+        matches!(late, Err(Error::Usage(ref m)) if m.contains("ended")),
+        "{late:?}"
+    );
+    let release = sp.commit().await;
+    assert!(matches!(release, Err(Error::Usage(_))), "{release:?}");
+
+    if db.has_log() {
+        let sql = logged(&db, from);
+        let commit = sql
+            .iter()
+            .position(|s| s == "COMMIT")
+            .expect("COMMIT logged");
+        assert!(
+            sql[commit + 1..].is_empty(),
+            "nothing may follow the COMMIT: {sql:#?}"
+        );
+    }
+    assert_eq!(db.plain_names().await, ["in savepoint", "outer"]);
+    db.wait_no_transactions().await;
+}
+
+/// The same when the container is dropped (which rolls back) and when the
+/// outer transaction of a plain session ends first.
+#[tokio::test]
+async fn a_savepoint_is_refused_after_its_container_is_dropped() {
+    let db = Db::new().await;
+    let registry = db.registry(|c| c).await;
+    let sessions = registry.sessions_in_transaction(TxOptions::new());
+    let writer = sessions.writer().unwrap().clone();
+    let sp = writer.begin().await.unwrap();
+    sp.execute("INSERT INTO items(name) VALUES ('rolled back')", &[])
+        .await
+        .unwrap();
+    let from = db.log_offset();
+    drop(sessions);
+    // The drop's ROLLBACK runs on a spawned task; the savepoint is refused
+    // whether it is still in flight or answered.
+    let late = sp
+        .execute("INSERT INTO items(name) VALUES ('late')", &[])
+        .await;
+    assert!(matches!(late, Err(Error::Usage(_))), "{late:?}");
+    db.wait_no_transactions().await;
+    drop(sp);
+    assert!(db.plain_names().await.is_empty());
+    if db.has_log() {
+        let sql = logged(&db, from);
+        assert!(
+            !sql.iter().any(|s| s.contains("'late'")),
+            "the refused INSERT reached the server: {sql:#?}"
+        );
+    }
+}
+
+/// A batch whose text hides a BEGIN from the text check (a backslash in a
+/// string, with `standard_conforming_strings = off` on the server) is
+/// caught: by the text check, or by the transaction-status probe pipelined
+/// behind the batch. Never `Ok` with the connection left in a transaction.
+#[tokio::test]
+async fn a_batch_cannot_leave_its_connection_in_a_transaction() {
+    let (db, registry) = backslash_escapes_on().await;
+    let session = registry.session("writer").unwrap();
+    for hidden in [
+        r"SELECT 'a\', '; BEGIN; SELECT ''",
+        r"SELECT 'a\', '; START TRANSACTION; INSERT INTO items(name) VALUES ('x'); SELECT ''",
+        r"SELECT 'a\', '; BEGIN; SELECT 1/0; SELECT ''",
+    ] {
+        let r = session.batch_execute(hidden).await;
+        assert!(r.is_err(), "{hidden}: {r:?}");
+        assert_eq!(in_transaction_backends(&db).await, 0, "{hidden}");
+        // The pool's one connection serves the next statement, in autocommit:
+        // what it writes is visible from outside at once.
+        session
+            .execute("INSERT INTO items(name) VALUES ('next')", &[])
+            .await
+            .unwrap();
+        assert_eq!(db.plain_names().await, ["next"], "{hidden}");
+        db.plain()
+            .await
+            .batch_execute("DELETE FROM items")
+            .await
+            .unwrap();
+    }
+    assert!(db.plain_names().await.is_empty());
+    // Plain batches still pass, and the probe costs no extra round trip's
+    // worth of trouble: many in a row on one connection.
+    for _ in 0..20 {
+        session
+            .batch_execute("INSERT INTO items(name) VALUES ('ok'); SELECT 1")
+            .await
+            .unwrap();
+    }
+    assert_eq!(db.plain_count("SELECT count(*) FROM items").await, 20);
+}
+
+/// Inside a transaction, a batch that ends the transaction on the server
+/// behind the text check's back stops the transaction: it can go no
+/// further, and the connection goes back clean or is discarded.
+#[tokio::test]
+async fn a_batch_cannot_end_a_transaction_early_unnoticed() {
+    let (db, registry) = backslash_escapes_on().await;
+    let session = registry.session("writer").unwrap();
+    let tx = session.begin().await.unwrap();
+    tx.execute("INSERT INTO items(name) VALUES ('first')", &[])
+        .await
+        .unwrap();
+    let r = tx.batch_execute(r"SELECT 'a\', '; COMMIT; SELECT ''").await;
+    assert!(r.is_err(), "{r:?}");
+    // Whatever happened, the transaction goes no further.
+    let next = tx
+        .execute("INSERT INTO items(name) VALUES ('second')", &[])
+        .await;
+    assert!(next.is_err(), "{next:?}");
+    assert!(tx.commit().await.is_err());
+    db.wait_no_transactions().await;
+    assert!(!db.plain_names().await.contains(&"second".to_owned()));
+    session.query_one("SELECT 1", &[]).await.unwrap();
+}
+
+/// `COPY … FROM STDIN` sent as a plain statement puts the server in COPY
+/// mode, which the driver did not start: the statement fails, and the
+/// connection is discarded instead of being handed to the next session
+/// (the bug: the next `SELECT 1` on the pool got `Closed`).
+#[tokio::test]
+async fn a_copy_pgassist_did_not_start_never_reaches_the_next_user() {
+    let db = Db::new().await;
+    let registry = db.registry(|c| c.max_size(1)).await;
+    let session = registry.session("writer").unwrap();
+    let before: i32 = session
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let r = session.execute("COPY items FROM STDIN", &[]).await;
+    assert!(r.is_err(), "{r:?}");
+    let other = registry.session("writer").unwrap();
+    let after: i32 = common::within(
+        Duration::from_secs(10),
+        "the statement after a COPY",
+        other.query_one("SELECT pg_backend_pid()", &[]),
+    )
+    .await
+    .unwrap()
+    .get(0);
+    assert_ne!(before, after, "the connection in COPY mode was reused");
+    assert!(registry.stats().engine("writer").unwrap().discarded_dirty >= 1);
+
+    // Inside a transaction: the transaction cannot go on, and its rollback
+    // leaves nothing behind.
+    let tx = other.begin().await.unwrap();
+    tx.execute("INSERT INTO items(name) VALUES ('in tx')", &[])
+        .await
+        .unwrap();
+    assert!(tx.execute("COPY items FROM STDIN", &[]).await.is_err());
+    assert!(tx.execute("SELECT 1", &[]).await.is_err());
+    tx.rollback().await.unwrap();
+    db.wait_no_transactions().await;
+    assert!(db.plain_names().await.is_empty());
+    other.query_one("SELECT 1", &[]).await.unwrap();
+}
