@@ -85,6 +85,7 @@ pub(crate) fn reject_control_in_batch(batch: &str) -> Result<()> {
 /// The first key word of `sql` after white space, comments and empty
 /// statements ("" if it starts with something else): the operation name
 /// for telemetry.
+#[cfg(any(feature = "tracing", test))]
 pub(crate) fn first_keyword(sql: &str) -> &str {
     let mut tokens = Lexer::new(sql, false);
     match tokens.find(|t| t.kind != Kind::Semicolon) {
