@@ -3,70 +3,125 @@
 //!
 //! In autocommit such a statement would leave a pooled connection inside a
 //! transaction without pgassist knowing; inside a transaction it would end
-//! or reshape the transaction behind its back. A statement run with
-//! parameters (extended protocol) is always a single statement, so only its
-//! first keyword is looked at, cheaply, on every statement. A batch (simple
-//! protocol) may hold many, so every statement of it is looked at, split
-//! the way the server splits it: semicolons inside quotes, dollar quotes,
-//! comments or a `BEGIN ATOMIC … END` body do not end a statement.
+//! or reshape the transaction behind its back.
+//!
+//! A statement run with parameters (extended protocol) is parsed by the
+//! server as exactly one statement, after dropping empty ones: `;BEGIN` and
+//! `/* x */ ; ; begin` are a BEGIN. So its first key word after white space,
+//! comments and semicolons is looked at — cheaply, on every statement, and
+//! no string can come before it, so nothing there is ambiguous.
+//!
+//! A batch (simple protocol) may hold many statements, so every statement
+//! is looked at, split the way the server's grammar splits it: by a small
+//! hand-written lexer that follows PostgreSQL's (`scan.l`) for everything
+//! that can hide or reveal a semicolon — '…' strings and their
+//! continuations over newlines, E'…' / B'…' / X'…' / N'…' / U&'…' strings,
+//! "…" and U&"…" identifiers, $tag$…$tag$ strings, `--` comments (ended by
+//! `\n` or `\r`) and nested `/* */` comments — and a `BEGIN ATOMIC … END`
+//! body, whose semicolons belong to its CREATE FUNCTION / PROCEDURE
+//! statement.
+//!
+//! Where the text alone cannot say how the server will read it, both
+//! readings are checked and the batch is refused if either finds control:
+//! - `standard_conforming_strings`: a backslash in a plain '…' string is an
+//!   escape when the setting is off (per session, invisible to us). A batch
+//!   holding a backslash is lexed both ways.
+//! - client encodings such as SJIS or BIG5 (never set by pgassist, but a
+//!   statement can `SET client_encoding`): there a backslash right after a
+//!   non-ASCII byte can be the second half of one character, not an escape.
+//!   A string with backslash escapes holding such a backslash before a quote
+//!   or a backslash is refused outright.
+//!
+//! Every misreading left goes the safe way: a `BEGIN ATOMIC` body is only
+//! opened where the grammar can have one (at parenthesis depth 0 of a
+//! statement starting `CREATE [OR REPLACE] FUNCTION|PROCEDURE`, BEGIN and
+//! ATOMIC adjacent), and closed at the first END that starts a statement
+//! inside it (the grammar allows no other: BEGIN / END statements exist
+//! only at top level); a nested body closes ours early, so the rest is
+//! checked as top-level statements — refused, never let through.
 
 use crate::error::{Error, Result};
 
-/// Refuses `sql` if its (first) statement is transaction control.
+/// Refuses `sql` if it is a transaction control statement (the extended
+/// protocol runs exactly one statement, empty ones dropped).
 #[inline]
 pub(crate) fn reject_transaction_control(sql: &str) -> Result<()> {
     if surely_not_control(sql) {
         return Ok(());
     }
-    match control_keyword(sql) {
-        Some(word) => Err(refusal(word)),
+    match leading_control(Lexer::new(sql, false)) {
+        Some(keyword) => Err(refusal(keyword, Reading::AsWritten)),
         None => Ok(()),
     }
 }
 
-/// Refuses `batch` if any of its statements is transaction control.
+/// Refuses `batch` if any of its statements is transaction control, under
+/// any reading the server might give it.
 pub(crate) fn reject_control_in_batch(batch: &str) -> Result<()> {
-    match statements(batch).find_map(control_keyword) {
-        Some(word) => Err(refusal(word)),
-        None => Ok(()),
+    let standard = scan_batch(batch, false);
+    if let Some(keyword) = standard.control {
+        return Err(refusal(keyword, Reading::AsWritten));
+    }
+    if !batch.as_bytes().contains(&b'\\') {
+        // Without a backslash both readings are the same.
+        return Ok(());
+    }
+    let escaped = scan_batch(batch, true);
+    if let Some(keyword) = escaped.control {
+        return Err(refusal(keyword, Reading::BackslashEscapes));
+    }
+    if standard.encoding_doubt || escaped.encoding_doubt {
+        return Err(Error::Usage(
+            "a backslash right after a non-ASCII character, before a quote or a backslash, in a \
+             string with backslash escapes: under some client encodings (SJIS, BIG5, GBK…) it is \
+             part of the character, not an escape, and the batch would split differently; \
+             pgassist refuses it rather than guess — pass the value as a parameter"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The first key word of `sql` after white space, comments and empty
+/// statements ("" if it starts with something else): the operation name
+/// for telemetry.
+#[cfg(any(feature = "tracing", test))]
+pub(crate) fn first_keyword(sql: &str) -> &str {
+    let mut tokens = Lexer::new(sql, false);
+    match tokens.find(|t| t.kind != Kind::Semicolon) {
+        Some(t) if t.kind == Kind::Word => tokens.text(t),
+        _ => "",
     }
 }
 
-fn refusal(word: &str) -> Error {
-    Error::Usage(format!(
-        "`{word}` is a transaction control statement; in autocommit use session.begin() and the transaction's commit()/rollback()"
-    ))
+/// How the server must read the text for the refused statement to be
+/// transaction control.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reading {
+    AsWritten,
+    /// Only if backslashes in '…' strings are escapes.
+    BackslashEscapes,
 }
 
-/// The control keyword `sql` starts with, if it starts with one.
-fn control_keyword(sql: &str) -> Option<&str> {
-    let word = first_keyword(sql);
-    // By length first: the common statements (SELECT, INSERT, UPDATE, WITH…)
-    // are out after one comparison at most.
-    let is = |k: &str| word.eq_ignore_ascii_case(k);
-    let is_control = match word.len() {
-        3 => is("END"),
-        5 => is("BEGIN") || is("START") || is("ABORT"),
-        6 => is("COMMIT"),
-        7 => {
-            is("RELEASE")
-                || (is("PREPARE") && {
-                    // `word` borrows from `sql`: what follows it.
-                    let after = word.as_ptr() as usize - sql.as_ptr() as usize + word.len();
-                    first_keyword(&sql[after..]).eq_ignore_ascii_case("TRANSACTION")
-                })
+fn refusal(keyword: &str, reading: Reading) -> Error {
+    let advice = "in autocommit use session.begin() and the transaction's commit()/rollback()";
+    Error::Usage(match reading {
+        Reading::AsWritten => {
+            format!("`{keyword}` is a transaction control statement; {advice}")
         }
-        8 => is("ROLLBACK"),
-        9 => is("SAVEPOINT"),
-        _ => false,
-    };
-    is_control.then_some(word)
+        Reading::BackslashEscapes => format!(
+            "the batch holds a `{keyword}` transaction control statement if backslashes in '…' \
+             strings are escapes (standard_conforming_strings = off, which pgassist cannot rule \
+             out); write such strings as E'…', or pass values as parameters, so that it reads \
+             the same either way; {advice}"
+        ),
+    })
 }
 
 /// Decides most statements from their first two bytes: every control
 /// keyword starts with a, b, c, e, p, r or s, and `SELECT` / `SET` (the
 /// common statements among those) start with "se". Anything else — white
-/// space, a comment — goes to the full check.
+/// space, a comment, a semicolon — goes to the full check.
 fn surely_not_control(sql: &str) -> bool {
     match sql.as_bytes() {
         [first, second, ..] => match first.to_ascii_lowercase() {
@@ -78,137 +133,350 @@ fn surely_not_control(sql: &str) -> bool {
     }
 }
 
-/// The first keyword of `sql`, after white space and comments (bytes only:
-/// it runs on every statement).
-pub(crate) fn first_keyword(sql: &str) -> &str {
-    let b = sql.as_bytes();
-    let mut i = 0;
+/// The control statement `tokens` start with (after empty statements).
+fn leading_control(mut tokens: Lexer<'_>) -> Option<&'static str> {
+    let first = tokens.find(|t| t.kind != Kind::Semicolon)?;
+    if first.kind != Kind::Word {
+        return None;
+    }
+    match control_word(tokens.text(first))? {
+        "PREPARE" => {
+            let next = tokens.next()?;
+            (next.kind == Kind::Word && tokens.text(next).eq_ignore_ascii_case("TRANSACTION"))
+                .then_some("PREPARE TRANSACTION")
+        }
+        keyword => Some(keyword),
+    }
+}
+
+/// The control key word `word` is (PREPARE: if TRANSACTION follows).
+fn control_word(word: &str) -> Option<&'static str> {
+    // By length first: most words are out after one comparison at most.
+    let is = |k: &str| word.eq_ignore_ascii_case(k);
+    let keyword = match word.len() {
+        3 if is("END") => "END",
+        5 if is("BEGIN") => "BEGIN",
+        5 if is("START") => "START",
+        5 if is("ABORT") => "ABORT",
+        6 if is("COMMIT") => "COMMIT",
+        7 if is("RELEASE") => "RELEASE",
+        7 if is("PREPARE") => "PREPARE",
+        8 if is("ROLLBACK") => "ROLLBACK",
+        9 if is("SAVEPOINT") => "SAVEPOINT",
+        _ => return None,
+    };
+    Some(keyword)
+}
+
+/// What one reading of a batch found.
+struct Scan {
+    /// The first transaction control statement.
+    control: Option<&'static str>,
+    /// A backslash escape whose meaning depends on the client encoding.
+    encoding_doubt: bool,
+}
+
+/// Where a statement of a CREATE FUNCTION / PROCEDURE is, for its body.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Routine {
+    /// After `CREATE`, `CREATE OR`, `CREATE OR REPLACE`.
+    Create,
+    CreateOr,
+    CreateOrReplace,
+    /// In a CREATE FUNCTION / PROCEDURE statement.
+    Yes,
+    No,
+}
+
+/// Reads `batch` statement by statement (`escapes`: backslashes escape in
+/// '…' strings), stopping at the first control statement.
+fn scan_batch(batch: &str, escapes: bool) -> Scan {
+    let mut tokens = Lexer::new(batch, escapes);
+    // Tokens of the current statement so far.
+    let mut position = 0usize;
+    let mut prepare = false;
+    let mut routine = Routine::No;
+    let mut depth = 0u32;
+    // The previous token: BEGIN that may open a body; a dot.
+    let mut after_begin = false;
+    let mut after_dot = false;
+    // Inside a BEGIN ATOMIC body; at the start of one of its statements.
+    let mut body = false;
+    let mut body_statement_start = false;
+    let mut control = None;
+    while let Some(t) = tokens.next() {
+        if body {
+            match t.kind {
+                Kind::Semicolon => body_statement_start = true,
+                Kind::Word
+                    if body_statement_start && tokens.text(t).eq_ignore_ascii_case("END") =>
+                {
+                    body = false;
+                    body_statement_start = false;
+                }
+                _ => body_statement_start = false,
+            }
+            continue;
+        }
+        if t.kind == Kind::Semicolon {
+            position = 0;
+            prepare = false;
+            routine = Routine::No;
+            depth = 0;
+            after_begin = false;
+            after_dot = false;
+            continue;
+        }
+        let word = (t.kind == Kind::Word).then(|| tokens.text(t));
+        let is = |k: &str| word.is_some_and(|w| w.eq_ignore_ascii_case(k));
+        if position == 0 {
+            if let Some(keyword) = word.and_then(control_word) {
+                if keyword != "PREPARE" {
+                    control = Some(keyword);
+                    break;
+                }
+                prepare = true;
+            }
+            routine = if is("CREATE") {
+                Routine::Create
+            } else {
+                Routine::No
+            };
+        } else {
+            if position == 1 && prepare && is("TRANSACTION") {
+                control = Some("PREPARE TRANSACTION");
+                break;
+            }
+            let function = is("FUNCTION") || is("PROCEDURE");
+            routine = match routine {
+                Routine::Create if is("OR") => Routine::CreateOr,
+                Routine::CreateOr if is("REPLACE") => Routine::CreateOrReplace,
+                Routine::Create | Routine::CreateOrReplace if function => Routine::Yes,
+                Routine::Yes => Routine::Yes,
+                _ => Routine::No,
+            };
+        }
+        position += 1;
+        if routine == Routine::Yes {
+            match t.kind {
+                Kind::Open => depth += 1,
+                Kind::Close => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+            if after_begin && is("ATOMIC") {
+                body = true;
+                body_statement_start = true;
+            }
+            after_begin = depth == 0 && !after_dot && is("BEGIN");
+            after_dot = t.kind == Kind::Dot;
+        }
+    }
+    Scan {
+        control,
+        encoding_doubt: tokens.encoding_doubt,
+    }
+}
+
+/// What the splitter needs to know of a token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// An unquoted identifier or key word.
+    Word,
+    Semicolon,
+    /// `(`
+    Open,
+    /// `)`
+    Close,
+    /// `.`
+    Dot,
+    /// Anything else: literals, quoted identifiers, operators, parameters.
+    Other,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Token {
+    kind: Kind,
+    start: usize,
+    end: usize,
+}
+
+/// PostgreSQL's tokens, as far as they matter for splitting (bytes only:
+/// every boundary it cuts at is an ASCII byte, so slices stay `str`).
+struct Lexer<'a> {
+    sql: &'a str,
+    at: usize,
+    /// Backslash escapes in plain '…' strings (standard_conforming_strings
+    /// off).
+    escapes: bool,
+    /// Seen an escape whose reading depends on the client encoding.
+    encoding_doubt: bool,
+}
+
+/// How a quoted string reads its body.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Quoting {
+    /// `''` is a quote; backslash is a plain character.
+    Standard,
+    /// `''` is a quote; backslash escapes the next character.
+    Escapes,
+    /// B'…' / X'…': the first quote ends it.
+    Bits,
+}
+
+impl<'a> Lexer<'a> {
+    fn new(sql: &'a str, escapes: bool) -> Self {
+        Lexer {
+            sql,
+            at: 0,
+            escapes,
+            encoding_doubt: false,
+        }
+    }
+
+    fn text(&self, t: Token) -> &'a str {
+        &self.sql[t.start..t.end]
+    }
+
+    fn plain(&self) -> Quoting {
+        if self.escapes {
+            Quoting::Escapes
+        } else {
+            Quoting::Standard
+        }
+    }
+
+    /// An identifier, or a string with a one-letter prefix (E'…', B'…',
+    /// X'…', N'…', U&'…', U&"…"), starting at `start`.
+    fn word_at(&mut self, start: usize) -> (Kind, usize) {
+        let b = self.sql.as_bytes();
+        let next = b.get(start + 1).copied();
+        match (b[start].to_ascii_lowercase(), next) {
+            (b'e', Some(b'\'')) => (Kind::Other, self.string(start + 1, Quoting::Escapes)),
+            (b'b' | b'x', Some(b'\'')) => (Kind::Other, self.string(start + 1, Quoting::Bits)),
+            (b'n', Some(b'\'')) => (Kind::Other, self.string(start + 1, self.plain())),
+            (b'u', Some(b'&')) if b.get(start + 2) == Some(&b'\'') => {
+                // Refused by the server when standard_conforming_strings
+                // is off, so read the standard way only.
+                (Kind::Other, self.string(start + 2, Quoting::Standard))
+            }
+            (b'u', Some(b'&')) if b.get(start + 2) == Some(&b'"') => {
+                (Kind::Other, quoted_identifier_end(b, start + 2))
+            }
+            _ => {
+                let len = b[start + 1..]
+                    .iter()
+                    .take_while(|&&c| is_ident_cont(c))
+                    .count();
+                (Kind::Word, start + 1 + len)
+            }
+        }
+    }
+
+    /// Past the string whose opening quote is at `open`, with the pieces
+    /// it continues into (`'a'` newline `'b'` is one string, read the
+    /// same way throughout).
+    fn string(&mut self, open: usize, quoting: Quoting) -> usize {
+        let b = self.sql.as_bytes();
+        let mut i = open + 1;
+        loop {
+            // Find the closing quote.
+            loop {
+                match b.get(i) {
+                    None => return b.len(),
+                    Some(b'\\') if quoting == Quoting::Escapes => {
+                        // After a non-ASCII byte, some client encodings take
+                        // the backslash into the character: then a quote or
+                        // backslash after it reads differently.
+                        if i > 0 && b[i - 1] >= 0x80 && matches!(b.get(i + 1), Some(b'\'' | b'\\'))
+                        {
+                            self.encoding_doubt = true;
+                        }
+                        i += 2;
+                    }
+                    Some(b'\'') if quoting != Quoting::Bits && b.get(i + 1) == Some(&b'\'') => {
+                        i += 2
+                    }
+                    Some(b'\'') => {
+                        i += 1;
+                        break;
+                    }
+                    Some(_) => i += 1,
+                }
+            }
+            match continuation(b, i) {
+                Some(quote) => i = quote + 1,
+                None => return i,
+            }
+        }
+    }
+}
+
+impl Iterator for Lexer<'_> {
+    type Item = Token;
+
+    fn next(&mut self) -> Option<Token> {
+        let b = self.sql.as_bytes();
+        let start = skip_blank(b, self.at);
+        let &c = b.get(start)?;
+        let (kind, end) = match c {
+            b';' => (Kind::Semicolon, start + 1),
+            b'(' => (Kind::Open, start + 1),
+            b')' => (Kind::Close, start + 1),
+            b'.' => (Kind::Dot, start + 1),
+            b'\'' => (Kind::Other, self.string(start, self.plain())),
+            b'"' => (Kind::Other, quoted_identifier_end(b, start)),
+            b'$' => (Kind::Other, dollar_end(b, start)),
+            b'0'..=b'9' => (Kind::Other, number_end(b, start)),
+            c if is_ident_start(c) => self.word_at(start),
+            _ => (Kind::Other, start + 1),
+        };
+        let end = end.min(b.len());
+        self.at = end;
+        Some(Token { kind, start, end })
+    }
+}
+
+/// PostgreSQL's white space (`\v` too: PostgreSQL 16 and later take it as
+/// a space, older ones reject it outside a literal).
+fn is_space(c: u8) -> bool {
+    matches!(c, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)
+}
+
+fn is_ident_start(c: u8) -> bool {
+    c.is_ascii_alphabetic() || c == b'_' || c >= 0x80
+}
+
+fn is_ident_cont(c: u8) -> bool {
+    is_ident_start(c) || c.is_ascii_digit() || c == b'$'
+}
+
+/// Past white space and comments from `i`.
+fn skip_blank(b: &[u8], mut i: usize) -> usize {
     loop {
-        while i < b.len() && b[i].is_ascii_whitespace() {
+        while b.get(i).copied().is_some_and(is_space) {
             i += 1;
         }
         match b.get(i..i + 2) {
-            Some(b"--") | Some(b"/*") => i = skip_comment(b, i),
-            _ => break,
+            Some(b"--") => i = line_comment_end(b, i),
+            Some(b"/*") => i = block_comment_end(b, i),
+            _ => return i,
         }
     }
-    let start = i;
-    while i < b.len() && b[i].is_ascii_alphabetic() {
-        i += 1;
-    }
-    &sql[start..i]
 }
 
-/// The statements of a batch, split at the semicolons the server splits at.
-fn statements(batch: &str) -> impl Iterator<Item = &str> {
-    let mut rest = batch;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let end = statement_end(rest.as_bytes());
-        let statement = &rest[..end];
-        rest = rest.get(end + 1..).unwrap_or("");
-        Some(statement)
-    })
+/// The newline (`\n` or `\r`) ending the `--` comment at `start`, or the
+/// end.
+fn line_comment_end(b: &[u8], start: usize) -> usize {
+    b[start..]
+        .iter()
+        .position(|&c| c == b'\n' || c == b'\r')
+        .map_or(b.len(), |p| start + p)
 }
 
-/// The offset of the semicolon ending the first statement of `b` (or its
-/// length). Follows PostgreSQL's lexer where it matters for splitting:
-/// '…' strings ('' inside; backslash escapes in E'…'), "…" identifiers,
-/// $tag$…$tag$ bodies, -- and nested /* */ comments, and `BEGIN ATOMIC`
-/// bodies, whose semicolons belong to the CREATE statement until the
-/// matching END.
-fn statement_end(b: &[u8]) -> usize {
-    let mut i = 0;
-    // Inside `BEGIN ATOMIC`: BEGIN / CASE … END nesting depth.
-    let mut depth = 0u32;
-    let mut previous_word: &[u8] = b"";
-    while i < b.len() {
-        let c = b[i];
-        match c {
-            b';' if depth == 0 => return i,
-            b'\'' => {
-                let escapes =
-                    i > 0 && b[i - 1].eq_ignore_ascii_case(&b'e') && !(i > 1 && is_ident(b[i - 2]));
-                i = skip_quoted(b, i, b'\'', escapes);
-                continue;
-            }
-            b'"' => {
-                i = skip_quoted(b, i, b'"', false);
-                continue;
-            }
-            b'-' | b'/' if matches!(b.get(i..i + 2), Some(b"--") | Some(b"/*")) => {
-                i = skip_comment(b, i);
-                continue;
-            }
-            b'$' if i == 0 || !is_ident(b[i - 1]) => {
-                if let Some(end) = skip_dollar_quoted(b, i) {
-                    i = end;
-                    continue;
-                }
-            }
-            _ if c.is_ascii_alphabetic() || c == b'_' => {
-                let start = i;
-                while i < b.len() && is_ident(b[i]) {
-                    i += 1;
-                }
-                let word = &b[start..i];
-                let is = |k: &[u8]| word.eq_ignore_ascii_case(k);
-                if depth == 0 {
-                    if is(b"ATOMIC") && previous_word.eq_ignore_ascii_case(b"BEGIN") {
-                        depth = 1;
-                    }
-                } else if is(b"BEGIN") || is(b"CASE") {
-                    depth += 1;
-                } else if is(b"END") {
-                    depth -= 1;
-                }
-                previous_word = word;
-                continue;
-            }
-            _ => {}
-        }
-        i += 1;
-    }
-    b.len()
-}
-
-fn is_ident(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
-}
-
-/// Past the quoted text starting at `b[start] == quote` (a doubled quote
-/// stays inside; with `escapes`, so does a backslash-escaped character).
-fn skip_quoted(b: &[u8], start: usize, quote: u8, escapes: bool) -> usize {
-    let mut i = start + 1;
-    while i < b.len() {
-        if escapes && b[i] == b'\\' {
-            i += 2;
-        } else if b[i] == quote {
-            if b.get(i + 1) == Some(&quote) {
-                i += 2;
-            } else {
-                return i + 1;
-            }
-        } else {
-            i += 1;
-        }
-    }
-    b.len()
-}
-
-/// Past the comment starting at `b[start]` (`--` to the end of the line, or
-/// a nested `/* */`).
-fn skip_comment(b: &[u8], start: usize) -> usize {
-    if b[start] == b'-' {
-        return b[start..]
-            .iter()
-            .position(|&c| c == b'\n')
-            .map_or(b.len(), |p| start + p + 1);
-    }
-    let mut depth = 0u32;
-    let mut i = start;
+/// Past the nested `/* */` comment at `start`.
+fn block_comment_end(b: &[u8], start: usize) -> usize {
+    let mut depth = 1u32;
+    let mut i = start + 2;
     while i + 1 < b.len() {
         match &b[i..i + 2] {
             b"/*" => {
@@ -228,30 +496,97 @@ fn skip_comment(b: &[u8], start: usize) -> usize {
     b.len()
 }
 
-/// Past the `$tag$…$tag$` body starting at `b[start] == '$'`, or `None`
-/// if no dollar quote starts there (`$1` is a parameter).
-fn skip_dollar_quoted(b: &[u8], start: usize) -> Option<usize> {
-    let tag_end = start
-        + 1
-        + b[start + 1..]
-            .iter()
-            .position(|&c| !(c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80))?;
-    if b[tag_end] != b'$' || b.get(start + 1).is_some_and(u8::is_ascii_digit) {
-        return None;
+/// The quote continuing a string that ended just before `i`: one after
+/// white space (and `--` comments) holding a newline.
+fn continuation(b: &[u8], mut i: usize) -> Option<usize> {
+    let mut newline = false;
+    loop {
+        match *b.get(i)? {
+            b'\n' | b'\r' => {
+                newline = true;
+                i += 1;
+            }
+            c if is_space(c) => i += 1,
+            b'-' if b.get(i + 1) == Some(&b'-') => i = line_comment_end(b, i),
+            b'\'' if newline => return Some(i),
+            _ => return None,
+        }
     }
-    let tag = &b[start..=tag_end];
-    let body = tag_end + 1;
-    Some(
-        b[body..]
-            .windows(tag.len())
-            .position(|w| w == tag)
-            .map_or(b.len(), |p| body + p + tag.len()),
-    )
+}
+
+/// Past the "…" identifier whose opening quote is at `open`.
+fn quoted_identifier_end(b: &[u8], open: usize) -> usize {
+    let mut i = open + 1;
+    while i < b.len() {
+        if b[i] == b'"' {
+            if b.get(i + 1) == Some(&b'"') {
+                i += 2;
+                continue;
+            }
+            return i + 1;
+        }
+        i += 1;
+    }
+    b.len()
+}
+
+/// Past the token starting with `$` at `start`: a parameter `$1`, a
+/// `$tag$…$tag$` string, or the `$` alone (a tag without its closing `$`
+/// is read as `$` and a word).
+fn dollar_end(b: &[u8], start: usize) -> usize {
+    let digits = b[start + 1..]
+        .iter()
+        .take_while(|c| c.is_ascii_digit())
+        .count();
+    if digits > 0 {
+        return start + 1 + digits;
+    }
+    let tag_len = b[start + 1..]
+        .iter()
+        .take_while(|&&c| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80)
+        .count();
+    let close = start + 1 + tag_len;
+    if b.get(close) != Some(&b'$') {
+        return start + 1;
+    }
+    let delimiter = &b[start..=close];
+    let body = close + 1;
+    b[body..]
+        .windows(delimiter.len())
+        .position(|w| w == delimiter)
+        .map_or(b.len(), |p| body + p + delimiter.len())
+}
+
+/// Past the number at `start` (digits, `_`, `.`, and any identifier glued
+/// to it: an exponent, a hex prefix, or junk the server rejects).
+fn number_end(b: &[u8], start: usize) -> usize {
+    let mut i = start;
+    while b
+        .get(i)
+        .is_some_and(|&c| c.is_ascii_digit() || c == b'_' || c == b'.')
+    {
+        i += 1;
+    }
+    if b.get(i).copied().is_some_and(is_ident_start) {
+        i += 1;
+        while b.get(i).copied().is_some_and(is_ident_cont) {
+            i += 1;
+        }
+    }
+    i
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn refused(sql: &str) -> bool {
+        matches!(reject_transaction_control(sql), Err(Error::Usage(_)))
+    }
+
+    fn batch_refused(sql: &str) -> bool {
+        matches!(reject_control_in_batch(sql), Err(Error::Usage(_)))
+    }
 
     #[test]
     fn control_statements_are_refused() {
@@ -264,33 +599,90 @@ mod tests {
             "savepoint a",
             "Prepare Transaction 'x'",
             "/* c */ PREPARE  TRANSACTION 'x'",
+            "PREPARE/**/TRANSACTION 'x'",
             "END",
+            "abort",
+            "Release s",
+            "COMMIT AND CHAIN",
+            "ROLLBACK TO SAVEPOINT s",
+            "COMMIT PREPARED 'x'",
+            "ROLLBACK PREPARED 'x'",
         ] {
-            assert!(
-                matches!(reject_transaction_control(sql), Err(Error::Usage(_))),
-                "{sql}"
-            );
-            assert!(reject_control_in_batch(sql).is_err(), "{sql}");
+            assert!(refused(sql), "{sql}");
+            assert!(batch_refused(sql), "{sql}");
         }
         for sql in [
             "SELECT 1",
             "DO $$ BEGIN PERFORM 1; END $$",
             "PREPARE q AS SELECT 1",
+            "PREPARE \"transaction\" AS SELECT 1",
             "INSERT INTO begin_log VALUES (1)",
             "",
+            ";",
+            " ; ;",
             "beginning",
+            "begin1",
+            "begin_x",
+            "begin$",
             "select 1",
             "SET search_path = x",
             "UPDATE t SET a = 1",
             "with x as (select 1) select * from x",
+            "(SELECT 1)",
+            "\"begin\"",
+            "E'BEGIN'",
+            "CALL begin_work()",
+            "EXPLAIN SELECT 1",
         ] {
-            assert!(reject_transaction_control(sql).is_ok(), "{sql}");
-            assert!(reject_control_in_batch(sql).is_ok(), "{sql}");
+            assert!(!refused(sql), "{sql}");
+            assert!(!batch_refused(sql), "{sql}");
         }
         // The two-byte shortcut never decides for a control statement.
-        for sql in ["BEGIN", "start transaction", "Savepoint a", "end", "x"] {
+        for sql in [
+            "BEGIN",
+            "start transaction",
+            "Savepoint a",
+            "end",
+            "x",
+            ";B",
+            "; begin",
+            "\x0bBEGIN",
+            "\u{a0}BEGIN",
+        ] {
             assert!(!surely_not_control(sql), "{sql}");
         }
+    }
+
+    /// The server drops empty statements, so a single extended-protocol
+    /// statement may start with any number of them.
+    #[test]
+    fn empty_statements_before_control_are_seen_through() {
+        for sql in [
+            ";BEGIN",
+            "; BEGIN",
+            ";;begin",
+            "/* x */ ; START TRANSACTION",
+            "\n;\n;begin",
+            ";COMMIT",
+            "; END",
+            ";\tEnd Work",
+            ";PREPARE TRANSACTION 'g'",
+            "; -- c\n ; /* ; */ ; rollback",
+            "/* a /* ; */ b */;savepoint s",
+            "--;\r;RELEASE s",
+            "\x0b;\x0bBEGIN",
+            ";\x0c;ABORT",
+            "-- comment ended by a carriage return\rBEGIN",
+            "PREPARE -- c\r TRANSACTION 'g'",
+            ";\r\n;\r\nCommit",
+        ] {
+            assert!(refused(sql), "{sql:?}");
+            assert!(batch_refused(sql), "{sql:?}");
+        }
+        assert_eq!(first_keyword(" ; -- x\n;select 1"), "select");
+        assert_eq!(first_keyword("/* x */ insert into t"), "insert");
+        assert_eq!(first_keyword("(select 1)"), "");
+        assert_eq!(first_keyword(";;"), "");
     }
 
     #[test]
@@ -301,36 +693,151 @@ mod tests {
             "INSERT INTO t VALUES (';'); ROLLBACK",
             "SELECT 'it''s; fine'; END",
             "SELECT E'a\\'; b'; commit",
+            "SELECT e'a\\\\'; commit",
             "SELECT \"odd;name\" FROM t; BEGIN",
+            "SELECT \"a\"\"b;\" FROM t; BEGIN",
+            "SELECT U&\"a;\" FROM t; BEGIN",
+            "SELECT U&'a;' ; BEGIN",
+            "SELECT B'01'; BEGIN",
+            "SELECT X'0A'; BEGIN",
+            "SELECT N'x;'; BEGIN",
             "DO $f$ BEGIN PERFORM 1; END $f$; COMMIT",
+            "DO $f$ $g$ ; $f$; COMMIT",
+            "DO $$ x $$; COMMIT",
             "SELECT $1; BEGIN",
+            "SELECT $1$a$ x $a$; BEGIN",
             "SELECT 1 -- ; not here\n; savepoint s",
+            "SELECT 1 -- ; not here\r; savepoint s",
             "SELECT 1 /* ; /* ; */ ; */; release s",
+            "SELECT 1 +--x\n; BEGIN",
+            "SELECT 1 */ ; BEGIN",
             "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; END; COMMIT",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC END; COMMIT",
+            "create or replace procedure p() language sql begin atomic select 1; end ; commit",
+            "CREATE FUNCTION f(x int) RETURNS int LANGUAGE sql BEGIN ATOMIC \
+             SELECT CASE WHEN x > 0 THEN 1 ELSE 0 END; END; END",
+            // begin / atomic as names do not open a body.
+            "SELECT begin, atomic FROM (VALUES (1, 2)) AS v(begin, atomic); BEGIN",
+            "SELECT begin atomic FROM t; BEGIN",
+            "SELECT 1 AS begin; SELECT 2 AS atomic; BEGIN",
+            "CREATE TABLE t (begin int, atomic int); BEGIN",
+            "CREATE VIEW v AS SELECT begin atomic FROM t; COMMIT",
+            "CREATE FUNCTION f(begin atomic) RETURNS int LANGUAGE sql AS 'select 1'; BEGIN",
+            "CREATE FUNCTION f() RETURNS TABLE (begin atomic) LANGUAGE sql AS 'x'; BEGIN",
+            "CREATE FUNCTION s.begin() RETURNS int LANGUAGE sql AS 'x'; BEGIN",
+            "CREATE FUNCTION f() RETURNS t.begin atomic; BEGIN",
+            "CREATE FUNCTION f() RETURNS int BEGIN; ATOMIC; BEGIN",
+            "CREATE FUNCTION f() RETURNS int BEGIN, ATOMIC; BEGIN",
+            // A nested body closes ours early: the rest is refused.
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC \
+             CREATE FUNCTION g() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; END; END",
+            // A string continued over a newline is one string.
+            "SELECT 'a'\n'; b'; BEGIN",
+            "SELECT E'a'\n'\\'; x'; BEGIN",
+            "SELECT 'a' -- c\n'; b'; BEGIN",
+            "SELECT E'a' /* c */\n'\\'; BEGIN; --'",
         ] {
-            assert!(reject_control_in_batch(batch).is_err(), "{batch}");
+            assert!(batch_refused(batch), "{batch:?}");
         }
         for batch in [
             "SELECT 1; SELECT 2;",
             "CREATE TABLE t (a int); INSERT INTO t VALUES (1)",
             "DO $$ BEGIN PERFORM 1; END $$; SELECT 1",
             "DO $body$ BEGIN COMMIT; END $body$",
+            "DO $a$ $b$ ; COMMIT; $b$ $a$",
+            "DO $$ BEGIN COMMIT; END $$ ; DO $x$ ROLLBACK $x$",
             "SELECT 'x; COMMIT'",
             "SELECT E'\\'; COMMIT'",
+            "SELECT e'\\\\\\'; COMMIT'",
             "SELECT \"a;\"\"b\" FROM t",
+            "SELECT \"begin\", \"end\" FROM t",
             "SELECT 1 -- ; COMMIT",
             "SELECT 1 /* ; COMMIT */",
+            "SELECT 1 /* /* */ ; COMMIT */",
             "SELECT a$b FROM t; SELECT 2",
+            "SELECT 'a'\n'; COMMIT'",
+            "SELECT E'a'\n'\\'; COMMIT'",
+            "SELECT 'a' -- c\n  -- d\r'; COMMIT'",
             "CREATE FUNCTION f(x int) RETURNS int LANGUAGE sql \
              BEGIN ATOMIC SELECT CASE WHEN x > 0 THEN 1 ELSE 0 END; SELECT 2; END; SELECT 3",
+            "CREATE OR REPLACE FUNCTION f() RETURNS int LANGUAGE sql \
+             BEGIN ATOMIC; COMMIT; ROLLBACK; SELECT 1 AS end; END",
+            "create procedure p() language sql begin /* c */ atomic \
+             insert into t values (1); savepoint s; end; select 1",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC \
+             SELECT begin atomic FROM t; RETURN 1; END",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 'END; BEGIN'; END",
             ";;",
+            "",
+            "SELECT 1; ; ;",
         ] {
-            assert!(reject_control_in_batch(batch).is_ok(), "{batch}");
+            assert!(reject_control_in_batch(batch).is_ok(), "{batch:?}");
+        }
+    }
+
+    /// A plain '…' string holding a backslash reads two ways, depending on
+    /// standard_conforming_strings: both are checked.
+    #[test]
+    fn both_readings_of_a_backslash_are_checked() {
+        for batch in [
+            // Hidden when backslashes escape (off): revealed when standard.
+            "SELECT 'a\\'; BEGIN; SELECT ''",
+            // Hidden when standard (on): revealed when backslashes escape.
+            "SELECT 'a\\', '; BEGIN; SELECT '",
+            "SELECT 'a\\', '; BEGIN; SELECT ''",
+            "SELECT N'a\\', '; COMMIT; SELECT '",
+            "SELECT 'x\\'\n'; BEGIN; SELECT '",
+            "SELECT '\\\\', '\\'; END; --'",
+        ] {
+            let err = reject_control_in_batch(batch).unwrap_err();
+            assert!(matches!(err, Error::Usage(_)), "{batch:?}");
+        }
+        let err = reject_control_in_batch("SELECT 'a\\', '; BEGIN; SELECT '").unwrap_err();
+        assert!(
+            err.to_string().contains("standard_conforming_strings"),
+            "{err}"
+        );
+        // Backslashes that read the same either way.
+        for batch in [
+            "SELECT 'a\\b'; SELECT 1",
+            "SELECT E'a\\'b'",
+            "SELECT $$\\'; COMMIT$$",
+            "SELECT \"a\\\" FROM t",
+            "SELECT B'\\'",
+            "SELECT 1 -- \\'\n",
+            "SELECT U&'\\0041'",
+        ] {
+            assert!(reject_control_in_batch(batch).is_ok(), "{batch:?}");
+        }
+    }
+
+    /// Under SJIS, BIG5, GBK… a backslash after a non-ASCII byte can be
+    /// part of the character.
+    #[test]
+    fn escapes_after_non_ascii_bytes_are_refused() {
+        for batch in [
+            "SELECT E'\u{c1}\\'; BEGIN; --'",
+            "SELECT E'\u{c1}\\\\'",
+            "SELECT '\u{c1}\\'",
+        ] {
+            let err = reject_control_in_batch(batch).unwrap_err();
+            assert!(
+                err.to_string().contains("client encoding"),
+                "{batch:?}: {err}"
+            );
+        }
+        for batch in [
+            "SELECT E'\u{c1}\\n'",
+            "SELECT '\u{c1}\\x'",
+            "SELECT E'\u{c1} \\''",
+            "SELECT $$\u{c1}\\'$$",
+        ] {
+            assert!(reject_control_in_batch(batch).is_ok(), "{batch:?}");
         }
     }
 
     #[test]
-    fn splitting_never_panics_on_odd_input() {
+    fn odd_input_never_panics() {
         for batch in [
             "'",
             "\"",
@@ -338,17 +845,253 @@ mod tests {
             "$a",
             "$a$",
             "$a$ b",
+            "$1",
+            "$é$ x $é$",
             "/*",
             "/* /*",
+            "/*/",
             "--",
+            "-",
             "E'\\",
             "e'",
+            "e",
+            "u&",
+            "U&'",
+            "U&\"",
+            "B'",
+            "1e",
+            "1.",
             "é;ü$x$;",
             "BEGIN ATOMIC",
             "END END END;",
+            "'a'\n",
+            "'a'\n'",
+            "'a' --",
+            "CREATE FUNCTION f() BEGIN ATOMIC",
+            "CREATE FUNCTION f() BEGIN ATOMIC ;",
+            "CREATE OR",
+            "PREPARE",
+            ")))",
         ] {
             let _ = reject_control_in_batch(batch);
             let _ = reject_transaction_control(batch);
+            let _ = first_keyword(batch);
+        }
+    }
+
+    /// xorshift64*: a small deterministic generator, no dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+
+        fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+            items[self.below(items.len())]
+        }
+
+        /// `word` in random case.
+        fn case(&mut self, word: &str) -> String {
+            word.chars()
+                .map(|c| {
+                    if self.next() & 1 == 0 {
+                        c.to_ascii_lowercase()
+                    } else {
+                        c.to_ascii_uppercase()
+                    }
+                })
+                .collect()
+        }
+    }
+
+    /// What may come before a statement: white space, comments, empty
+    /// statements.
+    const PREFIXES: &[&str] = &[
+        "",
+        " ",
+        "\t",
+        "\n",
+        "\r\n",
+        "\r",
+        "\x0b",
+        "\x0c",
+        ";",
+        " ; ",
+        ";;",
+        "\n;\n",
+        "/* c */",
+        "/* ; */",
+        "/* a /* nested; */ b */",
+        "/**/",
+        "/*/ x */",
+        "-- c\n",
+        "-- ; c\r",
+        "--\n",
+    ];
+
+    /// Between the words of a control statement.
+    const GAPS: &[&str] = &[" ", "\t", "\n", "  ", "/* c */", "-- c\n", "\r", "/**/"];
+
+    /// Control statements, as words.
+    const CONTROL: &[&[&str]] = &[
+        &["BEGIN"],
+        &["BEGIN", "TRANSACTION"],
+        &["BEGIN", "WORK"],
+        &["BEGIN", "ISOLATION", "LEVEL", "SERIALIZABLE"],
+        &["START", "TRANSACTION"],
+        &["START", "TRANSACTION", "READ", "ONLY"],
+        &["COMMIT"],
+        &["COMMIT", "AND", "CHAIN"],
+        &["END"],
+        &["END", "TRANSACTION"],
+        &["ROLLBACK"],
+        &["ROLLBACK", "TO", "SAVEPOINT", "s"],
+        &["ABORT"],
+        &["SAVEPOINT", "s"],
+        &["RELEASE", "s"],
+        &["RELEASE", "SAVEPOINT", "s"],
+        &["PREPARE", "TRANSACTION", "'g'"],
+        &["COMMIT", "PREPARED", "'g'"],
+        &["ROLLBACK", "PREPARED", "'g'"],
+    ];
+
+    /// Statements that are not control but hold its words, quotes,
+    /// semicolons and bodies; the same under both readings of backslashes.
+    const DECOYS: &[&str] = &[
+        "SELECT 1",
+        "select 'BEGIN'",
+        "SELECT 'x; COMMIT'",
+        "SELECT 'it''s; END'",
+        "SELECT E'\\'; COMMIT'",
+        "SELECT $$; ROLLBACK$$",
+        "SELECT $t$ $$; COMMIT $t$",
+        "SELECT \"begin\", \"end;\" FROM t",
+        "SELECT begin, atomic FROM (VALUES (1, 2)) AS v(begin, atomic)",
+        "SELECT begin atomic FROM t",
+        "SELECT 1 AS end",
+        "SELECT t.commit, t.begin FROM t",
+        "INSERT INTO begin_log VALUES ('; BEGIN')",
+        "PREPARE q AS SELECT 1",
+        "DO $x$ BEGIN COMMIT; END $x$",
+        "CREATE FUNCTION f(x int) RETURNS int LANGUAGE sql BEGIN ATOMIC \
+         SELECT CASE WHEN x > 0 THEN 1 ELSE 0 END; SELECT 2; END",
+        "CREATE OR REPLACE PROCEDURE p() LANGUAGE sql BEGIN ATOMIC INSERT INTO t VALUES (1); END",
+        "SELECT 'a'\n'; COMMIT'",
+        "SELECT 1 -- ; COMMIT\n",
+        "SELECT 1 /* ; COMMIT */",
+        "SELECT 'a\\b'",
+        "SELECT U&'d\\0061t'",
+    ];
+
+    fn prefix(rng: &mut Rng) -> String {
+        (0..rng.below(4)).map(|_| rng.pick(PREFIXES)).collect()
+    }
+
+    fn control(rng: &mut Rng) -> String {
+        let words = CONTROL[rng.below(CONTROL.len())];
+        let mut out = String::new();
+        for (n, word) in words.iter().enumerate() {
+            if n > 0 {
+                out.push_str(rng.pick(GAPS));
+            }
+            out.push_str(&rng.case(word));
+        }
+        out
+    }
+
+    #[test]
+    fn generated_control_statements_are_always_refused() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for round in 0..6000 {
+            // One statement, as the extended protocol gets it.
+            let single = format!(
+                "{}{}{}",
+                prefix(&mut rng),
+                control(&mut rng),
+                rng.pick(&["", ";", " ;", ";;", " -- c", " /* c */ ;\n"])
+            );
+            assert!(refused(&single), "round {round}: {single:?}");
+            assert!(batch_refused(&single), "round {round}: {single:?}");
+
+            // A batch with decoys around the control statement.
+            let mut batch = String::new();
+            for _ in 0..rng.below(4) {
+                batch.push_str(&prefix(&mut rng));
+                batch.push_str(rng.pick(DECOYS));
+                batch.push_str(rng.pick(&[";", " ;", ";\n", "\n;"]));
+            }
+            let benign = batch.clone();
+            batch.push_str(&prefix(&mut rng));
+            batch.push_str(&control(&mut rng));
+            if rng.below(2) == 0 {
+                batch.push(';');
+                batch.push_str(rng.pick(DECOYS));
+            }
+            assert!(batch_refused(&batch), "round {round}: {batch:?}");
+            // Without it, the decoys alone pass.
+            assert!(
+                reject_control_in_batch(&benign).is_ok(),
+                "round {round}: {benign:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn generated_noise_never_panics() {
+        const PIECES: &[&str] = &[
+            "'",
+            "''",
+            "\"",
+            "$",
+            "$$",
+            "$a$",
+            "$1",
+            "\\",
+            ";",
+            "/*",
+            "*/",
+            "--",
+            "\n",
+            "\r",
+            "E'",
+            "e'",
+            "B'",
+            "U&'",
+            "U&\"",
+            "N'",
+            "BEGIN",
+            "ATOMIC",
+            "END",
+            "CASE",
+            "(",
+            ")",
+            "CREATE FUNCTION",
+            "OR REPLACE",
+            "PREPARE",
+            "TRANSACTION",
+            "é",
+            "日本",
+            "\u{c1}",
+            " ",
+            "x",
+            "1",
+            ".",
+            "-",
+        ];
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        for _ in 0..20_000 {
+            let sql: String = (0..rng.below(16)).map(|_| rng.pick(PIECES)).collect();
+            let _ = reject_control_in_batch(&sql);
+            let _ = reject_transaction_control(&sql);
+            let _ = first_keyword(&sql);
         }
     }
 }
