@@ -6,9 +6,10 @@ mod common;
 use std::time::Duration;
 
 use common::Db;
+use percent_encoding::percent_decode_str;
 use pgassist::testing::{ClusterOptions, TestCluster};
 use pgassist::unit_of_work::Step;
-use pgassist::{EngineConfig, Error, Registry};
+use pgassist::{EngineConfig, Error, RecoveryReport, Registry};
 
 /// Three engines on three databases of the test cluster.
 struct Three {
@@ -179,40 +180,63 @@ async fn routed_tables_pick_their_engine() {
     assert!(matches!(err, Error::Config(_)));
 }
 
+/// Every point of the protocol a process can die at, with three engines.
+const STEPS: [Step; 5] = [
+    Step::AfterPrepare(1),
+    Step::AfterPrepare(2),
+    Step::AfterDecision,
+    Step::AfterCommitPrepared(1),
+    Step::AfterCommitPrepared(2),
+];
+
+/// Starts a unit of work over `names` (coordinator first, on `t.dbs` in
+/// order) and kills it after `step`.
+async fn crash(t: &Three, names: &[&str; 3], step: Step) {
+    let mut uow = t.registry.unit_of_work();
+    write_all(&mut uow, names).await;
+    uow.crash_after(step);
+    let err = uow.commit().await.unwrap_err();
+    assert!(err.to_string().contains("simulated crash"), "{err}");
+}
+
+/// Recovers with no grace period after a crash at `step`, and checks on
+/// the server that every database has the row or none does, nothing is
+/// left prepared and the decision record is gone.
+async fn recover_and_check(
+    t: &Three,
+    names: &[&str; 3],
+    step: Step,
+    expected: &mut [i64; 3],
+) -> RecoveryReport {
+    // In doubt now: some engines may have prepared work.
+    let report = t.registry.recover_older_than(Duration::ZERO).await.unwrap();
+    let committed = !matches!(step, Step::AfterPrepare(_));
+    if committed {
+        *expected = expected.map(|n| n + 1);
+    }
+    for db in &t.dbs {
+        db.wait_no_transactions().await;
+    }
+    let context = format!("{names:?} after {step:?}: {report:?}");
+    assert_eq!(t.counts().await, *expected, "{context}");
+    assert_eq!(t.prepared().await, 0, "{context}");
+    assert_eq!(t.decisions().await, 0, "{context}");
+    assert!(report.unresolved.is_empty(), "{context}");
+    match step {
+        Step::AfterPrepare(n) => assert_eq!(report.rolled_back.len(), n, "{report:?}"),
+        Step::AfterDecision => assert_eq!(report.committed.len(), 2, "{report:?}"),
+        Step::AfterCommitPrepared(n) => assert_eq!(report.committed.len(), 2 - n, "{report:?}"),
+    }
+    report
+}
+
 #[tokio::test]
 async fn after_a_crash_at_any_step_recover_makes_every_engine_agree() {
     let t = three().await;
-    let steps = [
-        Step::AfterPrepare(1),
-        Step::AfterPrepare(2),
-        Step::AfterDecision,
-        Step::AfterCommitPrepared(1),
-        Step::AfterCommitPrepared(2),
-    ];
     let mut expected = [0i64; 3];
-    for step in steps {
-        let mut uow = t.registry.unit_of_work();
-        write_all(&mut uow, &NAMES).await;
-        uow.crash_after(step);
-        let err = uow.commit().await.unwrap_err();
-        assert!(err.to_string().contains("simulated crash"), "{err}");
-        // In doubt now: some engines may have prepared work.
-        let report = t.registry.recover_older_than(Duration::ZERO).await.unwrap();
-        let committed = !matches!(step, Step::AfterPrepare(_));
-        if committed {
-            expected = expected.map(|n| n + 1);
-        }
-        for db in &t.dbs {
-            db.wait_no_transactions().await;
-        }
-        assert_eq!(t.counts().await, expected, "after {step:?}: {report:?}");
-        assert_eq!(t.prepared().await, 0, "after {step:?}: {report:?}");
-        assert_eq!(t.decisions().await, 0, "after {step:?}: {report:?}");
-        match step {
-            Step::AfterPrepare(n) => assert_eq!(report.rolled_back.len(), n, "{report:?}"),
-            Step::AfterDecision => assert_eq!(report.committed.len(), 2, "{report:?}"),
-            Step::AfterCommitPrepared(n) => assert_eq!(report.committed.len(), 2 - n, "{report:?}"),
-        }
+    for step in STEPS {
+        crash(&t, &NAMES, step).await;
+        recover_and_check(&t, &NAMES, step, &mut expected).await;
     }
     // A young undecided one is left alone by the default grace period.
     let mut uow = t.registry.unit_of_work();
@@ -223,6 +247,217 @@ async fn after_a_crash_at_any_step_recover_makes_every_engine_agree() {
     assert_eq!(report.left_in_doubt.len(), 1, "{report:?}");
     t.registry.recover_older_than(Duration::ZERO).await.unwrap();
     assert_eq!(t.prepared().await, 0);
+}
+
+/// A registry with `names` on `dbs`, in order.
+async fn registry_on(dbs: &[Db; 3], names: [&str; 3]) -> Result<Registry, Error> {
+    let mut builder = Registry::builder();
+    for (name, db) in names.iter().zip(dbs) {
+        builder = builder.engine(*name, db.config());
+    }
+    builder.build().await
+}
+
+/// (gid, engines) of the decision records on `db`.
+async fn decision_records(db: &Db) -> Vec<(String, String)> {
+    let rows = db
+        .plain()
+        .await
+        .query("SELECT gid, engines FROM pgassist_2pc_decisions", &[])
+        .await
+        .unwrap();
+    rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+}
+
+/// Ids of the transactions prepared in `db`.
+async fn prepared_gids(db: &Db) -> Vec<String> {
+    let rows = db
+        .plain()
+        .await
+        .query(
+            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()",
+            &[],
+        )
+        .await
+        .unwrap();
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+/// Room for two engine names in an id with the default prefix: 199 bytes
+/// minus `pgassist:`, the 32-digit id and two `:`.
+const NAME_ROOM: usize = 199 - "pgassist:".len() - 32 - 2;
+
+#[tokio::test]
+async fn engine_names_with_any_characters_survive_a_crash_at_every_step() {
+    // The longest name beside `w`: 20 × `é` (6 bytes each encoded), `:` (3)
+    // and plain letters, 155 bytes encoded in all, for a 199-byte id.
+    let longest = format!("{}:{}", "é".repeat(20), "x".repeat(NAME_ROOM - 1 - 123));
+    let name_sets: [[&str; 3]; 4] = [
+        // The reported case: the first `:` is inside the coordinator's name.
+        ["shop:orders", "shop:ledger", "shop:audit"],
+        ["with space", "it's \"quoted\", a\\b", "%41:%"],
+        ["заказы", "платежи:журнал", "日本 ledger"],
+        ["w", &longest, "v"],
+    ];
+    let mut t = three().await;
+    let mut expected = [0i64; 3];
+    for names in name_sets {
+        t.registry.close().await;
+        t.registry = registry_on(&t.dbs, names).await.unwrap();
+        for step in STEPS {
+            crash(&t, &names, step).await;
+            if step == Step::AfterPrepare(2) {
+                // On the server: ids are ASCII with exactly three `:`, and the
+                // longest name's id is exactly PostgreSQL's limit.
+                let gids = [
+                    prepared_gids(&t.dbs[1]).await,
+                    prepared_gids(&t.dbs[2]).await,
+                ];
+                for gid in gids.iter().flatten() {
+                    assert!(gid.is_ascii() && gid.matches(':').count() == 3, "{gid}");
+                }
+                if names[1] == longest {
+                    assert_eq!(gids[0].iter().map(String::len).max(), Some(199));
+                }
+            }
+            if step == Step::AfterDecision {
+                // The decision record lists the prepared engines unambiguously,
+                // even with `,` in a name.
+                let records = decision_records(&t.dbs[0]).await;
+                assert_eq!(records.len(), 1, "{records:?}");
+                let listed: Vec<String> = records[0]
+                    .1
+                    .split(',')
+                    .map(|p| percent_decode_str(p).decode_utf8().unwrap().into_owned())
+                    .collect();
+                assert_eq!(listed, names[1..], "{records:?}");
+            }
+            recover_and_check(&t, &names, step, &mut expected).await;
+        }
+    }
+    // One byte more than the longest name is refused when the registry is
+    // built, naming the engine and the limit.
+    let too_long = format!("{longest}x");
+    let err = registry_on(&t.dbs, ["w", &too_long, "v"])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Config(_)), "{err:?}");
+    let message = err.to_string();
+    assert!(
+        message.contains(&too_long) && message.contains("199"),
+        "{message}"
+    );
+    // The limit is the server's: a 200-byte id is refused, 199 accepted.
+    let plain = t.dbs[1].plain().await;
+    for (len, accepted) in [(200, false), (199, true)] {
+        plain.batch_execute("BEGIN").await.unwrap();
+        let prepared = plain
+            .batch_execute(&format!("PREPARE TRANSACTION '{}'", "g".repeat(len)))
+            .await;
+        assert_eq!(prepared.is_ok(), accepted, "{len}: {prepared:?}");
+        if accepted {
+            plain
+                .batch_execute(&format!("ROLLBACK PREPARED '{}'", "g".repeat(len)))
+                .await
+                .unwrap();
+        } else {
+            plain.batch_execute("ROLLBACK").await.unwrap();
+        }
+    }
+    t.registry.close().await;
+}
+
+#[tokio::test]
+async fn ids_from_before_the_encoding_recover_and_unreadable_ones_are_left_alone() {
+    let mut t = three().await;
+    let names = ["shop:orders", "shop:ledger", "shop:audit"];
+    t.registry.close().await;
+    t.registry = registry_on(&t.dbs, names).await.unwrap();
+    // A committed unit of work creates the decision table.
+    let mut uow = t.registry.unit_of_work();
+    write_all(&mut uow, &names).await;
+    uow.commit().await.unwrap();
+    let coordinator = t.dbs[0].plain().await;
+    let ledger = t.dbs[1].plain().await;
+    let prepare = |gid: String| {
+        let ledger = &ledger;
+        async move {
+            ledger.batch_execute("BEGIN").await.unwrap();
+            ledger
+                .execute("INSERT INTO items(name) VALUES ($1)", &[&gid])
+                .await
+                .unwrap();
+            ledger
+                .batch_execute(&format!("PREPARE TRANSACTION '{gid}'"))
+                .await
+                .unwrap();
+        }
+    };
+    let id = |n: u8| format!("{n:032x}");
+    // Raw names, as written before the encoding: decided, and not decided.
+    let decided = format!("pgassist:{}:shop:orders:shop:ledger", id(1));
+    prepare(decided.clone()).await;
+    coordinator
+        .execute(
+            "INSERT INTO pgassist_2pc_decisions(gid, engines) VALUES ($1, 'shop:ledger')",
+            &[&format!("pgassist:{}:shop:orders", id(1))],
+        )
+        .await
+        .unwrap();
+    let undecided = format!("pgassist:{}:shop:orders:shop:ledger", id(2));
+    prepare(undecided.clone()).await;
+    // Unreadable, or naming a coordinator this registry lacks (whose
+    // decision record must stay).
+    let unreadable = [
+        format!("pgassist:{}:shop%3aorders:shop%3Aledger", id(3)),
+        "pgassist:not-hex:shop%3Aorders:shop%3Aledger".to_owned(),
+        format!("pgassist:{}:gone:shop%3Aledger", id(4)),
+    ];
+    for gid in &unreadable {
+        prepare(gid.clone()).await;
+    }
+    coordinator
+        .execute(
+            "INSERT INTO pgassist_2pc_decisions(gid, engines) VALUES ($1, 'shop%3Aledger')",
+            &[&format!("pgassist:{}:gone", id(4))],
+        )
+        .await
+        .unwrap();
+
+    let report = t.registry.recover_older_than(Duration::ZERO).await.unwrap();
+    let gids = |list: &[pgassist::InDoubt]| list.iter().map(|d| d.gid.clone()).collect::<Vec<_>>();
+    assert_eq!(gids(&report.committed), [decided.as_str()], "{report:?}");
+    assert_eq!(
+        gids(&report.rolled_back),
+        [undecided.as_str()],
+        "{report:?}"
+    );
+    let mut left = gids(&report.unresolved);
+    left.sort();
+    let mut want = unreadable.to_vec();
+    want.sort();
+    assert_eq!(left, want, "{report:?}");
+    // On the server: the decided row is there, the undecided one is not,
+    // the unreadable ones are still prepared, and the record of `gone` kept.
+    let rows = t.dbs[1].plain_names().await;
+    assert!(
+        rows.contains(&decided) && !rows.contains(&undecided),
+        "{rows:?}"
+    );
+    let mut still = prepared_gids(&t.dbs[1]).await;
+    still.sort();
+    assert_eq!(still, want);
+    let records = decision_records(&t.dbs[0]).await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0].0, format!("pgassist:{}:gone", id(4)));
+    for gid in &unreadable {
+        ledger
+            .batch_execute(&format!("ROLLBACK PREPARED '{gid}'"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(t.prepared().await, 0);
+    t.registry.close().await;
 }
 
 #[tokio::test]

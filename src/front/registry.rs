@@ -418,6 +418,9 @@ impl RegistryBuilder {
                 "two_phase_prefix `{two_phase_prefix}`: use 1 to 64 letters, digits, `_` or `-`"
             )));
         }
+        // Any two engines may meet in a unit of work: their longest id must
+        // fit PostgreSQL's limit, or the first PREPARE TRANSACTION would fail.
+        crate::sql::gid::check_fits(&two_phase_prefix, engines.iter().map(Engine::name))?;
         Ok(Registry {
             inner: Arc::new(RegistryInner {
                 engines,

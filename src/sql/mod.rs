@@ -3,6 +3,7 @@
 //! the `Table` helpers with their dynamic `Value`.
 
 pub(crate) mod control;
+pub(crate) mod gid;
 pub mod helpers;
 pub(crate) mod lsn;
 pub(crate) mod queryable;

@@ -7,6 +7,16 @@
 //! without one once they are older than a grace period (younger ones may
 //! belong to a unit of work still committing), and removes decision records
 //! that nothing refers to any more.
+//!
+//! Ids are read with the format of [`crate::unit_of_work`]:
+//! `{prefix}:{id}:{coordinator}:{engine}` with percent-encoded names, cut
+//! exactly at its three `:`. An id written before names were encoded (raw
+//! names, perhaps holding `:`) is read when exactly one cut of it names two
+//! engines of this registry. An id with our prefix that reads neither way,
+//! reads both ways differently, or names a coordinator this registry does not
+//! have is never committed or rolled back by guesswork: it is left prepared,
+//! logged and listed in [`RecoveryReport::unresolved`] for an operator, and
+//! the decision records it might refer to are kept.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -47,6 +57,10 @@ pub struct RecoveryReport {
     pub left_in_doubt: Vec<InDoubt>,
     /// Decision records removed because no prepared transaction needs them.
     pub decisions_removed: u64,
+    /// Left alone: the id has this registry's prefix but could not be
+    /// resolved safely (unreadable, ambiguous, or an unknown coordinator).
+    /// Resolve these by hand, with `COMMIT PREPARED` or `ROLLBACK PREPARED`.
+    pub unresolved: Vec<InDoubt>,
 }
 
 impl Registry {
@@ -70,17 +84,27 @@ impl Registry {
             .collect();
         for engine in &primaries {
             for (gid, age) in prepared_with_prefix(engine, prefix).await? {
-                let Some((global, coordinator)) = parse_gid(prefix, &gid) else {
-                    continue;
-                };
                 let entry = InDoubt {
                     engine: engine.name().to_owned(),
                     gid: gid.clone(),
                 };
-                let decided = match self.engine(coordinator) {
-                    Ok(c) => has_decision(c, global).await?,
-                    Err(_) => false,
+                let known = |name: &str| self.engine(name).is_ok();
+                let (global, coordinator) = match resolve(prefix, &gid, known) {
+                    Ok(found) => found,
+                    Err(why) => {
+                        crate::telemetry::warn(&format!(
+                            "pgassist: prepared transaction {gid} on `{}` left alone: {why}; \
+                             resolve it by hand (COMMIT PREPARED or ROLLBACK PREPARED)",
+                            engine.name()
+                        ));
+                        // Keep any decision record it may refer to.
+                        pending_globals
+                            .extend(gid.match_indices(':').map(|(i, _)| gid[..i].to_owned()));
+                        report.unresolved.push(entry);
+                        continue;
+                    }
                 };
+                let decided = has_decision(self.engine(&coordinator)?, global).await?;
                 let sql = if decided {
                     format!("COMMIT PREPARED {}", quote_literal(&gid))
                 } else if age >= grace {
@@ -110,13 +134,38 @@ impl Registry {
     }
 }
 
-/// `{prefix}:{id}:{coordinator}:{engine}` → (`{prefix}:{id}:{coordinator}`, coordinator).
-fn parse_gid<'a>(prefix: &str, gid: &'a str) -> Option<(&'a str, &'a str)> {
-    let rest = gid.strip_prefix(prefix)?.strip_prefix(':')?;
-    let (id, rest) = rest.split_once(':')?;
-    let (coordinator, _engine) = rest.split_once(':')?;
-    let global_len = prefix.len() + 1 + id.len() + 1 + coordinator.len();
-    Some((&gid[..global_len], coordinator))
+/// The global id and coordinator of prepared transaction `gid`, or why it
+/// cannot be resolved safely. `known` says whether a name is one of this
+/// registry's engines.
+fn resolve<'a>(
+    prefix: &str,
+    gid: &'a str,
+    known: impl Fn(&str) -> bool,
+) -> std::result::Result<(&'a str, String), String> {
+    let current = crate::sql::gid::parse(prefix, gid);
+    let legacy = crate::sql::gid::parse_legacy(prefix, gid, &known);
+    match (current, legacy) {
+        (Some(p), Some((global, coordinator)))
+            if p.global == global && p.coordinator == coordinator =>
+        {
+            Ok((global, coordinator.to_owned()))
+        }
+        (Some(p), Some((_, old))) => Err(format!(
+            "ambiguous id: coordinator `{}` with encoded names, `{old}` with raw ones",
+            p.coordinator
+        )),
+        (Some(p), None) if known(&p.coordinator) => Ok((p.global, p.coordinator)),
+        (Some(p), None) => Err(format!(
+            "its coordinator `{}` is not an engine of this registry",
+            p.coordinator
+        )),
+        (None, Some((global, coordinator))) => Ok((global, coordinator.to_owned())),
+        (None, None) => Err(
+            "not a two-phase id of this format: {prefix}:{hex id}:{coordinator}:{engine}, \
+             names percent-encoded, both engines of this registry"
+                .to_owned(),
+        ),
+    }
 }
 
 fn rows(messages: &[SimpleQueryMessage]) -> impl Iterator<Item = &tokio_postgres::SimpleQueryRow> {
@@ -195,14 +244,55 @@ async fn forget_decisions(
 mod tests {
     use super::*;
 
+    const ENGINES: &[&str] = &["writer", "shop:orders", "shop:ledger", "заказы", "a%41"];
+
+    fn known(name: &str) -> bool {
+        ENGINES.contains(&name)
+    }
+
     #[test]
-    fn gids_parse_back_to_their_global_id_and_coordinator() {
+    fn gids_resolve_to_their_global_id_and_coordinator() {
         let gid = "pgassist:00ff:writer:logger";
         assert_eq!(
-            parse_gid("pgassist", gid),
-            Some(("pgassist:00ff:writer", "writer"))
+            resolve("pgassist", gid, known),
+            Ok(("pgassist:00ff:writer", "writer".to_owned()))
         );
-        assert_eq!(parse_gid("other", gid), None);
-        assert_eq!(parse_gid("pgassist", "pgassist:broken"), None);
+        let gid = "pgassist:00ff:shop%3Aorders:shop%3Aledger";
+        assert_eq!(
+            resolve("pgassist", gid, known),
+            Ok(("pgassist:00ff:shop%3Aorders", "shop:orders".to_owned()))
+        );
+        let gid = "pgassist:00ff:%D0%B7%D0%B0%D0%BA%D0%B0%D0%B7%D1%8B:writer";
+        assert_eq!(resolve("pgassist", gid, known).unwrap().1, "заказы");
+    }
+
+    #[test]
+    fn ids_from_before_the_encoding_resolve_when_unambiguous() {
+        // The crash that broke atomicity: raw names with `:`.
+        let gid = "pgassist:00ff:shop:orders:shop:ledger";
+        assert_eq!(
+            resolve("pgassist", gid, known),
+            Ok(("pgassist:00ff:shop:orders", "shop:orders".to_owned()))
+        );
+        let gid = "pgassist:00ff:a%41:writer";
+        assert!(resolve("pgassist", gid, known).is_ok());
+    }
+
+    #[test]
+    fn unreadable_ambiguous_or_foreign_ids_are_not_resolved() {
+        for gid in [
+            "pgassist:broken",
+            "pgassist:00ff:nope:writer",
+            "pgassist:00ff:shop:nope:writer",
+            "pgassist:00ff:a%3ab:writer",
+            "pgassist:zz:writer:writer",
+        ] {
+            assert!(resolve("pgassist", gid, known).is_err(), "{gid}");
+        }
+        // Engines `a b` and `a%20b`: `a%20b` is the first encoded and the
+        // second raw, so an id naming it has two readings.
+        let both = |n: &str| ["a b", "a%20b", "writer"].contains(&n);
+        let err = resolve("pgassist", "pgassist:00ff:a%20b:writer", both).unwrap_err();
+        assert!(err.contains("ambiguous"), "{err}");
     }
 }

@@ -18,8 +18,22 @@
 //! records behind, which [`crate::Registry::recover`] resolves: commit where
 //! the decision exists, roll back where it does not.
 //!
-//! Global ids are `{prefix}:{unique id}:{coordinator}:{engine}`; the prefix
-//! is set with [`crate::RegistryBuilder::two_phase_prefix`].
+//! Global ids are `{prefix}:{unique id}:{coordinator}:{engine}`, where the
+//! prefix is set with [`crate::RegistryBuilder::two_phase_prefix`] (letters,
+//! digits, `_`, `-`), the unique id is 32 hex digits, and both engine names
+//! are percent-encoded: every byte outside `[A-Za-z0-9_-]` becomes `%XX`
+//! (upper-case hex, UTF-8 bytes). Engine names may hold anything (`:`,
+//! spaces, quotes, `заказы`), so the pieces must never hold the `:`
+//! separator, or recovery would cut an id at the wrong place and look for
+//! the decision on the wrong coordinator. Plain names such as `writer`
+//! encode to themselves, so ids written before the encoding read the same.
+//! The part before the last `:` is the *global id*, the decision record's
+//! key; the record's `engines` column lists the prepared engines, encoded
+//! the same way and joined with `,`.
+//!
+//! PostgreSQL caps an id at 199 bytes (`GIDSIZE` 200 with the terminating
+//! NUL), so [`crate::RegistryBuilder::build`] refuses a registry whose two
+//! longest encoded engine names would make a longer one.
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +44,7 @@ use crate::front::registry::Registry;
 use crate::front::session::Session;
 use crate::front::sessions::ScopeRef;
 use crate::front::sessions::Sessions;
+use crate::sql::gid;
 use crate::tx::hooks::{Callback, run_after_commit};
 use crate::tx::options::TxOptions;
 use crate::tx::sql::quote_literal;
@@ -214,7 +229,7 @@ impl UnitOfWork {
         let (coordinator_index, coordinator) = enlisted.remove(0);
         let prefix = self.registry.two_phase_prefix();
         let id = unique_id();
-        let global = format!("{prefix}:{id}:{}", coordinator.engine_name());
+        let global = gid::global_id(prefix, &id, coordinator.engine_name());
         let engine_of = |index: usize| self.registry.engine_at(index).clone();
         ensure_decision_table(self.registry.engine_at(coordinator_index)).await?;
 
@@ -223,7 +238,7 @@ impl UnitOfWork {
         let mut callbacks: Vec<Callback> = Vec::new();
         for (n, (index, tx)) in enlisted.into_iter().enumerate() {
             let engine = engine_of(index);
-            let gid = format!("{global}:{}", engine.name());
+            let gid = gid::gid(&global, engine.name());
             match tx.prepare(&gid).await {
                 Ok(Some(cbs)) => {
                     callbacks.extend(cbs);
@@ -251,7 +266,7 @@ impl UnitOfWork {
             quote_literal(
                 &prepared
                     .iter()
-                    .map(|(e, _)| e.name())
+                    .map(|(e, _)| gid::encode_name(e.name()))
                     .collect::<Vec<_>>()
                     .join(",")
             )
