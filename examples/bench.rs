@@ -35,7 +35,7 @@ mod workers;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use pgassist::testing::TestCluster;
+use pgassist_testing::TestCluster;
 use tokio::runtime::Runtime;
 
 use report::{Cell, CellResult, Series};

@@ -105,8 +105,6 @@ pub mod unit_of_work;
 
 #[cfg(feature = "tower")]
 pub mod integrations;
-#[cfg(feature = "testing")]
-pub mod testing;
 
 pub use config::{DEFAULT_STATEMENT_CACHE, EngineConfig};
 pub use engine::{Engine, EngineStats};

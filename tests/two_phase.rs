@@ -6,9 +6,9 @@ mod common;
 use std::time::Duration;
 
 use common::Db;
-use pgassist::testing::{ClusterOptions, TestCluster};
 use pgassist::unit_of_work::Step;
 use pgassist::{EngineConfig, Error, Registry};
+use pgassist_testing::{ClusterOptions, TestCluster};
 
 /// Three engines on three databases of the test cluster.
 struct Three {

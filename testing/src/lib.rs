@@ -1,4 +1,6 @@
-//! Throwaway PostgreSQL clusters for tests (cargo feature `testing`).
+//! Throwaway PostgreSQL clusters for tests: the test harness of `pgassist`,
+//! a crate of its own so that the library never compiles it. It depends only
+//! on tokio-postgres, so any code that talks to PostgreSQL can use it.
 //!
 //! [`TestCluster::start`] runs `initdb` into a fresh temporary directory and
 //! starts a private server on a free loopback port; [`TestCluster::shared`]
@@ -18,6 +20,8 @@
 //!
 //! `initdb`, `pg_ctl` and `postgres` refuse to run as root, so when the tests
 //! run as root they are started as the `postgres` user (`CommandExt::uid`).
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -251,7 +255,7 @@ impl TestCluster {
         });
         match shared {
             Ok(cluster) => cluster,
-            Err(e) => panic!("pgassist::testing: no PostgreSQL server for the tests: {e}"),
+            Err(e) => panic!("pgassist-testing: no PostgreSQL server for the tests: {e}"),
         }
     }
 
@@ -585,7 +589,7 @@ impl Local {
             .extra_conf
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()));
-        let mut conf = String::from("\n# pgassist::testing\n");
+        let mut conf = String::from("\n# pgassist-testing\n");
         for (key, value) in ours.chain(theirs) {
             conf.push_str(&format!("{key} = '{}'\n", value.replace('\'', "''")));
         }
@@ -618,7 +622,7 @@ impl Local {
         self.run(&mut backup, Duration::from_secs(120))?;
         let sock = self.sock.to_string_lossy();
         self.append_conf(&format!(
-            "\n# pgassist::testing replica\nunix_socket_directories = '{sock}'\nhot_standby = on\n"
+            "\n# pgassist-testing replica\nunix_socket_directories = '{sock}'\nhot_standby = on\n"
         ))?;
         self.start_on_free_port()
     }
