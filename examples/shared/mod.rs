@@ -15,7 +15,8 @@ pub async fn database_url() -> Result<String, Box<dyn std::error::Error>> {
                 .create_database()
                 .await?;
             println!("throwaway database: {}", db.name);
-            Ok(db.url)
+            // The database lives as long as the throwaway server.
+            Ok(db.keep())
         }
     }
 }
