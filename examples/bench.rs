@@ -35,7 +35,7 @@ mod workers;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use pgassist::testing::TestCluster;
+use pgassist_testing::{TestCluster, TestDatabase};
 use tokio::runtime::Runtime;
 
 use report::{Cell, CellResult, Series};
@@ -164,8 +164,10 @@ fn cells() -> Vec<Cell> {
     ]
 }
 
-/// A fresh database with pgbench's tables, statement logging off.
-async fn prepare_database(scale: i32) -> Res<String> {
+/// A fresh database with pgbench's tables, statement logging off. Keep the
+/// handle while the database is in use: on a `DATABASE_URL` server, dropping
+/// it drops the database.
+async fn prepare_database(scale: i32) -> Res<TestDatabase> {
     let cluster = TestCluster::shared();
     let db = cluster.create_database().await?;
     // The throwaway cluster logs every statement (for the tests); that
@@ -190,7 +192,7 @@ async fn prepare_database(scale: i32) -> Res<String> {
         db.name,
         took.as_secs_f64()
     );
-    Ok(db.url)
+    Ok(db)
 }
 
 async fn describe_server(url: &str) -> Res<String> {
@@ -238,7 +240,8 @@ fn main() -> Res<()> {
 
 async fn bench(args: Args) -> Res<()> {
     let started = Instant::now();
-    let url = prepare_database(SCALE).await?;
+    let db = prepare_database(SCALE).await?;
+    let url = db.url.clone();
     let server = describe_server(&url).await?;
     let pgbench_bin = pgbench::binary()?;
     let out_dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/bench"));
@@ -433,7 +436,8 @@ fn callgrind_mode(n: u64, contender: &str, workload: Workload) -> Res<()> {
         .build()?;
     // The client cost does not depend on the table size: scale 1 loads fast.
     let scale = 1;
-    let url = rt.block_on(prepare_database(scale))?;
+    let db = rt.block_on(prepare_database(scale))?;
+    let url = db.url.clone();
     match contender {
         "pgassist" | "pgassist-untimed" => {
             // `pgassist-untimed`: no idle timeout and no max lifetime, so

@@ -8,8 +8,8 @@
 //! Uses `DATABASE_URL` when set; otherwise starts a throwaway PostgreSQL
 //! (initdb + postgres from the machine's packages) and removes it at exit.
 
-use pgassist::testing::TestCluster;
 use pgassist::{EngineConfig, Error, IsolationLevel, Queryable, Registry, TxOptions};
+use pgassist_testing::TestCluster;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

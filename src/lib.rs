@@ -107,8 +107,6 @@ mod tx;
 
 #[cfg(feature = "tower")]
 pub mod integrations;
-#[cfg(feature = "testing")]
-pub mod testing;
 
 pub use config::tls;
 pub use sql::helpers;

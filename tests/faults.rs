@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{Db, Rng, assert_pool_clean, env_u64, eventually, terminate_backends, within};
-use pgassist::testing::TestCluster;
 use pgassist::{Error, IsolationLevel, Registry, Session, TxOptions};
+use pgassist_testing::TestCluster;
 
 /// The tests of this binary run one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -32,7 +32,7 @@ fn external() -> bool {
 
 async fn cluster_op(
     what: &'static str,
-    op: fn(&TestCluster) -> Result<(), pgassist::testing::HarnessError>,
+    op: fn(&TestCluster) -> Result<(), pgassist_testing::HarnessError>,
 ) -> Duration {
     let started = Instant::now();
     let cluster = TestCluster::shared();

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use common::proxy::{CommitMode, Proxy};
 use common::{Db, Rng, assert_pool_clean, env_u64, eventually, within};
-use pgassist::testing::{ClusterOptions, TestCluster};
 use pgassist::{EngineConfig, Error, IsolationLevel, Outcome, Registry, TxOptions};
+use pgassist_testing::{ClusterOptions, TestCluster};
 
 // ---------------------------------------------------------------------------
 // 1. Randomized cancellation

@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use pgassist::testing::{ClusterOptions, TestCluster};
 use pgassist::{EngineConfig, Error, Registry};
+use pgassist_testing::{ClusterOptions, TestCluster};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 
 struct Pki {

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use common::Db;
 use percent_encoding::percent_decode_str;
-use pgassist::testing::{ClusterOptions, TestCluster};
 use pgassist::unit_of_work::Step;
 use pgassist::{EngineConfig, Error, RecoveryReport, Registry};
+use pgassist_testing::{ClusterOptions, TestCluster};
 
 /// Three engines on three databases of the test cluster.
 struct Three {

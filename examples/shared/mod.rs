@@ -11,11 +11,12 @@ pub async fn database_url() -> Result<String, Box<dyn std::error::Error>> {
     match std::env::var("DATABASE_URL") {
         Ok(url) if !url.is_empty() => Ok(url),
         _ => {
-            let db = pgassist::testing::TestCluster::shared()
+            let db = pgassist_testing::TestCluster::shared()
                 .create_database()
                 .await?;
             println!("throwaway database: {}", db.name);
-            Ok(db.url)
+            // The database lives as long as the throwaway server.
+            Ok(db.keep())
         }
     }
 }

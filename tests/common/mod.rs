@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use pgassist::testing::{TestCluster, TestDatabase};
 use pgassist::{EngineConfig, Registry};
+use pgassist_testing::{TestCluster, TestDatabase};
 
 /// One test's database, with an `items` table.
 pub struct Db {

@@ -1,13 +1,59 @@
-//! Throwaway PostgreSQL clusters for tests (cargo feature `testing`).
+//! Throwaway PostgreSQL servers for integration tests.
+//!
+//! This is the test harness of the `pgassist` crate, published on its own so
+//! that any code that talks to PostgreSQL (it depends only on
+//! `tokio-postgres`, not on pgassist) can test against a real server rather
+//! than a mock:
+//!
+//! ```toml
+//! [dev-dependencies]
+//! pgassist-testing = "0.1"
+//! ```
+//!
+//! ```no_run
+//! use pgassist_testing::TestCluster;
+//!
+//! # async fn a_test() -> Result<(), Box<dyn std::error::Error>> {
+//! // One server for all tests of this test binary, a database for this test.
+//! let db = TestCluster::shared().create_database().await?;
+//! let (client, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await?;
+//! tokio::spawn(connection);
+//! client.batch_execute("CREATE TABLE t (id int)").await?;
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! [`TestCluster::start`] runs `initdb` into a fresh temporary directory and
 //! starts a private server on a free loopback port; [`TestCluster::shared`]
 //! gives all tests of one process a single such cluster (or the server named
 //! by `DATABASE_URL`), and [`TestCluster::create_database`] hands each test a
-//! database of its own in it, so tests can run in parallel.
+//! database of its own in it, so tests can run in parallel. A cluster can
+//! also get a streaming hot standby ([`TestCluster::start_replica`]),
+//! PgBouncer in front ([`TestCluster::start_pgbouncer`]) and TLS
+//! ([`ClusterOptions::tls`]).
 //!
 //! Durability is switched off for speed, and every statement is logged so a
 //! test can check what reached the server ([`TestCluster::log_since`]).
+//!
+//! # What it needs
+//!
+//! Linux (it reads `/proc`) and the PostgreSQL server tools: `initdb`,
+//! `pg_ctl` and `postgres` from the newest `/usr/lib/postgresql/<version>/bin`
+//! (Debian, Ubuntu) or from `PATH`; `pg_basebackup` for replicas; `pgbouncer`
+//! optionally. Nothing needs to be running beforehand.
+//!
+//! # Your own server: `DATABASE_URL`
+//!
+//! With `DATABASE_URL` set to a `postgres://` URL, [`TestCluster::shared`]
+//! uses that server instead of starting one ([`TestCluster::existing`] does
+//! the same for any URL). Each test's database, `t_<pid>_<n>_<random>`, is
+//! created there (the role needs `CREATEDB`) and dropped again when its
+//! [`TestDatabase`] is dropped, also when the test fails; only a process that
+//! dies without unwinding (abort, `SIGKILL`) leaves its databases behind.
+//! Passwords in these URLs never appear in the harness's errors, panics or
+//! `Debug` output.
+//!
+//! # Cleanup of the servers it starts
 //!
 //! Cleanup does not rely on destructors, which do not run on abort, on
 //! `SIGKILL` or for statics: every cluster gets a watchdog shell in its own
@@ -18,6 +64,8 @@
 //!
 //! `initdb`, `pg_ctl` and `postgres` refuse to run as root, so when the tests
 //! run as root they are started as the `postgres` user (`CommandExt::uid`).
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -31,8 +79,9 @@ use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio_postgres::NoTls;
 use tokio_postgres::config::Host;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls};
 
 /// Longest wait for a server to start, stop or accept connections.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -114,9 +163,22 @@ trait Context<T> {
     fn ctx(self, what: impl fmt::Display) -> HarnessResult<T>;
 }
 
-impl<T, E: fmt::Display> Context<T> for Result<T, E> {
+/// The message carries the error's causes too: tokio-postgres says just
+/// "db error" and keeps the server's message in the source.
+impl<T, E: std::error::Error> Context<T> for Result<T, E> {
     fn ctx(self, what: impl fmt::Display) -> HarnessResult<T> {
-        self.map_err(|e| HarnessError(format!("{what}: {e}")))
+        self.map_err(|e| {
+            let mut message = format!("{what}: {e}");
+            let mut cause = e.source();
+            while let Some(c) = cause {
+                let text = c.to_string();
+                if !message.ends_with(&text) {
+                    message = format!("{message}: {text}");
+                }
+                cause = c.source();
+            }
+            HarnessError(message)
+        })
     }
 }
 
@@ -139,7 +201,6 @@ pub struct ClusterOptions {
 ///
 /// Dropping a started cluster stops it and removes its files; the watchdog
 /// does the same when the process ends without dropping it.
-#[derive(Debug)]
 pub struct TestCluster {
     host: String,
     port: u16,
@@ -149,13 +210,40 @@ pub struct TestCluster {
     local: Option<Local>,
 }
 
+/// `Debug` without the password of an external server's URL.
+impl fmt::Debug for TestCluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TestCluster")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field(
+                "external_url",
+                &self.external_url.as_deref().map(redact_url),
+            )
+            .field("local", &self.local)
+            .finish()
+    }
+}
+
 /// A database created for one test by [`TestCluster::create_database`].
-#[derive(Debug, Clone)]
+///
+/// On a server the harness started, the database goes with the server. On
+/// an external server (`DATABASE_URL`, [`TestCluster::existing`]) dropping
+/// this handle drops the database (`DROP DATABASE … WITH (FORCE)`, after
+/// rolling back transactions prepared in it), so a user's server does not
+/// fill up with test databases. The drop blocks for a moment on a thread of
+/// its own, which works inside and outside an async runtime; it cannot
+/// fail the test, and says on stderr if it could not drop the database.
+/// Not `Clone`, because there is one owner who decides when it goes; use
+/// [`TestDatabase::keep`] for a database that must outlive the handle.
 pub struct TestDatabase {
     /// The database name, `t_<pid>_<counter>_<random>`.
     pub name: String,
     /// Connection URL of the database as the superuser.
     pub url: String,
+    /// The admin URL to drop the database through when this handle is
+    /// dropped; `None` on a server we started, or after `keep`.
+    drop_via: Option<String>,
 }
 
 impl TestDatabase {
@@ -165,6 +253,140 @@ impl TestDatabase {
         let separator = if self.url.contains('?') { '&' } else { '?' };
         format!("{}{separator}{params}", self.url)
     }
+
+    /// Whether dropping this handle drops the database (it is on an
+    /// external server and was not kept).
+    pub fn drops_on_drop(&self) -> bool {
+        self.drop_via.is_some()
+    }
+
+    /// Leaves the database in place when the handle goes and returns its
+    /// URL: for a database that must outlive the handle, or to look at
+    /// after a test. (A server the harness started still takes it along.)
+    pub fn keep(mut self) -> String {
+        self.drop_via = None;
+        std::mem::take(&mut self.url)
+    }
+}
+
+/// `Debug` without the password of the URL.
+impl fmt::Debug for TestDatabase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TestDatabase")
+            .field("name", &self.name)
+            .field("url", &redact_url(&self.url))
+            .field("drops_on_drop", &self.drops_on_drop())
+            .finish()
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let Some(admin) = self.drop_via.take() else {
+            return;
+        };
+        let (name, url) = (self.name.clone(), self.url.clone());
+        let where_ = redact_url(&admin);
+        let worker = thread::Builder::new()
+            .name("pgassist-testing-dropdb".to_owned())
+            .spawn(move || drop_database(&admin, &url, &name));
+        let dropped = match worker {
+            Ok(handle) => handle
+                .join()
+                .unwrap_or_else(|_| fail("dropping the database panicked")),
+            Err(e) => fail(format!("starting a thread to drop the database: {e}")),
+        };
+        if let Err(e) = dropped {
+            eprintln!(
+                "pgassist-testing: could not drop test database {} via {where_}: {e}",
+                self.name
+            );
+        }
+    }
+}
+
+/// Drops database `name` through the admin URL, on a runtime of its own
+/// (the caller may be inside a runtime, where `block_on` would panic).
+/// Transactions prepared in the database would block the drop and can only
+/// be rolled back from inside it (`url`); `WITH (FORCE)` (PostgreSQL 13+)
+/// ends the sessions still connected, e.g. a pool the test did not close.
+fn drop_database(admin: &str, url: &str, name: &str) -> HarnessResult<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ctx("building a runtime to drop the database")?;
+    runtime.block_on(async {
+        let work = async {
+            let (client, connection) = connect(admin).await?;
+            let gids = client
+                .query(
+                    "SELECT gid FROM pg_prepared_xacts WHERE database = $1",
+                    &[&name],
+                )
+                .await;
+            let dropped = match gids {
+                Ok(rows) => {
+                    let gids: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+                    match rollback_prepared(url, &gids).await {
+                        Ok(()) => force_drop(&client, name).await,
+                        Err(e) => Err(e),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            drop(client);
+            let _ = connection.await;
+            dropped
+        };
+        tokio::time::timeout(READY_TIMEOUT, work)
+            .await
+            .ctx("timed out")?
+            .ctx("dropping the database")
+    })
+}
+
+/// Rolls back the prepared transactions `gids` from inside their database.
+async fn rollback_prepared(url: &str, gids: &[String]) -> Result<(), tokio_postgres::Error> {
+    if gids.is_empty() {
+        return Ok(());
+    }
+    let (client, connection) = connect(url).await?;
+    let mut rolled_back = Ok(());
+    for gid in gids {
+        let sql = format!("ROLLBACK PREPARED {}", quote_literal(gid));
+        rolled_back = client.batch_execute(&sql).await;
+        if rolled_back.is_err() {
+            break;
+        }
+    }
+    drop(client);
+    let _ = connection.await;
+    rolled_back
+}
+
+/// `DROP DATABASE … WITH (FORCE)`, or without `FORCE` on servers older
+/// than 13, which do not know it.
+async fn force_drop(client: &Client, name: &str) -> Result<(), tokio_postgres::Error> {
+    let drop = format!("DROP DATABASE IF EXISTS {}", quote_ident(name));
+    match client.batch_execute(&format!("{drop} WITH (FORCE)")).await {
+        Err(e) if e.code() == Some(&SqlState::SYNTAX_ERROR) => client.batch_execute(&drop).await,
+        done => done,
+    }
+}
+
+/// Connects without TLS and drives the connection on a task; drop the
+/// client, then await the task, to close the connection cleanly.
+async fn connect(
+    url: &str,
+) -> Result<
+    (
+        Client,
+        tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+    ),
+    tokio_postgres::Error,
+> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    Ok((client, tokio::spawn(connection)))
 }
 
 impl TestCluster {
@@ -244,24 +466,35 @@ impl TestCluster {
         static SHARED: OnceLock<Result<TestCluster, String>> = OnceLock::new();
         let shared = SHARED.get_or_init(|| {
             let cluster = match std::env::var("DATABASE_URL") {
-                Ok(url) if !url.is_empty() => TestCluster::external(url),
+                Ok(url) if !url.is_empty() => TestCluster::existing(url),
                 _ => TestCluster::start(ClusterOptions::default()),
             };
             cluster.map_err(|e| e.0)
         });
         match shared {
             Ok(cluster) => cluster,
-            Err(e) => panic!("pgassist::testing: no PostgreSQL server for the tests: {e}"),
+            Err(e) => panic!("pgassist-testing: no PostgreSQL server for the tests: {e}"),
         }
     }
 
-    /// Wraps the server of `DATABASE_URL`, which must be a URL so that
-    /// [`TestCluster::url`] can swap its database name.
-    fn external(url: String) -> HarnessResult<TestCluster> {
+    /// Wraps an existing server, as [`TestCluster::shared`] does with
+    /// `DATABASE_URL`: nothing is started or stopped, and the databases
+    /// [`TestCluster::create_database`] makes there are dropped again with
+    /// their handles. The URL's role needs `CREATEDB`, and its database is
+    /// replaced by `postgres` for administrative statements. It must be a
+    /// `postgres://` URL so that [`TestCluster::url`] can swap its database
+    /// name; a key/value string is refused without echoing it, since it may
+    /// hold a password.
+    pub fn existing(url: impl Into<String>) -> HarnessResult<TestCluster> {
+        let url = url.into();
         if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
-            return fail(format!("DATABASE_URL is not a postgres:// URL: {url}"));
+            return fail(
+                "the server URL (DATABASE_URL) must start with postgres:// or postgresql:// \
+                 (its value is not shown: it may hold a password)",
+            );
         }
-        let config: tokio_postgres::Config = url.parse().ctx("parsing DATABASE_URL")?;
+        let config: tokio_postgres::Config =
+            url.parse().ctx(format!("parsing {}", redact_url(&url)))?;
         let host = match config.get_hosts().first() {
             Some(Host::Tcp(host)) => host.clone(),
             Some(Host::Unix(dir)) => dir.to_string_lossy().into_owned(),
@@ -276,7 +509,8 @@ impl TestCluster {
         })
     }
 
-    /// Whether this is the `DATABASE_URL` server rather than one we started.
+    /// Whether this is the `DATABASE_URL` (or [`TestCluster::existing`])
+    /// server rather than one we started.
     pub fn is_external(&self) -> bool {
         self.external_url.is_some()
     }
@@ -328,7 +562,7 @@ impl TestCluster {
             let _ = connection.await;
             created
         };
-        let what = format!("creating database {name} via {admin}");
+        let what = format!("creating database {name} via {}", redact_url(&admin));
         tokio::time::timeout(READY_TIMEOUT, create)
             .await
             .ctx(&what)?
@@ -336,6 +570,7 @@ impl TestCluster {
         Ok(TestDatabase {
             url: self.url(&name),
             name,
+            drop_via: self.is_external().then_some(admin),
         })
     }
 
@@ -585,7 +820,7 @@ impl Local {
             .extra_conf
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()));
-        let mut conf = String::from("\n# pgassist::testing\n");
+        let mut conf = String::from("\n# pgassist-testing\n");
         for (key, value) in ours.chain(theirs) {
             conf.push_str(&format!("{key} = '{}'\n", value.replace('\'', "''")));
         }
@@ -618,7 +853,7 @@ impl Local {
         self.run(&mut backup, Duration::from_secs(120))?;
         let sock = self.sock.to_string_lossy();
         self.append_conf(&format!(
-            "\n# pgassist::testing replica\nunix_socket_directories = '{sock}'\nhot_standby = on\n"
+            "\n# pgassist-testing replica\nunix_socket_directories = '{sock}'\nhot_standby = on\n"
         ))?;
         self.start_on_free_port()
     }
@@ -922,12 +1157,195 @@ fn postgres_ids() -> HarnessResult<(u32, u32)> {
     }
 }
 
+/// Where the host part of a `postgres://` URL starts: after the scheme
+/// and, like tokio-postgres reads it, after everything up to the first `@`
+/// (so a password holding `/` or `?` is not taken for the path).
+fn host_start(url: &str) -> usize {
+    let authority = url.find("://").map_or(0, |i| i + 3);
+    url[authority..]
+        .find('@')
+        .map_or(authority, |i| authority + i + 1)
+}
+
 /// `url` with its database (path) replaced by `dbname`, keeping the query.
 fn replace_dbname(url: &str, dbname: &str) -> String {
-    let authority = url.find("://").map_or(0, |i| i + 3);
-    let path = url[authority..]
-        .find(['/', '?'])
-        .map_or(url.len(), |i| i + authority);
+    let host = host_start(url);
+    let path = url[host..].find(['/', '?']).map_or(url.len(), |i| i + host);
     let query = url[path..].find('?').map_or("", |i| &url[path + i..]);
     format!("{}/{dbname}{query}", &url[..path])
+}
+
+/// `url` fit to print: the password of the user part and of a `password=`
+/// query parameter replaced by `***`. Anything that is not a `postgres://`
+/// URL is not shown at all.
+fn redact_url(url: &str) -> String {
+    let Some(scheme) = ["postgres://", "postgresql://"]
+        .into_iter()
+        .find(|s| url.starts_with(s))
+    else {
+        return "<not a postgres:// URL>".to_owned();
+    };
+    let host = host_start(url);
+    let user_part = &url[scheme.len()..host];
+    let user = match user_part.find(':') {
+        Some(colon) => format!("{}:***@", &user_part[..colon]),
+        None => user_part.to_owned(),
+    };
+    let rest = &url[host..];
+    let rest = match rest.find('?') {
+        None => rest.to_owned(),
+        Some(q) => {
+            let params: Vec<String> = rest[q + 1..]
+                .split('&')
+                .map(|param| match param.split_once('=') {
+                    Some((key, _)) if percent_decode(key).eq_ignore_ascii_case("password") => {
+                        format!("{key}=***")
+                    }
+                    _ => param.to_owned(),
+                })
+                .collect();
+            format!("{}?{}", &rest[..q], params.join("&"))
+        }
+    };
+    format!("{scheme}{user}{rest}")
+}
+
+/// Percent-decoding, enough to recognise a parameter name.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match hex.map(|h| u8::from_str_radix(h, 16)) {
+            Some(Ok(byte)) if bytes[i] == b'%' => {
+                out.push(byte);
+                i += 3;
+            }
+            _ => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// An SQL identifier in double quotes.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// An SQL string literal that means the same whatever
+/// `standard_conforming_strings` says: `E'…'` with `\` and `'` escaped.
+fn quote_literal(value: &str) -> String {
+    format!("E'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "s3cr3t-Pw";
+
+    #[test]
+    fn redacting_hides_the_password_of_the_user_part_and_of_the_query() {
+        let cases = [
+            (
+                "postgres://alice:s3cr3t-Pw@db.example:5433/app?sslmode=require",
+                "postgres://alice:***@db.example:5433/app?sslmode=require",
+            ),
+            // A password with / ? and : in it: tokio-postgres takes
+            // everything up to the first @ as the user part.
+            (
+                "postgresql://bob:s3cr3t-Pw/x?y:z@h/db",
+                "postgresql://bob:***@h/db",
+            ),
+            (
+                "postgres://h/db?user=u&password=s3cr3t-Pw&application_name=a",
+                "postgres://h/db?user=u&password=***&application_name=a",
+            ),
+            (
+                "postgres://u@h?pass%77ord=s3cr3t-Pw",
+                "postgres://u@h?pass%77ord=***",
+            ),
+            ("postgres://u@h/db", "postgres://u@h/db"),
+            (
+                "host=h password=s3cr3t-Pw dbname=x",
+                "<not a postgres:// URL>",
+            ),
+        ];
+        for (url, shown) in cases {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn replacing_the_database_leaves_a_password_with_a_slash_alone() {
+        assert_eq!(
+            replace_dbname("postgres://u:pa/ss@h:5/old?sslmode=disable", "new"),
+            "postgres://u:pa/ss@h:5/new?sslmode=disable"
+        );
+        assert_eq!(replace_dbname("postgres://h", "new"), "postgres://h/new");
+        assert_eq!(
+            replace_dbname("postgres://h?x=1", "new"),
+            "postgres://h/new?x=1"
+        );
+    }
+
+    #[test]
+    fn a_url_with_a_password_does_not_show_it_in_debug_output() {
+        let url = format!("postgres://alice:{SECRET}@127.0.0.1:1/app");
+        let cluster = TestCluster::existing(&url).unwrap();
+        assert!(cluster.is_external());
+        let shown = format!("{cluster:?}");
+        assert!(!shown.contains(SECRET), "{shown}");
+        assert!(shown.contains("alice:***@127.0.0.1:1"), "{shown}");
+
+        let db = TestDatabase {
+            name: "t_1".into(),
+            url: cluster.url("t_1"),
+            drop_via: None,
+        };
+        assert!(
+            db.url.contains(SECRET),
+            "the URL itself keeps it, to connect"
+        );
+        let shown = format!("{db:?}");
+        assert!(!shown.contains(SECRET), "{shown}");
+    }
+
+    #[test]
+    fn a_server_string_that_is_not_a_url_is_refused_without_echoing_it() {
+        let e = TestCluster::existing(format!("host=h password={SECRET}")).unwrap_err();
+        assert!(!e.to_string().contains(SECRET), "{e}");
+        assert!(!format!("{e:?}").contains(SECRET), "{e:?}");
+        let e = TestCluster::existing(format!("postgres://u:{SECRET}@h/db?port=x")).unwrap_err();
+        assert!(
+            e.to_string().contains("parsing postgres://u:***@h/db"),
+            "{e}"
+        );
+        assert!(!e.to_string().contains(SECRET), "{e}");
+    }
+
+    /// A CREATE DATABASE that fails (nothing listens on port 1) used to
+    /// print the URL with its password.
+    #[tokio::test]
+    async fn a_failed_create_database_does_not_print_the_password() {
+        let cluster =
+            TestCluster::existing(format!("postgres://alice:{SECRET}@127.0.0.1:1/app")).unwrap();
+        let e = cluster.create_database().await.unwrap_err();
+        let shown = format!("{e} / {e:?}");
+        assert!(shown.contains("creating database t_"), "{shown}");
+        assert!(shown.contains("alice:***@127.0.0.1:1/postgres"), "{shown}");
+        assert!(!shown.contains(SECRET), "{shown}");
+    }
+
+    #[test]
+    fn literals_and_identifiers_are_quoted() {
+        assert_eq!(quote_literal(r"a'b\c"), r"E'a''b\\c'");
+        assert_eq!(quote_ident(r#"x"y"#), r#""x""y""#);
+    }
 }
