@@ -112,9 +112,10 @@ pub use config::{DEFAULT_STATEMENT_CACHE, EngineConfig};
 pub use engine::{Engine, EngineStats};
 pub use error::{Error, Result};
 pub use helpers::{
-    Direction, MAX_IDENTIFIER_LEN, RangeQuery, Similar, Table, Value, columns_as_dict, escape_like,
-    quote_ident,
+    Direction, MAX_IDENTIFIER_LEN, RangeQuery, Similar, Table, escape_like, quote_ident,
 };
+#[cfg(feature = "value")]
+pub use helpers::{Value, columns_as_dict};
 pub use hooks::{Outcome, TxEvent};
 pub use queryable::Queryable;
 pub use recovery::{InDoubt, RecoveryReport};
