@@ -122,9 +122,10 @@ pub use front::sessions::{
     EngineReport, EngineState, InfoMut, OpenTransaction, Sessions, SessionsReport,
 };
 pub use helpers::{
-    Direction, MAX_IDENTIFIER_LEN, RangeQuery, Similar, Table, Value, columns_as_dict, escape_like,
-    quote_ident,
+    Direction, MAX_IDENTIFIER_LEN, RangeQuery, Similar, Table, escape_like, quote_ident,
 };
+#[cfg(feature = "value")]
+pub use helpers::{Value, columns_as_dict};
 pub use sql::queryable::Queryable;
 pub use two_phase::recovery::{InDoubt, RecoveryReport};
 pub use two_phase::unit_of_work::UnitOfWork;

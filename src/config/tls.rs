@@ -11,6 +11,8 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use percent_encoding::percent_decode_str;
+
 use crate::error::{Error, Result};
 
 /// How to secure connections, as libpq's `sslmode`.
@@ -93,7 +95,12 @@ pub(crate) fn split_tls_params(url: &str) -> Result<(String, TlsSettings)> {
         let mut kept = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            if !take(k, &percent_decode(v))? {
+            // Keys may be escaped too (libpq and tokio-postgres decode them);
+            // one that does not decode is not ours and is left to the driver.
+            let key = percent_decode_str(k).decode_utf8().unwrap_or_default();
+            if matches!(&*key, "sslmode" | "sslrootcert") {
+                take(&key, &url_param_value(&key, v)?)?;
+            } else {
                 kept.push(pair);
             }
         }
@@ -184,23 +191,32 @@ fn push_kept(kept: &mut String, pair: &str) {
     kept.push_str(pair);
 }
 
-fn percent_decode(v: &str) -> String {
+/// Decodes the percent-escapes of one of our URL parameters strictly, as
+/// libpq does: a `%` not followed by two hex digits, or escapes that decode
+/// to bytes that are not UTF-8, are a configuration error rather than a
+/// guess (`percent_decode_str` alone would keep a malformed escape as it is).
+/// The value is never echoed: a malformed URL may run it into a password.
+fn url_param_value(key: &str, v: &str) -> Result<String> {
     let bytes = v.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push(hi << 4 | lo);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
+    let well_formed = bytes.iter().enumerate().all(|(i, &b)| {
+        b != b'%'
+            || bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !well_formed {
+        return Err(Error::Config(format!(
+            "URL parameter {key}: malformed percent-escape (a % must be followed by two hex digits)"
+        )));
     }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_decode_str(v)
+        .decode_utf8()
+        .map(|decoded| decoded.into_owned())
+        .map_err(|_| {
+            Error::Config(format!(
+                "URL parameter {key}: its percent-escapes do not decode to UTF-8"
+            ))
+        })
 }
 
 #[cfg(feature = "rustls")]
@@ -413,5 +429,70 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("s3cret"), "{err}");
+    }
+
+    fn root_cert_of(url: &str) -> Option<PathBuf> {
+        split_tls_params(url).unwrap().1.root_cert
+    }
+
+    #[test]
+    fn url_escapes_decode_like_libpq() {
+        let path = |p: &str| Some(PathBuf::from(p));
+        // An escape at the very end, mixed case hex, multi-byte UTF-8, and a
+        // `+` that stays a plus (URLs are not form data).
+        assert_eq!(
+            root_cert_of("postgres://h/d?sslrootcert=ca%2E%70em"),
+            path("ca.pem")
+        );
+        assert_eq!(
+            root_cert_of("postgres://h/d?sslrootcert=%2ftmp%2Fa%2B+b"),
+            path("/tmp/a++b")
+        );
+        assert_eq!(
+            root_cert_of("postgres://h/d?sslrootcert=%C3%A9.pem"),
+            path("é.pem")
+        );
+        assert_eq!(
+            root_cert_of("postgres://h/d?sslrootcert=%25zz"),
+            path("%zz")
+        );
+        // An escaped key is still ours, and is taken out.
+        let (url, tls) = split_tls_params("postgres://h/d?ssl%6Dode=require&x=1").unwrap();
+        assert_eq!(
+            (url.as_str(), tls.mode),
+            ("postgres://h/d?x=1", SslMode::Require)
+        );
+    }
+
+    #[test]
+    fn malformed_url_escapes_are_config_errors_that_hide_the_value() {
+        for bad in [
+            "sslrootcert=%zz",
+            "sslrootcert=s3cret%",
+            "sslrootcert=s3cret%4",
+            "sslrootcert=%4g",
+            "sslrootcert=%%41",
+            "sslmode=s3cret%",
+            "sslrootcert=%FF",       // not UTF-8
+            "sslrootcert=%C3",       // a truncated UTF-8 sequence
+            "sslrootcert=%ED%A0%80", // a surrogate, never valid UTF-8
+            "sslrootcert=a%C3%28b",  // an invalid continuation byte
+        ] {
+            let url = format!("postgres://h/d?application_name=x&{bad}");
+            match split_tls_params(&url) {
+                Err(Error::Config(msg)) => {
+                    let (key, value) = bad.split_once('=').unwrap();
+                    assert!(msg.contains(key), "{bad}: {msg}");
+                    assert!(
+                        !msg.contains(value) && !msg.contains("s3cret"),
+                        "{bad}: {msg}"
+                    );
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        // Other parameters are the driver's: their escapes are not judged here.
+        let (url, _) = split_tls_params("postgres://h/d?password=%zz&sslmode=disable").unwrap();
+        assert_eq!(url, "postgres://h/d?password=%zz");
     }
 }
