@@ -160,9 +160,11 @@ async fn a_batch_cannot_leave_its_connection_in_a_transaction() {
     assert_eq!(db.plain_count("SELECT count(*) FROM items").await, 20);
 }
 
-/// Inside a transaction, a batch that ends the transaction on the server
-/// behind the text check's back stops the transaction: it can go no
-/// further, and the connection goes back clean or is discarded.
+/// Inside a transaction, a batch that would end the transaction behind the
+/// text check's back never does so unnoticed: either the text check refuses
+/// it before anything is sent (the transaction goes on, its work still
+/// invisible outside), or the status probe behind the batch sees the
+/// transaction gone and the transaction goes no further.
 #[tokio::test]
 async fn a_batch_cannot_end_a_transaction_early_unnoticed() {
     let (db, registry) = backslash_escapes_on().await;
@@ -172,15 +174,28 @@ async fn a_batch_cannot_end_a_transaction_early_unnoticed() {
         .await
         .unwrap();
     let r = tx.batch_execute(r"SELECT 'a\', '; COMMIT; SELECT ''").await;
-    assert!(r.is_err(), "{r:?}");
-    // Whatever happened, the transaction goes no further.
-    let next = tx
-        .execute("INSERT INTO items(name) VALUES ('second')", &[])
-        .await;
-    assert!(next.is_err(), "{next:?}");
-    assert!(tx.commit().await.is_err());
+    match r {
+        // Refused before sending: still one open transaction, nothing visible.
+        Err(Error::Usage(_)) => {
+            assert!(db.plain_names().await.is_empty(), "committed early");
+            tx.execute("INSERT INTO items(name) VALUES ('second')", &[])
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            assert_eq!(db.plain_names().await, ["first", "second"]);
+        }
+        // Sent, and the probe saw the transaction end: it goes no further.
+        Err(Error::TransactionAborted { .. }) => {
+            let next = tx
+                .execute("INSERT INTO items(name) VALUES ('second')", &[])
+                .await;
+            assert!(next.is_err(), "{next:?}");
+            assert!(tx.commit().await.is_err());
+            assert!(!db.plain_names().await.contains(&"second".to_owned()));
+        }
+        other => panic!("the batch must not pass: {other:?}"),
+    }
     db.wait_no_transactions().await;
-    assert!(!db.plain_names().await.contains(&"second".to_owned()));
     session.query_one("SELECT 1", &[]).await.unwrap();
 }
 
