@@ -18,8 +18,7 @@
 //!   autocommit ([`Registry::stats`]).
 //! - [`Table`] builds and runs the everyday statements (by key, by column
 //!   ignoring case, by prefix, a page, a race-free find-or-create) on
-//!   anything [`Queryable`], with names quoted and values bound
-//!   ([`helpers`]).
+//!   anything [`Queryable`], with names quoted and values bound.
 //!
 //! ```no_run
 //! use pgassist::{EngineConfig, Registry};
@@ -108,10 +107,6 @@ mod tx;
 #[cfg(feature = "tower")]
 pub mod integrations;
 
-pub use config::tls;
-pub use sql::helpers;
-pub use two_phase::{recovery, unit_of_work};
-
 pub use config::tls::SslMode;
 pub use config::{DEFAULT_STATEMENT_CACHE, EngineConfig};
 pub use error::{Error, Result};
@@ -121,13 +116,15 @@ pub use front::session::Session;
 pub use front::sessions::{
     EngineReport, EngineState, InfoMut, OpenTransaction, Sessions, SessionsReport,
 };
-pub use helpers::{
+pub use sql::helpers::{
     Direction, MAX_IDENTIFIER_LEN, RangeQuery, Similar, Table, escape_like, quote_ident,
 };
 #[cfg(feature = "value")]
-pub use helpers::{Value, columns_as_dict};
+pub use sql::helpers::{Value, columns_as_dict};
 pub use sql::queryable::Queryable;
-pub use two_phase::recovery::{InDoubt, RecoveryReport};
+pub use two_phase::recovery::{DEFAULT_RECOVERY_GRACE, InDoubt, RecoveryReport};
+#[cfg(feature = "testing")]
+pub use two_phase::unit_of_work::CrashPoint;
 pub use two_phase::unit_of_work::UnitOfWork;
 pub use tx::hooks::{Outcome, TxEvent};
 pub use tx::options::{IsolationLevel, TxOptions};

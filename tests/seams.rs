@@ -240,3 +240,31 @@ async fn a_copy_pgassist_did_not_start_never_reaches_the_next_user() {
     assert!(db.plain_names().await.is_empty());
     other.query_one("SELECT 1", &[]).await.unwrap();
 }
+
+/// `Sessions::commit` and `Sessions::rollback` end a request as
+/// `finish(true)` / `finish(false)` do, seen from a second connection.
+#[tokio::test]
+async fn a_request_ends_by_name() {
+    let db = Db::new().await;
+    let registry = db.registry(|c| c).await;
+    for (commit, name) in [(false, "rolled back"), (true, "committed")] {
+        let sessions = registry.sessions_in_transaction(TxOptions::new());
+        sessions
+            .writer()
+            .unwrap()
+            .execute("INSERT INTO items(name) VALUES ($1)", &[&name])
+            .await
+            .unwrap();
+        assert!(db.plain_names().await.is_empty(), "{name}: visible early");
+        let report = if commit {
+            sessions.commit().await
+        } else {
+            sessions.rollback().await
+        };
+        assert!(report.is_ok(), "{report:?}");
+        let late = sessions.writer().unwrap().execute("SELECT 1", &[]).await;
+        assert!(matches!(late, Err(Error::Closed { .. })), "{late:?}");
+    }
+    assert_eq!(db.plain_names().await, ["committed"]);
+    db.wait_no_transactions().await;
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::Db;
 use percent_encoding::percent_decode_str;
-use pgassist::unit_of_work::Step;
+use pgassist::CrashPoint;
 use pgassist::{EngineConfig, Error, RecoveryReport, Registry};
 use pgassist_testing::{ClusterOptions, TestCluster};
 
@@ -181,17 +181,17 @@ async fn routed_tables_pick_their_engine() {
 }
 
 /// Every point of the protocol a process can die at, with three engines.
-const STEPS: [Step; 5] = [
-    Step::AfterPrepare(1),
-    Step::AfterPrepare(2),
-    Step::AfterDecision,
-    Step::AfterCommitPrepared(1),
-    Step::AfterCommitPrepared(2),
+const STEPS: [CrashPoint; 5] = [
+    CrashPoint::AfterPrepare(1),
+    CrashPoint::AfterPrepare(2),
+    CrashPoint::AfterDecision,
+    CrashPoint::AfterCommitPrepared(1),
+    CrashPoint::AfterCommitPrepared(2),
 ];
 
 /// Starts a unit of work over `names` (coordinator first, on `t.dbs` in
 /// order) and kills it after `step`.
-async fn crash(t: &Three, names: &[&str; 3], step: Step) {
+async fn crash(t: &Three, names: &[&str; 3], step: CrashPoint) {
     let mut uow = t.registry.unit_of_work();
     write_all(&mut uow, names).await;
     uow.crash_after(step);
@@ -205,12 +205,12 @@ async fn crash(t: &Three, names: &[&str; 3], step: Step) {
 async fn recover_and_check(
     t: &Three,
     names: &[&str; 3],
-    step: Step,
+    step: CrashPoint,
     expected: &mut [i64; 3],
 ) -> RecoveryReport {
     // In doubt now: some engines may have prepared work.
     let report = t.registry.recover_older_than(Duration::ZERO).await.unwrap();
-    let committed = !matches!(step, Step::AfterPrepare(_));
+    let committed = !matches!(step, CrashPoint::AfterPrepare(_));
     if committed {
         *expected = expected.map(|n| n + 1);
     }
@@ -223,9 +223,11 @@ async fn recover_and_check(
     assert_eq!(t.decisions().await, 0, "{context}");
     assert!(report.unresolved.is_empty(), "{context}");
     match step {
-        Step::AfterPrepare(n) => assert_eq!(report.rolled_back.len(), n, "{report:?}"),
-        Step::AfterDecision => assert_eq!(report.committed.len(), 2, "{report:?}"),
-        Step::AfterCommitPrepared(n) => assert_eq!(report.committed.len(), 2 - n, "{report:?}"),
+        CrashPoint::AfterPrepare(n) => assert_eq!(report.rolled_back.len(), n, "{report:?}"),
+        CrashPoint::AfterDecision => assert_eq!(report.committed.len(), 2, "{report:?}"),
+        CrashPoint::AfterCommitPrepared(n) => {
+            assert_eq!(report.committed.len(), 2 - n, "{report:?}")
+        }
     }
     report
 }
@@ -241,7 +243,7 @@ async fn after_a_crash_at_any_step_recover_makes_every_engine_agree() {
     // A young undecided one is left alone by the default grace period.
     let mut uow = t.registry.unit_of_work();
     write_all(&mut uow, &NAMES).await;
-    uow.crash_after(Step::AfterPrepare(1));
+    uow.crash_after(CrashPoint::AfterPrepare(1));
     uow.commit().await.unwrap_err();
     let report = t.registry.recover().await.unwrap();
     assert_eq!(report.left_in_doubt.len(), 1, "{report:?}");
@@ -306,7 +308,7 @@ async fn engine_names_with_any_characters_survive_a_crash_at_every_step() {
         t.registry = registry_on(&t.dbs, names).await.unwrap();
         for step in STEPS {
             crash(&t, &names, step).await;
-            if step == Step::AfterPrepare(2) {
+            if step == CrashPoint::AfterPrepare(2) {
                 // On the server: ids are ASCII with exactly three `:`, and the
                 // longest name's id is exactly PostgreSQL's limit.
                 let gids = [
@@ -320,7 +322,7 @@ async fn engine_names_with_any_characters_survive_a_crash_at_every_step() {
                     assert_eq!(gids[0].iter().map(String::len).max(), Some(199));
                 }
             }
-            if step == Step::AfterDecision {
+            if step == CrashPoint::AfterDecision {
                 // The decision record lists the prepared engines unambiguously,
                 // even with `,` in a name.
                 let records = decision_records(&t.dbs[0]).await;

@@ -4,7 +4,7 @@
 //! Its `Debug` and `Display` never show the password, and neither do the
 //! errors made while parsing a URL.
 
-pub mod tls;
+pub(crate) mod tls;
 
 use std::fmt;
 use std::str::FromStr;

@@ -1,12 +1,4 @@
-//! TLS for engine connections (feature `rustls`).
-//!
-//! `sslmode` follows libpq: `disable`, `prefer` and `require` encrypt
-//! without checking the server's certificate (libpq's `require` without a
-//! root certificate); `verify-ca` checks the chain; `verify-full` checks the
-//! chain and that the certificate names the host connected to. Roots come
-//! from `sslrootcert` (a PEM file) or, without it, the system's store.
-//! tokio-postgres knows only disable / prefer / require, so pgassist takes
-//! `sslmode` and `sslrootcert` out of the URL itself.
+//! TLS settings of engine connections (docs on [`SslMode`]).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -16,6 +8,16 @@ use percent_encoding::percent_decode_str;
 use crate::error::{Error, Result};
 
 /// How to secure connections, as libpq's `sslmode`.
+///
+/// TLS for engine connections (feature `rustls`).
+///
+/// `sslmode` follows libpq: `disable`, `prefer` and `require` encrypt
+/// without checking the server's certificate (libpq's `require` without a
+/// root certificate); `verify-ca` checks the chain; `verify-full` checks the
+/// chain and that the certificate names the host connected to. Roots come
+/// from `sslrootcert` (a PEM file) or, without it, the system's store.
+/// tokio-postgres knows only disable / prefer / require, so pgassist takes
+/// `sslmode` and `sslrootcert` out of the URL itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum SslMode {
     /// Plain TCP.

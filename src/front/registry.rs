@@ -262,7 +262,7 @@ impl RegistryBuilder {
     }
 
     /// Assigns `table` to engine `engine` (z3c.zalchemy's `assignTable`):
-    /// [`crate::Sessions::for_table`] and [`UnitOfWork::for_table`] then use
+    /// [`crate::Sessions::for_table`] and [`crate::UnitOfWork::for_table`] then use
     /// that engine for it. Unmapped tables use the default engine.
     pub fn route_table(mut self, table: impl Into<String>, engine: impl Into<String>) -> Self {
         self.tables.push((table.into(), engine.into()));

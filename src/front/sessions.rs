@@ -382,8 +382,22 @@ impl Sessions {
         SessionsReport { engines }
     }
 
-    /// Ends the request: in transaction-per-request mode commits (`commit`
-    /// true) or rolls back each engine's request transaction; marks every
+    /// Ends the request, committing its request transactions:
+    /// [`Sessions::finish`] with `true`.
+    pub async fn commit(&self) -> Result<SessionsReport> {
+        self.finish(true).await
+    }
+
+    /// Ends the request, rolling back its request transactions:
+    /// [`Sessions::finish`] with `false`.
+    pub async fn rollback(&self) -> Result<SessionsReport> {
+        self.finish(false).await
+    }
+
+    /// Ends the request — the form for middleware, where commit or rollback
+    /// is decided at run time ([`Sessions::commit`] and
+    /// [`Sessions::rollback`] read better where it is known): in
+    /// transaction-per-request mode commits (`commit` true) or rolls back each engine's request transaction; marks every
     /// used engine END; refuses later statements from sessions handed out.
     /// Returns the final report, or the first commit error (the remaining
     /// transactions are then rolled back).

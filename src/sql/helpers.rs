@@ -1,35 +1,4 @@
-//! Query helpers over one table, for anything [`Queryable`].
-//!
-//! A [`Table`] names a table and its key column; its methods build the few
-//! statements every application writes by hand — fetch by key, by a column
-//! case-insensitively, by prefix, a page of rows, find-or-create — and run
-//! them on a [`crate::Session`], a [`crate::Transaction`] or a reference to
-//! either.
-//!
-//! - Identifiers (table, schema, columns) are always double-quoted, with
-//!   inner quotes doubled ([`quote_ident`]): a hostile name addresses a
-//!   column literally spelled that way, or fails; it never becomes SQL.
-//! - Values are always bound parameters, never part of the statement text.
-//! - LIKE patterns built from input have `%`, `_` and `\` escaped
-//!   ([`escape_like`]).
-//! - ORDER BY columns of [`Table::get_range`] must be in a whitelist the
-//!   caller gives ([`Error::ColumnNotAllowed`] otherwise).
-//!
-//! With the `value` feature, `Value` and `columns_as_dict` read any row as
-//! a map from column name to a dynamic value.
-//!
-//! ```no_run
-//! use pgassist::{Direction, Queryable, RangeQuery, Table};
-//!
-//! # async fn demo(db: &impl Queryable) -> Result<(), pgassist::Error> {
-//! let users = Table::new("app.users").key("id");
-//! let one = users.get_by_id(db, &7_i64).await?;
-//! let page = users
-//!     .get_range(db, &RangeQuery::new().order_by("email", Direction::Asc).limit(20), &["email"])
-//!     .await?;
-//! let (row, created) = users.find_or_create(db, &[("email", &"ann@example.com")], &[]).await?;
-//! # let _ = (one, page, row, created); Ok(()) }
-//! ```
+//! The `Table` query helpers (their docs are on [`Table`]).
 
 use std::fmt::Write as _;
 
@@ -220,6 +189,39 @@ impl<'a> RangeQuery<'a> {
     }
 }
 
+/// Query helpers over one table, for anything [`Queryable`].
+///
+/// A [`Table`] names a table and its key column; its methods build the few
+/// statements every application writes by hand — fetch by key, by a column
+/// case-insensitively, by prefix, a page of rows, find-or-create — and run
+/// them on a [`crate::Session`], a [`crate::Transaction`] or a reference to
+/// either.
+///
+/// - Identifiers (table, schema, columns) are always double-quoted, with
+///   inner quotes doubled ([`quote_ident`]): a hostile name addresses a
+///   column literally spelled that way, or fails; it never becomes SQL.
+/// - Values are always bound parameters, never part of the statement text.
+/// - LIKE patterns built from input have `%`, `_` and `\` escaped
+///   ([`escape_like`]).
+/// - ORDER BY columns of [`Table::get_range`] must be in a whitelist the
+///   caller gives ([`Error::ColumnNotAllowed`] otherwise).
+///
+/// With the `value` feature, `Value` and `columns_as_dict` read any row as
+/// a map from column name to a dynamic value.
+///
+/// ```no_run
+/// use pgassist::{Direction, Queryable, RangeQuery, Table};
+///
+/// # async fn demo(db: &impl Queryable) -> Result<(), pgassist::Error> {
+/// let users = Table::new("app.users").key("id");
+/// let one = users.get_by_id(db, &7_i64).await?;
+/// let page = users
+///     .get_range(db, &RangeQuery::new().order_by("email", Direction::Asc).limit(20), &["email"])
+///     .await?;
+/// let (row, created) = users.find_or_create(db, &[("email", &"ann@example.com")], &[]).await?;
+/// # let _ = (one, page, row, created); Ok(()) }
+/// ```
+///
 /// A table and its key column, with helpers that build and run common
 /// statements on anything [`Queryable`]. Cheap to clone; it holds names only.
 ///

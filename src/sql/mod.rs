@@ -4,7 +4,7 @@
 
 pub(crate) mod control;
 pub(crate) mod gid;
-pub mod helpers;
+pub(crate) mod helpers;
 pub(crate) mod lsn;
 pub(crate) mod queryable;
 

@@ -1,22 +1,4 @@
-//! Resolving in-doubt two-phase commits after a crash.
-//!
-//! A unit of work that died mid-commit leaves prepared transactions (and
-//! perhaps a decision record) behind. [`Registry::recover`] lists every
-//! prepared transaction with this registry's prefix on every engine, commits
-//! those whose decision record exists on their coordinator, rolls back those
-//! without one once they are older than a grace period (younger ones may
-//! belong to a unit of work still committing), and removes decision records
-//! that nothing refers to any more.
-//!
-//! Ids are read with the format of [`crate::unit_of_work`]:
-//! `{prefix}:{id}:{coordinator}:{engine}` with percent-encoded names, cut
-//! exactly at its three `:`. An id written before names were encoded (raw
-//! names, perhaps holding `:`) is read when exactly one cut of it names two
-//! engines of this registry. An id with our prefix that reads neither way,
-//! reads both ways differently, or names a coordinator this registry does not
-//! have is never committed or rolled back by guesswork: it is left prepared,
-//! logged and listed in [`RecoveryReport::unresolved`] for an operator, and
-//! the decision records it might refer to are kept.
+//! Recovery of in-doubt two-phase commits (docs on `Registry::recover`).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -64,9 +46,26 @@ pub struct RecoveryReport {
 }
 
 impl Registry {
-    /// Resolves in-doubt prepared transactions; see the
-    /// [module docs](crate::two_phase::recovery). Rolls back undecided ones older than
-    /// [`DEFAULT_RECOVERY_GRACE`].
+    /// Resolves in-doubt two-phase commits after a crash. Rolls back
+    /// undecided ones older than [`DEFAULT_RECOVERY_GRACE`].
+    ///
+    /// A unit of work that died mid-commit leaves prepared transactions (and
+    /// perhaps a decision record) behind. [`Registry::recover`] lists every
+    /// prepared transaction with this registry's prefix on every engine, commits
+    /// those whose decision record exists on their coordinator, rolls back those
+    /// without one once they are older than a grace period (younger ones may
+    /// belong to a unit of work still committing), and removes decision records
+    /// that nothing refers to any more.
+    ///
+    /// Ids are read with the format of [`crate::UnitOfWork`]:
+    /// `{prefix}:{id}:{coordinator}:{engine}` with percent-encoded names, cut
+    /// exactly at its three `:`. An id written before names were encoded (raw
+    /// names, perhaps holding `:`) is read when exactly one cut of it names two
+    /// engines of this registry. An id with our prefix that reads neither way,
+    /// reads both ways differently, or names a coordinator this registry does not
+    /// have is never committed or rolled back by guesswork: it is left prepared,
+    /// logged and listed in [`RecoveryReport::unresolved`] for an operator, and
+    /// the decision records it might refer to are kept.
     pub async fn recover(&self) -> Result<RecoveryReport> {
         self.recover_older_than(DEFAULT_RECOVERY_GRACE).await
     }

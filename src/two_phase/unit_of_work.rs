@@ -1,39 +1,5 @@
-//! One unit of work across engines, committed atomically.
-//!
-//! A [`UnitOfWork`] enlists a transaction per engine as each is touched. With
-//! one engine, commit is a plain COMMIT. With several it is a two-phase
-//! commit with a decision record (z3c.zalchemy's idea, on PostgreSQL's
-//! PREPARE TRANSACTION):
-//!
-//! 1. every engine but the coordinator (the first one enlisted) runs
-//!    `PREPARE TRANSACTION gid`, each confirmed through `pg_prepared_xacts`;
-//! 2. the coordinator writes the global id into `pgassist_2pc_decisions` in
-//!    its own transaction and commits it (last-resource commit): that commit
-//!    is the decision;
-//! 3. every prepared engine runs `COMMIT PREPARED gid`, and the decision
-//!    record is deleted.
-//!
-//! A failure before the decision rolls everything back (`ROLLBACK PREPARED`).
-//! A crash anywhere leaves at most prepared transactions and decision
-//! records behind, which [`crate::Registry::recover`] resolves: commit where
-//! the decision exists, roll back where it does not.
-//!
-//! Global ids are `{prefix}:{unique id}:{coordinator}:{engine}`, where the
-//! prefix is set with [`crate::RegistryBuilder::two_phase_prefix`] (letters,
-//! digits, `_`, `-`), the unique id is 32 hex digits, and both engine names
-//! are percent-encoded: every byte outside `[A-Za-z0-9_-]` becomes `%XX`
-//! (upper-case hex, UTF-8 bytes). Engine names may hold anything (`:`,
-//! spaces, quotes, `заказы`), so the pieces must never hold the `:`
-//! separator, or recovery would cut an id at the wrong place and look for
-//! the decision on the wrong coordinator. Plain names such as `writer`
-//! encode to themselves, so ids written before the encoding read the same.
-//! The part before the last `:` is the *global id*, the decision record's
-//! key; the record's `engines` column lists the prepared engines, encoded
-//! the same way and joined with `,`.
-//!
-//! PostgreSQL caps an id at 199 bytes (`GIDSIZE` 200 with the terminating
-//! NUL), so [`crate::RegistryBuilder::build`] refuses a registry whose two
-//! longest encoded engine names would make a longer one.
+//! The unit of work across engines and its two-phase commit (docs on
+//! [`UnitOfWork`]).
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,7 +22,7 @@ pub(crate) const DECISIONS_TABLE: &str = "pgassist_2pc_decisions";
 /// A point in the commit protocol, for crash tests (feature `testing`).
 #[cfg(feature = "testing")]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Step {
+pub enum CrashPoint {
     /// After the n-th (1-based) PREPARE TRANSACTION.
     AfterPrepare(usize),
     /// After the coordinator committed the decision.
@@ -65,8 +31,42 @@ pub enum Step {
     AfterCommitPrepared(usize),
 }
 
-/// Several engines' transactions, committed together. See the
-/// [module docs](crate::two_phase::unit_of_work).
+/// One unit of work across engines, committed atomically.
+///
+/// A [`UnitOfWork`] enlists a transaction per engine as each is touched. With
+/// one engine, commit is a plain COMMIT. With several it is a two-phase
+/// commit with a decision record (z3c.zalchemy's idea, on PostgreSQL's
+/// PREPARE TRANSACTION):
+///
+/// 1. every engine but the coordinator (the first one enlisted) runs
+///    `PREPARE TRANSACTION gid`, each confirmed through `pg_prepared_xacts`;
+/// 2. the coordinator writes the global id into `pgassist_2pc_decisions` in
+///    its own transaction and commits it (last-resource commit): that commit
+///    is the decision;
+/// 3. every prepared engine runs `COMMIT PREPARED gid`, and the decision
+///    record is deleted.
+///
+/// A failure before the decision rolls everything back (`ROLLBACK PREPARED`).
+/// A crash anywhere leaves at most prepared transactions and decision
+/// records behind, which [`crate::Registry::recover`] resolves: commit where
+/// the decision exists, roll back where it does not.
+///
+/// Global ids are `{prefix}:{unique id}:{coordinator}:{engine}`, where the
+/// prefix is set with [`crate::RegistryBuilder::two_phase_prefix`] (letters,
+/// digits, `_`, `-`), the unique id is 32 hex digits, and both engine names
+/// are percent-encoded: every byte outside `[A-Za-z0-9_-]` becomes `%XX`
+/// (upper-case hex, UTF-8 bytes). Engine names may hold anything (`:`,
+/// spaces, quotes, `заказы`), so the pieces must never hold the `:`
+/// separator, or recovery would cut an id at the wrong place and look for
+/// the decision on the wrong coordinator. Plain names such as `writer`
+/// encode to themselves, so ids written before the encoding read the same.
+/// The part before the last `:` is the *global id*, the decision record's
+/// key; the record's `engines` column lists the prepared engines, encoded
+/// the same way and joined with `,`.
+///
+/// PostgreSQL caps an id at 199 bytes (`GIDSIZE` 200 with the terminating
+/// NUL), so [`crate::RegistryBuilder::build`] refuses a registry whose two
+/// longest encoded engine names would make a longer one.
 ///
 /// ```no_run
 /// # async fn demo(registry: pgassist::Registry) -> Result<(), pgassist::Error> {
@@ -84,7 +84,7 @@ pub struct UnitOfWork {
     /// Enlisted engines in order: (engine index, transaction). The first is the coordinator.
     enlisted: Vec<(usize, Transaction<'static>)>,
     #[cfg(feature = "testing")]
-    crash_after: Option<Step>,
+    crash_after: Option<CrashPoint>,
 }
 
 impl std::fmt::Debug for UnitOfWork {
@@ -194,12 +194,12 @@ impl UnitOfWork {
     /// (open transactions are dropped, which rolls them back; prepared ones
     /// stay for [`crate::Registry::recover`]).
     #[cfg(feature = "testing")]
-    pub fn crash_after(&mut self, step: Step) {
+    pub fn crash_after(&mut self, step: CrashPoint) {
         self.crash_after = Some(step);
     }
 
     #[cfg(feature = "testing")]
-    fn crashes_at(&self, step: Step) -> Result<()> {
+    fn crashes_at(&self, step: CrashPoint) -> Result<()> {
         match self.crash_after {
             Some(s) if s == step => Err(Error::Usage(format!("simulated crash after {step:?}"))),
             _ => Ok(()),
@@ -254,7 +254,7 @@ impl UnitOfWork {
                 }
             }
             #[cfg(feature = "testing")]
-            self.crashes_at(Step::AfterPrepare(n + 1))?;
+            self.crashes_at(CrashPoint::AfterPrepare(n + 1))?;
             #[cfg(not(feature = "testing"))]
             let _ = n;
         }
@@ -286,7 +286,7 @@ impl UnitOfWork {
             }
         }
         #[cfg(feature = "testing")]
-        self.crashes_at(Step::AfterDecision)?;
+        self.crashes_at(CrashPoint::AfterDecision)?;
 
         // Phase 2: the decision is made; finish it everywhere.
         let mut all_done = true;
@@ -301,7 +301,7 @@ impl UnitOfWork {
                 ));
             }
             #[cfg(feature = "testing")]
-            self.crashes_at(Step::AfterCommitPrepared(n + 1))?;
+            self.crashes_at(CrashPoint::AfterCommitPrepared(n + 1))?;
             #[cfg(not(feature = "testing"))]
             let _ = n;
         }

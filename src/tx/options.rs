@@ -71,7 +71,7 @@ impl TxOptions {
 
     /// Requires an outermost transaction (Django's `atomic(durable=True)`):
     /// beginning it where it would become a savepoint — inside a
-    /// transaction-per-request scope — fails with [`Error::Usage`], so a
+    /// transaction-per-request scope — fails with [`Error::Usage`](crate::Error::Usage), so a
     /// caller that needs its work committed when it returns can rely on it.
     pub fn durable(mut self) -> Self {
         self.durable = true;
