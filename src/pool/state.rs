@@ -119,7 +119,10 @@ impl Refusal {
 }
 
 /// The transition function: the state after `event` in `state`, or why
-/// `event` cannot happen there. Pure, so every transition is unit-tested.
+/// `event` cannot happen there. Pure, so every transition is unit-tested;
+/// inlined, so each call site with a known event compiles to a few
+/// comparisons.
+#[inline(always)]
 pub(crate) fn next(state: ConnState, event: Event) -> Result<ConnState, Refusal> {
     use ConnState::*;
     use Event::*;
@@ -161,6 +164,7 @@ pub(crate) fn next(state: ConnState, event: Event) -> Result<ConnState, Refusal>
 }
 
 impl ConnState {
+    #[inline(always)]
     fn from_u8(v: u8) -> ConnState {
         match v {
             0 => ConnState::Idle,
@@ -195,6 +199,7 @@ impl StateCell {
 
     /// Applies `event` atomically (statements pipelined on one transaction
     /// may race): returns the state it was applied in, or the refusal.
+    #[inline(always)]
     pub(crate) fn apply(&self, event: Event) -> Result<ConnState, Refusal> {
         let mut current = self.0.load(Ordering::Acquire);
         loop {

@@ -118,6 +118,7 @@ impl TxCore {
     }
 
     /// Applies `event` to the connection's state machine.
+    #[inline]
     fn apply(&self, event: Event) -> Result<ConnState> {
         self.conn.state.apply(event).map_err(|r| self.refused(r))
     }
@@ -182,17 +183,20 @@ impl TxCore {
     /// Checks that the transaction can run something, first rolling back a
     /// savepoint that was dropped unfinished.
     async fn ready(&self) -> Result<()> {
-        match self.conn.state.apply(Event::Statement) {
-            Ok(_) | Err(Refusal::Aborted) => {}
-            Err(refusal) => return Err(self.refused(refusal)),
+        let now = self.conn.state.apply(Event::Statement);
+        if let Err(refusal) = now {
+            if refusal != Refusal::Aborted {
+                return Err(self.refused(refusal));
+            }
         }
-        let pending = self.book().pending_rollback.take();
-        if let Some((_, number)) = pending {
-            self.control(&sql::rollback_to(number))
-                .await
-                .map_err(|e| self.statement_error(e))?;
-            self.apply(Event::Restored)?;
-        }
+        let Some((_, number)) = self.book().pending_rollback.take() else {
+            // The common case: nothing to undo first, and the state says go.
+            return now.map(drop).map_err(|r| self.refused(r));
+        };
+        self.control(&sql::rollback_to(number))
+            .await
+            .map_err(|e| self.statement_error(e))?;
+        self.apply(Event::Restored)?;
         self.apply(Event::Statement).map(drop)
     }
 
@@ -632,10 +636,13 @@ impl<'a> Transaction<'a> {
         // With replicas to keep up with, read the WAL insert position in the
         // same round trip: it covers this commit's record.
         let track_lsn = core.observer.as_ref().is_some_and(|o| o.wants_commit_lsn());
-        let probe = core.book().statement_cut;
-        let sql = sql::commit(probe, track_lsn);
         core.apply(Event::Commit)?;
-        core.book().commit_sent = true;
+        let probe = {
+            let mut book = core.book();
+            book.commit_sent = true;
+            book.statement_cut
+        };
+        let sql = sql::commit(probe, track_lsn);
         let committed = if track_lsn {
             core.control_rows(sql)
                 .await
