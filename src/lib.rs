@@ -150,7 +150,19 @@ pub use tokio_postgres::types::Json;
 pub use tokio_postgres::types::{FromSql, ToSql};
 pub use tokio_postgres::{Row, error::SqlState};
 
-/// The README's examples, compiled as doc tests so they cannot rot.
-#[cfg(doctest)]
+/// The README's examples, compiled as doc tests so they cannot rot (they
+/// use typed rows and the axum integration: `./scripts/test` turns every
+/// feature on).
+#[cfg(all(doctest, feature = "derive", feature = "axum"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// docs/guide.md's examples, compiled likewise.
+#[cfg(all(doctest, feature = "derive", feature = "json"))]
+#[doc = include_str!("../docs/guide.md")]
+pub struct GuideDoctests;
+
+/// docs/web.md's examples, compiled likewise.
+#[cfg(all(doctest, feature = "axum"))]
+#[doc = include_str!("../docs/web.md")]
+pub struct WebDoctests;
