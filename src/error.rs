@@ -50,7 +50,7 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
     /// The statement was rejected on the client side before the server saw it
-    /// (wrong parameter count or type, a row count that `query_one` did not expect, …).
+    /// (wrong parameter count or type, …).
     #[error("engine `{engine}`: {}", describe(.source))]
     Query {
         /// The engine the statement was meant for.
@@ -131,12 +131,151 @@ pub enum Error {
         /// The table, as given to [`crate::Table::new`].
         table: String,
     },
+    /// `query_one` (or `query_one_as`) found no row. A web handler maps it to
+    /// 404 (see the axum integration).
+    #[error("engine `{engine}`: query_one found no row")]
+    NotFound {
+        /// The engine that ran the statement.
+        engine: String,
+    },
+    /// `query_one` or `query_opt` found more than one row: the query does
+    /// not say what the caller thinks it says (a missing key condition).
+    #[error("engine `{engine}`: expected at most one row, the query returned more")]
+    TooManyRows {
+        /// The engine that ran the statement.
+        engine: String,
+    },
+    /// A column could not be decoded into the Rust type asked for: the
+    /// column, the Rust type and the SQL type are named so the fix is
+    /// visible from the message alone.
+    #[error("{}", describe_decode(.column, .rust_type, .sql_type, .reason))]
+    Decode {
+        /// The column's name when known (`query_as` and friends know it),
+        /// else `#<index>`.
+        column: String,
+        /// The Rust type asked for, when the driver says it (empty otherwise).
+        rust_type: String,
+        /// The column's SQL type (upper case, as sqlx prints it), when known.
+        sql_type: String,
+        /// What went wrong: the driver's words.
+        reason: String,
+    },
+}
+
+/// `?` on the driver's own errors inside a function returning
+/// [`pgassist::Error`](Error): `row.try_get::<_, i64>("id")?` compiles.
+/// A decode error becomes [`Error::Decode`] (the column by index: a bare
+/// error does not carry the row; [`crate::Queryable::query_as`] names it);
+/// anything else is classified as a statement error would be, with the
+/// engine unknown.
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Error {
+        Error::from_pg("?", e)
+    }
+}
+
+/// The words of [`Error::Decode`], after sqlx's: "mismatched types; Rust
+/// type `i32` is not compatible with SQL type INT8".
+fn describe_decode(column: &str, rust_type: &str, sql_type: &str, reason: &str) -> String {
+    if !rust_type.is_empty() {
+        return format!(
+            "column {column}: mismatched types; Rust type `{rust_type}` is not compatible \
+             with SQL type {sql_type}"
+        );
+    }
+    let typed = if sql_type.is_empty() {
+        String::new()
+    } else {
+        format!(" (SQL type {sql_type})")
+    };
+    if reason.contains("NULL") {
+        return format!("column {column}{typed} is NULL; decode it into an Option<_>");
+    }
+    format!("column {column}{typed}: {reason}")
+}
+
+/// Reads a driver decode error ("error deserializing column N", caused by
+/// a `WrongType` or a `WasNull` or the type's own parse error): the column
+/// index, the Rust type when the driver names it, and the cause in words.
+fn decode_parts(e: &tokio_postgres::Error) -> Option<(usize, String, String, String)> {
+    use std::error::Error as _;
+    let index = e
+        .to_string()
+        .strip_prefix("error deserializing column ")?
+        .trim()
+        .parse()
+        .ok()?;
+    let reason = e.source().map(|c| c.to_string()).unwrap_or_default();
+    // postgres-types' WrongType: "cannot convert between the Rust type `T`
+    // and the Postgres type `t`".
+    let wrong_type = e
+        .source()
+        .is_some_and(|c| c.is::<tokio_postgres::types::WrongType>());
+    let quoted = |n| {
+        let part = if wrong_type {
+            reason.split('`').nth(n)
+        } else {
+            None
+        };
+        part.unwrap_or_default().to_owned()
+    };
+    Some((index, quoted(1), quoted(3).to_uppercase(), reason))
+}
+
+impl Error {
+    /// A decode error with the column named from the row it came from
+    /// (the driver's error only knows the column index).
+    #[cfg(feature = "derive")]
+    pub(crate) fn decode_in(row: &tokio_postgres::Row, e: tokio_postgres::Error) -> Error {
+        match decode_parts(&e) {
+            Some((index, rust_type, sql_type, reason)) => {
+                let column = row.columns().get(index);
+                Error::Decode {
+                    column: column.map_or(format!("#{index}"), |c| format!("`{}`", c.name())),
+                    rust_type,
+                    sql_type: column.map_or(sql_type, |c| c.type_().name().to_uppercase()),
+                    reason,
+                }
+            }
+            // "invalid column `x`": the struct names a column the query
+            // did not return.
+            None => match e.to_string().strip_prefix("invalid column ") {
+                Some(name) => Error::Decode {
+                    column: name.to_owned(),
+                    rust_type: String::new(),
+                    sql_type: String::new(),
+                    reason: format!(
+                        "the query returned no such column (it returned: {})",
+                        row.columns()
+                            .iter()
+                            .map(|c| c.name())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                },
+                None => Error::from(e),
+            },
+        }
+    }
 }
 
 impl Error {
     /// Classifies a driver error raised while running a statement on `engine`.
     pub(crate) fn from_pg(engine: &str, source: tokio_postgres::Error) -> Error {
         let engine = engine.to_owned();
+        if let Some((index, rust_type, sql_type, reason)) = decode_parts(&source) {
+            return Error::Decode {
+                column: format!("#{index}"),
+                rust_type,
+                sql_type,
+                reason,
+            };
+        }
+        // Raised by the driver's query_opt only (pgassist's query_one runs
+        // through it): a second row arrived.
+        if source.to_string() == "query returned an unexpected number of rows" {
+            return Error::TooManyRows { engine };
+        }
         if let Some(db) = source.as_db_error() {
             if *db.code() == SqlState::READ_ONLY_SQL_TRANSACTION {
                 return Error::ReadOnly { engine, source };

@@ -93,6 +93,7 @@
 //! Dropping the container rolls back whatever it holds, at once.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod config;
 mod error;
@@ -130,11 +131,35 @@ pub use tx::hooks::{Outcome, TxEvent};
 pub use tx::options::{IsolationLevel, TxOptions};
 pub use tx::transaction::Transaction;
 
+/// Typed rows: `#[derive(pgassist::FromRow)]` on a struct (fields by column
+/// name; `#[from_row(rename = "..")]`, `#[from_row(flatten)]` for a nested
+/// struct, `#[from_row(from = "T")]` / `try_from`), then
+/// [`Queryable::query_as`]. The derive comes from the `postgres-from-row`
+/// crate; its generated code names that crate, so bring it into scope with
+/// `use pgassist::postgres_from_row;` (or depend on it directly).
+#[cfg(feature = "derive")]
+#[cfg_attr(docsrs, doc(cfg(feature = "derive")))]
+pub use postgres_from_row::{self, FromRow};
 pub use tokio_postgres;
+#[cfg(feature = "json")]
+#[cfg_attr(docsrs, doc(cfg(feature = "json")))]
+pub use tokio_postgres::types::Json;
 pub use tokio_postgres::types::{FromSql, ToSql};
 pub use tokio_postgres::{Row, error::SqlState};
 
-/// The README's examples, compiled as doc tests so they cannot rot.
-#[cfg(doctest)]
+/// The README's examples, compiled as doc tests so they cannot rot (they
+/// use typed rows and the axum integration: `./scripts/test` turns every
+/// feature on).
+#[cfg(all(doctest, feature = "derive", feature = "axum"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// docs/guide.md's examples, compiled likewise.
+#[cfg(all(doctest, feature = "derive", feature = "json"))]
+#[doc = include_str!("../docs/guide.md")]
+pub struct GuideDoctests;
+
+/// docs/web.md's examples, compiled likewise.
+#[cfg(all(doctest, feature = "axum"))]
+#[doc = include_str!("../docs/web.md")]
+pub struct WebDoctests;

@@ -561,7 +561,7 @@ async fn bad_input_gives_typed_errors_and_no_password() {
     let err = s.query("SELECT $1::int", &[&"text"]).await.unwrap_err();
     assert!(matches!(err, Error::Query { .. }), "{err:?}");
     let err = s.query_one("SELECT 1 WHERE false", &[]).await.unwrap_err();
-    assert!(matches!(err, Error::Query { .. }), "{err:?}");
+    assert!(matches!(err, Error::NotFound { .. }), "{err:?}");
     let err = s.query("SELEC 1", &[]).await.unwrap_err();
     assert_eq!(err.code(), Some(&pgassist::SqlState::SYNTAX_ERROR));
     assert!(s.query("", &[]).await.unwrap().is_empty());

@@ -1257,7 +1257,7 @@ async fn bad_statements_give_typed_errors_and_leave_transactions_usable() {
         s.batch_execute(sql).await.unwrap();
     }
     let e = s.query_one("", &[]).await.unwrap_err();
-    assert!(matches!(e, Error::Query { .. }), "{e:?}");
+    assert!(matches!(e, Error::NotFound { .. }), "{e:?}");
 
     // Clear messages: what went wrong, in the error's own Display.
     let e = s.query("SELEC 1", &[]).await.unwrap_err();

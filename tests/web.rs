@@ -350,3 +350,173 @@ async fn a_service_error_rolls_back_and_responses_carry_the_final_report() {
     assert!(writer.open_transactions.is_empty());
     db.wait_no_transactions().await;
 }
+
+/// `pgassist::Error` returned from axum handlers with `?`: each status
+/// mapping over real HTTP, with a body that is the reason phrase only —
+/// no SQL, no parameter, no server message, no engine name.
+#[tokio::test]
+async fn errors_answer_with_their_status_and_no_details() {
+    let db = Db::new().await;
+    db.plain()
+        .await
+        .batch_execute("CREATE UNIQUE INDEX items_name ON items(name); INSERT INTO items(name) VALUES ('secret-key-value')")
+        .await
+        .unwrap();
+    let registry = Registry::builder()
+        .engine(
+            "writer",
+            db.config()
+                .max_size(1)
+                .connection_timeout(Duration::from_millis(300)),
+        )
+        .engine(
+            "down",
+            pgassist::EngineConfig::from_url("postgres://ann:Pw-secret@127.0.0.1:1/x")
+                .unwrap()
+                .connection_timeout(Duration::from_millis(300)),
+        )
+        .default_engine("writer")
+        .build()
+        .await
+        .unwrap();
+    let app = Router::new()
+        .route(
+            "/missing",
+            get(|db: DbExtractor| async move {
+                let row = db
+                    .writer()?
+                    .query_one("SELECT name FROM items WHERE name = $1", &[&"secret-param"])
+                    .await?;
+                Ok::<_, Error>(row.try_get::<_, String>(0)?)
+            }),
+        )
+        .route(
+            "/duplicate",
+            post(|db: DbExtractor| async move {
+                db.writer()?
+                    .execute(
+                        "INSERT INTO items(name) VALUES ($1)",
+                        &[&"secret-key-value"],
+                    )
+                    .await?;
+                Ok::<_, Error>("created")
+            }),
+        )
+        .route(
+            "/serialization",
+            post(|db: DbExtractor| async move {
+                db.writer()?
+                    .batch_execute(
+                        "DO $$ BEGIN RAISE EXCEPTION 'secret-message' \
+                         USING ERRCODE = 'serialization_failure'; END $$",
+                    )
+                    .await?;
+                Ok::<_, Error>("done")
+            }),
+        )
+        .route(
+            "/busy",
+            get(|db: DbExtractor| async move {
+                db.writer()?.query("SELECT 'secret-busy'", &[]).await?;
+                Ok::<_, Error>("ran")
+            }),
+        )
+        .route(
+            "/down",
+            get(|db: DbExtractor| async move {
+                db.get("down")?.query("SELECT 'secret-down'", &[]).await?;
+                Ok::<_, Error>("ran")
+            }),
+        )
+        .route(
+            "/broken",
+            get(|db: DbExtractor| async move {
+                db.writer()?.query("SELEC 'secret-sql'", &[]).await?;
+                Ok::<_, Error>("ran")
+            }),
+        )
+        .route(
+            "/decode",
+            get(|db: DbExtractor| async move {
+                let row = db.writer()?.query_one("SELECT 1::int8", &[]).await?;
+                Ok::<_, Error>(row.try_get::<_, i32>(0)?.to_string())
+            }),
+        )
+        .layer(SessionsLayer::new(registry.clone()));
+    let base = serve(app).await;
+    let http = client();
+
+    let check = |status: u16, body: &str| {
+        assert!(!body.contains("secret"), "{status}: {body}");
+        assert!(!body.contains("SELEC"), "{status}: {body}");
+        assert!(
+            !body.contains("writer") && !body.contains("down"),
+            "{status}: {body}"
+        );
+    };
+    for (method, path, status, reason) in [
+        ("GET", "/missing", 404, "Not Found"),
+        ("POST", "/duplicate", 409, "Conflict"),
+        ("POST", "/serialization", 409, "Conflict"),
+        ("GET", "/down", 503, "Service Unavailable"),
+        ("GET", "/broken", 500, "Internal Server Error"),
+        ("GET", "/decode", 500, "Internal Server Error"),
+    ] {
+        let request = match method {
+            "GET" => http.get(format!("{base}{path}")),
+            _ => http.post(format!("{base}{path}")),
+        };
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), status, "{path}");
+        let body = response.text().await.unwrap();
+        assert_eq!(body, reason, "{path}");
+        check(status, &body);
+    }
+
+    // Pool timeout: the only writer connection is held by a transaction
+    // outside the request.
+    let holder = registry.session("writer").unwrap();
+    let held = holder.begin().await.unwrap();
+    held.execute("SELECT 1", &[]).await.unwrap();
+    let response = http.get(format!("{base}/busy")).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 503);
+    let body = response.text().await.unwrap();
+    assert_eq!(body, "Service Unavailable");
+    check(503, &body);
+    held.rollback().await.unwrap();
+    let response = http.get(format!("{base}/busy")).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+
+    // The status mapping as a function, for other frameworks.
+    use pgassist::integrations::axum::status_of;
+    assert_eq!(
+        status_of(&Error::NotFound { engine: "w".into() }),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        status_of(&Error::TooManyRows { engine: "w".into() }),
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    assert_eq!(
+        db.plain_count("SELECT count(*) FROM items").await,
+        1,
+        "the duplicate was not inserted"
+    );
+}
+
+/// Registry stats serialise (feature `serde`) for a health endpoint.
+#[tokio::test]
+async fn stats_serialize_to_json() {
+    let db = Db::new().await;
+    let registry = db.registry(|c| c).await;
+    registry
+        .session("writer")
+        .unwrap()
+        .query("SELECT 1", &[])
+        .await
+        .unwrap();
+    let json = serde_json::to_value(registry.stats()).unwrap();
+    assert_eq!(json["engines"][0]["name"], "writer");
+    assert_eq!(json["engines"][0]["statements"], 1);
+    assert_eq!(json["open_transactions"], 0);
+}

@@ -175,6 +175,7 @@ impl Engine {
 
 /// Counters of one engine, from [`crate::Registry::stats`].
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct EngineStats {
     /// Engine name.

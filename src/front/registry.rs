@@ -213,6 +213,7 @@ impl Registry {
 
 /// Counters of every engine, from [`Registry::stats`].
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct RegistryStats {
     /// One entry per engine, in registry order.

@@ -9,7 +9,7 @@ use super::engine::Engine;
 use super::replica::Target;
 use super::sessions::ScopeRef;
 use crate::error::{Error, Result};
-use crate::pool::manager::{ConnParts, Execute, One, Op, Opt, Params, Query};
+use crate::pool::manager::{ConnParts, Execute, Op, Opt, Params, Query};
 use crate::sql::control::{reject_control_in_batch, reject_transaction_control};
 use crate::sql::lsn::{INSERT_LSN_SQL, first_lsn};
 use crate::tx::options::TxOptions;
@@ -172,13 +172,19 @@ impl Session {
         self.run::<Query>(sql, params)
     }
 
-    /// Runs a statement that must return exactly one row.
+    /// Runs a statement that must return exactly one row: no row is
+    /// [`Error::NotFound`], more than one [`Error::TooManyRows`].
     pub fn query_one(
         &self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> impl Future<Output = Result<Row>> + Send {
-        self.run::<One>(sql, params)
+        let rows = self.run::<Opt>(sql, params);
+        async move {
+            rows.await?.ok_or_else(|| Error::NotFound {
+                engine: self.engine.name().to_owned(),
+            })
+        }
     }
 
     /// Runs a statement that returns at most one row.

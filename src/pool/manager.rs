@@ -72,7 +72,7 @@ impl std::fmt::Debug for PgConn {
 pub(crate) type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
 /// What a statement returns, as a type: each public method (`query`,
-/// `query_one`, `query_opt`, `execute`) gets its own path through the
+/// `query_opt` (which `query_one` runs through), `execute`) gets its own path through the
 /// crate, with no result enum to match and unwrap and futures no larger
 /// than the one driver call each wraps.
 pub(crate) trait Op: Copy + Send + Sync + 'static {
@@ -97,9 +97,6 @@ pub(crate) trait Op: Copy + Send + Sync + 'static {
 /// Every row ([`Client::query`]).
 #[derive(Clone, Copy)]
 pub(crate) struct Query;
-/// Exactly one row ([`Client::query_one`]).
-#[derive(Clone, Copy)]
-pub(crate) struct One;
 /// At most one row ([`Client::query_opt`]).
 #[derive(Clone, Copy)]
 pub(crate) struct Opt;
@@ -130,7 +127,6 @@ macro_rules! op {
     };
 }
 op!(Query, Vec<Row>, query, query_typed);
-op!(One, Row, query_one, query_typed_one);
 op!(Opt, Option<Row>, query_opt, query_typed_opt);
 op!(Execute, u64, execute, execute_typed);
 

@@ -7,6 +7,8 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use crate::error::Result;
+#[cfg(feature = "derive")]
+use postgres_from_row::FromRow;
 
 /// Runs statements: implemented by [`Session`](crate::Session) (autocommit)
 /// and [`Transaction`](crate::Transaction) (inside the transaction or
@@ -44,6 +46,66 @@ pub trait Queryable: Sync {
     ) -> impl Future<Output = Result<u64>> + Send;
     /// Runs statements without parameters (simple protocol).
     fn batch_execute(&self, sql: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// Runs a statement and decodes each row into `T` (a struct with
+    /// `#[derive(pgassist::FromRow)]`). A column that does not fit its
+    /// field is an [`Error::Decode`](crate::Error::Decode) naming the
+    /// column, the Rust type and the SQL type.
+    ///
+    /// ```no_run
+    /// use pgassist::postgres_from_row; // the derive's generated code names it
+    ///
+    /// #[derive(pgassist::FromRow)]
+    /// struct User {
+    ///     id: i64,
+    ///     name: String,
+    /// }
+    ///
+    /// async fn users(db: &impl pgassist::Queryable) -> pgassist::Result<Vec<User>> {
+    ///     db.query_as("SELECT id, name FROM users ORDER BY id", &[]).await
+    /// }
+    /// ```
+    #[cfg(feature = "derive")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "derive")))]
+    fn query_as<T: FromRow + Send>(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Vec<T>>> + Send {
+        let rows = self.query(sql, params);
+        async move { rows.await?.iter().map(decode_row).collect() }
+    }
+
+    /// [`Queryable::query_one`], decoded into `T`: no row is
+    /// [`Error::NotFound`](crate::Error::NotFound).
+    #[cfg(feature = "derive")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "derive")))]
+    fn query_one_as<T: FromRow + Send>(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<T>> + Send {
+        let row = self.query_one(sql, params);
+        async move { decode_row(&row.await?) }
+    }
+
+    /// [`Queryable::query_opt`], decoded into `T`.
+    #[cfg(feature = "derive")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "derive")))]
+    fn query_opt_as<T: FromRow + Send>(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Option<T>>> + Send {
+        let row = self.query_opt(sql, params);
+        async move { row.await?.as_ref().map(decode_row).transpose() }
+    }
+}
+
+/// Decodes one row, naming the column in the error.
+#[cfg(feature = "derive")]
+fn decode_row<T: FromRow>(row: &Row) -> Result<T> {
+    T::try_from_row(row).map_err(|e| crate::error::Error::decode_in(row, e))
 }
 
 /// Implements [`Queryable`] for a type with inherent methods of the same

@@ -20,7 +20,7 @@ use super::{Env, Observer, sql};
 use crate::error::{Error, Result, ends_session, is_connection_loss};
 use crate::guard::DropGuard;
 use crate::pool::Conn;
-use crate::pool::manager::{Execute, One, Op, Opt, Params, Query};
+use crate::pool::manager::{Execute, Op, Opt, Params, Query};
 use crate::pool::state::{ConnState, Event, Refusal};
 
 /// What one outermost transaction shares with its savepoints.
@@ -459,13 +459,19 @@ impl<'a> Transaction<'a> {
         self.core().run::<Query>(sql, params)
     }
 
-    /// Runs a statement that must return exactly one row.
+    /// Runs a statement that must return exactly one row: no row is
+    /// [`Error::NotFound`], more than one [`Error::TooManyRows`].
     pub fn query_one(
         &self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> impl Future<Output = Result<Row>> + Send {
-        self.core().run::<One>(sql, params)
+        let rows = self.core().run::<Opt>(sql, params);
+        async move {
+            rows.await?.ok_or_else(|| Error::NotFound {
+                engine: self.core().name().to_owned(),
+            })
+        }
     }
 
     /// Runs a statement that returns at most one row.
