@@ -247,6 +247,135 @@ async fn health_serialises_for_a_readiness_probe() {
     println!("{json}");
 }
 
+/// Our backends still running something (pg_stat_activity, as a second
+/// connection sees it), polled until none is left or `within` has passed;
+/// returns how long that took, or panics with what still runs.
+async fn wait_nothing_running(db: &Db, within: Duration) -> Duration {
+    let plain = db.plain().await;
+    let started = Instant::now();
+    loop {
+        let rows = plain
+            .query(
+                "SELECT query FROM pg_stat_activity WHERE application_name = $1 \
+                 AND state = 'active'",
+                &[&db.app],
+            )
+            .await
+            .unwrap();
+        if rows.is_empty() {
+            return started.elapsed();
+        }
+        let running: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        assert!(started.elapsed() < within, "still running: {running:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_transaction_dropped_while_its_statement_runs_is_cancelled_and_frees_its_locks() {
+    let db = Db::new().await;
+    db.plain()
+        .await
+        .batch_execute("INSERT INTO items(name) VALUES ('locked')")
+        .await
+        .unwrap();
+    let registry = db.registry(|c| c.max_size(2)).await;
+    let session = registry.session("writer").unwrap();
+    let tx = session.begin().await.unwrap();
+    tx.execute("SELECT * FROM items FOR UPDATE", &[])
+        .await
+        .unwrap();
+    let cut = tokio::time::timeout(
+        Duration::from_millis(300),
+        tx.execute("SELECT pg_sleep(5)", &[]),
+    )
+    .await;
+    assert!(cut.is_err(), "the statement should have been cut off");
+    drop(tx);
+    let took = wait_nothing_running(&db, Duration::from_secs(3)).await;
+    println!("transaction: nothing of ours runs {took:?} after the drop");
+    // The row lock is free: NOWAIT would fail at once with 55P03 otherwise.
+    let plain = db.plain().await;
+    let free = async {
+        loop {
+            match plain
+                .query("SELECT * FROM items FOR UPDATE NOWAIT", &[])
+                .await
+            {
+                Ok(_) => return,
+                Err(e) => assert_eq!(e.code(), Some(&SqlState::LOCK_NOT_AVAILABLE), "{e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(3), free)
+        .await
+        .expect("the row lock is freed");
+    println!("row lock free {:?} later", started.elapsed());
+    // The pool serves on (the next statement is not cancelled).
+    session.execute("SELECT 1", &[]).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_autocommit_statement_dropped_midway_is_cancelled() {
+    let db = Db::new().await;
+    let registry = db.registry(|c| c.max_size(1)).await;
+    let session = registry.session("writer").unwrap();
+    let cut = tokio::time::timeout(
+        Duration::from_millis(300),
+        session.execute("SELECT pg_sleep(5)", &[]),
+    )
+    .await;
+    assert!(cut.is_err());
+    let took = wait_nothing_running(&db, Duration::from_secs(3)).await;
+    println!("autocommit: nothing of ours runs {took:?} after the drop");
+    let cut = tokio::time::timeout(
+        Duration::from_millis(300),
+        session.batch_execute("SELECT pg_sleep(5); SELECT pg_sleep(5)"),
+    )
+    .await;
+    assert!(cut.is_err());
+    let took = wait_nothing_running(&db, Duration::from_secs(3)).await;
+    println!("autocommit batch: nothing of ours runs {took:?} after the drop");
+    session.execute("SELECT 1", &[]).await.unwrap();
+}
+
+/// Cancels sent for statements that were about to finish anyway must not
+/// hit the statements that follow on the same pooled connection.
+#[tokio::test]
+async fn a_late_cancel_never_hits_the_next_statement() {
+    let db = Db::new().await;
+    let registry = db.registry(|c| c.max_size(1)).await;
+    let session = registry.session("writer").unwrap();
+    let mut failures = Vec::new();
+    for i in 0..60_u64 {
+        // Cut off around the statement's own end (10 ms), at varying points.
+        let wait = Duration::from_micros(7_000 + (i * 797) % 6_000);
+        if i % 2 == 0 {
+            let _ = tokio::time::timeout(wait, session.execute("SELECT pg_sleep(0.01)", &[])).await;
+        } else {
+            let tx = session.begin().await.unwrap();
+            let _ = tokio::time::timeout(wait, tx.execute("SELECT pg_sleep(0.01)", &[])).await;
+            drop(tx);
+        }
+        // What follows at once (and a little later) must run untouched.
+        for sql in ["SELECT pg_sleep(0.002)", "SELECT pg_sleep(0.02)"] {
+            if let Err(e) = session.execute(sql, &[]).await {
+                failures.push(format!("{i}: {e}"));
+            }
+        }
+        let tx = session.begin().await.unwrap();
+        let in_tx = tx.execute("SELECT pg_sleep(0.005)", &[]).await;
+        if let Err(e) = in_tx.and(Ok(())).and(tx.commit().await) {
+            failures.push(format!("{i} (transaction): {e}"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+    let stats = registry.stats();
+    println!("{:?}", stats.engine("writer").unwrap());
+}
+
 /// A cluster of this test's own (it stops the server or edits pg_hba.conf),
 /// or `None` with an external `DATABASE_URL`.
 async fn own_cluster() -> Option<TestCluster> {

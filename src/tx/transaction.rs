@@ -182,6 +182,13 @@ impl TxCore {
     /// Checks that the transaction can run something, first rolling back a
     /// savepoint that was dropped unfinished.
     async fn ready(&self) -> Result<()> {
+        if self.conn.was_cancelled() {
+            // The request may land on any later statement of this
+            // transaction: run none (see `ConnParts::cancel_if_dropped`).
+            return Err(
+                self.aborted("a statement was dropped while the server ran it and was cancelled")
+            );
+        }
         match self.conn.state.apply(Event::Statement) {
             Ok(_) | Err(Refusal::Aborted) => {}
             Err(refusal) => return Err(self.refused(refusal)),
@@ -215,6 +222,9 @@ impl TxCore {
         self.env.pool.counters().inc(|c| &c.statements);
         let started = self.observer.as_ref().map(|_| Instant::now());
         let cut_off = DropGuard::new(|| self.book().statement_cut = true);
+        // The transaction holds its connection alone: a statement dropped
+        // while the server runs it is cancelled (see `cancel_if_dropped`).
+        let cancel = self.conn.cancel_if_dropped();
         #[cfg(feature = "tracing")]
         let out = crate::telemetry::statement(
             self.env.pool.telemetry(),
@@ -228,6 +238,7 @@ impl TxCore {
             .in_transaction(self.conn.run::<O>(sql, params, false))
             .await;
         cut_off.disarm();
+        cancel.disarm();
         if let (Some(observer), Some(started)) = (&self.observer, started) {
             observer.statement_ran(self.conn.backend_pid, started.elapsed());
         }
@@ -265,6 +276,9 @@ impl TxCore {
         self.ready().await?;
         self.env.pool.counters().inc(|c| &c.statements);
         let cut_off = DropGuard::new(|| self.book().statement_cut = true);
+        // The transaction holds its connection alone: a statement dropped
+        // while the server runs it is cancelled (see `cancel_if_dropped`).
+        let cancel = self.conn.cancel_if_dropped();
         let client = &self.conn.client;
         let both = async {
             let (batch, probe) = futures::future::join(
@@ -276,6 +290,7 @@ impl TxCore {
         };
         let r = self.in_transaction(both).await;
         cut_off.disarm();
+        cancel.disarm();
         match r? {
             Ok(messages) if sql::probe_says_in_block(&messages) == Some(false) => {
                 self.lost();
