@@ -33,12 +33,21 @@ pub enum Error {
         waited: Duration,
     },
     /// The server could not be reached or refused the connection.
+    ///
+    /// A refusal that trying again cannot cure (wrong password or user
+    /// `28P01` / `28000`, unknown database `3D000`, no `CONNECT` privilege
+    /// `42501`, TLS refused or not trusted, unknown host) is returned as soon
+    /// as the server or the resolver answers; a transient one (connection
+    /// refused, server starting up `57P03`, too many connections `53300`)
+    /// is retried until the engine's `connection_timeout`.
     #[error("engine `{engine}`: cannot connect: {message}")]
     Connect {
         /// The engine that could not connect.
         engine: String,
         /// The last connection error reported by the driver.
         message: String,
+        /// The server's SQLSTATE, when the server answered (see [`Error::code`]).
+        code: Option<SqlState>,
     },
     /// The server answered with an error (it carries a SQLSTATE, see [`Error::code`]).
     #[error("engine `{engine}`: {}", describe(.source))]
@@ -298,6 +307,7 @@ impl Error {
     pub fn code(&self) -> Option<&SqlState> {
         match self {
             Error::Db { source, .. } | Error::ReadOnly { source, .. } => source.code(),
+            Error::Connect { code, .. } => code.as_ref(),
             _ => None,
         }
     }
@@ -380,6 +390,85 @@ pub(crate) fn ends_session(e: &tokio_postgres::Error) -> bool {
             Some(Severity::Fatal | Severity::Panic)
         )
     })
+}
+
+/// A failed connection attempt, as the pool remembers it.
+#[derive(Clone, Debug)]
+pub(crate) struct ConnectFailure {
+    /// The driver's error in words (see [`describe`]).
+    pub(crate) message: String,
+    /// The server's SQLSTATE, if the server answered.
+    pub(crate) code: Option<SqlState>,
+    /// Trying again cannot succeed (see [`is_permanent_connect_error`]).
+    pub(crate) permanent: bool,
+}
+
+impl ConnectFailure {
+    pub(crate) fn new(e: &tokio_postgres::Error) -> ConnectFailure {
+        ConnectFailure {
+            message: describe(e),
+            code: e.code().cloned(),
+            permanent: is_permanent_connect_error(e),
+        }
+    }
+
+    /// The failure as the error of a checkout on `engine`.
+    pub(crate) fn to_error(&self, engine: &str) -> Error {
+        Error::Connect {
+            engine: engine.to_owned(),
+            message: self.message.clone(),
+            code: self.code.clone(),
+        }
+    }
+}
+
+/// Whether a connection attempt failed for a reason that trying again
+/// cannot cure, so that a checkout returns it at once instead of waiting out
+/// `connection_timeout` while the pool retries.
+///
+/// Permanent: the server refused who we are or where we want to go
+/// (SQLSTATE class 28 — wrong password, unknown role, pg_hba rejection —,
+/// `3D000` unknown database, `42501` no `CONNECT` privilege), the TLS
+/// handshake failed (the server does not offer TLS, or its certificate is
+/// not trusted), the host name does not exist, or the settings are
+/// invalid. Transient, and retried: anything else, in particular a refused
+/// or reset connection (server down or restarting), `57P03` (starting up
+/// or shutting down), `53300` (too many connections), a connect timeout,
+/// and a DNS lookup that could not be completed ("temporary failure").
+pub(crate) fn is_permanent_connect_error(e: &tokio_postgres::Error) -> bool {
+    use std::error::Error as _;
+    if let Some(db) = e.as_db_error() {
+        let code = db.code();
+        return code.code().starts_with("28")
+            || *code == SqlState::INVALID_CATALOG_NAME
+            || *code == SqlState::INSUFFICIENT_PRIVILEGE;
+    }
+    // The driver's error kinds are not public: these are the Display texts
+    // of its TLS, configuration and authentication kinds.
+    let text = e.to_string();
+    if text.starts_with("error performing TLS handshake") {
+        // A handshake cut off by the network is not a refusal.
+        return !e
+            .source()
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::UnexpectedEof
+                        | std::io::ErrorKind::TimedOut
+                )
+            });
+    }
+    if text.starts_with("invalid configuration") || text.starts_with("authentication error") {
+        return true;
+    }
+    // An unknown host: getaddrinfo's EAI_NONAME ("Name or service not
+    // known") or EAI_NODATA, but not EAI_AGAIN ("Temporary failure in name
+    // resolution"), which a DNS server that is down or slow also gives.
+    let lookup = describe(e);
+    lookup.contains("failed to lookup address information") && !lookup.contains("Temporary failure")
 }
 
 /// Result with pgassist's [`Error`].

@@ -112,7 +112,7 @@ pub use config::tls::SslMode;
 pub use config::{DEFAULT_STATEMENT_CACHE, EngineConfig};
 pub use error::{Error, Result};
 pub use front::engine::{Engine, EngineStats};
-pub use front::registry::{Registry, RegistryBuilder, RegistryStats};
+pub use front::registry::{EngineHealth, Health, Registry, RegistryBuilder, RegistryStats};
 pub use front::session::Session;
 pub use front::sessions::{
     EngineReport, EngineState, InfoMut, OpenTransaction, Sessions, SessionsReport,

@@ -593,6 +593,7 @@ async fn bad_input_gives_typed_errors_and_no_password() {
     let cfg = EngineConfig::from_url("postgres://ann:s3cr3t-pw@127.0.0.1:1/x").unwrap();
     let reg = Registry::builder()
         .engine("w", cfg.connection_timeout(Duration::from_millis(300)))
+        .lazy()
         .build()
         .await
         .unwrap();

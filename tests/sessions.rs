@@ -13,7 +13,8 @@ struct RequestId(u64);
 #[tokio::test]
 async fn sessions_are_lazy_memoised_and_share_the_info_stash() {
     let db = Db::new().await;
-    let registry = db.three_engines().await;
+    // Lazy: a checked build would open one connection per engine.
+    let registry = db.three_engines_builder().lazy().build().await.unwrap();
     let mut sessions = registry.sessions();
     sessions.info_mut().insert(RequestId(42));
     let writer = sessions.writer().unwrap();

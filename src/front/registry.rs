@@ -47,34 +47,10 @@ impl Registry {
     }
 
     /// Builds a whole registry from the environment: one engine per
-    /// `PGASSIST_<NAME>_URL` (named `<name>` in lower case, configured by
-    /// [`EngineConfig::from_env`]); the default engine is
-    /// `PGASSIST_DEFAULT_ENGINE`, else `writer` if configured, else the first
-    /// name in alphabetical order.
+    /// `PGASSIST_<NAME>_URL` (see [`RegistryBuilder::from_env`]), each
+    /// checked once as [`RegistryBuilder::build`] does.
     pub async fn from_env() -> Result<Registry> {
-        let mut names: Vec<String> = std::env::vars()
-            .filter_map(|(k, _)| {
-                let name = k.strip_prefix("PGASSIST_")?.strip_suffix("_URL")?;
-                (!name.is_empty()).then(|| name.to_ascii_lowercase())
-            })
-            .collect();
-        names.sort();
-        names.dedup();
-        if names.is_empty() {
-            return Err(Error::Config(
-                "no PGASSIST_<ENGINE>_URL variable is set".into(),
-            ));
-        }
-        let mut builder = Registry::builder();
-        for name in &names {
-            builder = builder.engine(name.clone(), EngineConfig::from_env(name)?);
-        }
-        let default = match std::env::var("PGASSIST_DEFAULT_ENGINE") {
-            Ok(d) => d.to_ascii_lowercase(),
-            Err(_) if names.iter().any(|n| n == "writer") => "writer".into(),
-            Err(_) => names[0].clone(),
-        };
-        builder.default_engine(default).build().await
+        RegistryBuilder::from_env()?.build().await
     }
 
     /// The engine called `name`, or [`Error::UnknownEngine`].
@@ -199,6 +175,25 @@ impl Registry {
         Ok(())
     }
 
+    /// Whether each engine can be reached now, and how long one round trip
+    /// takes, for readiness probes: one checkout and one empty statement per
+    /// engine, all engines at once. An engine that cannot be reached is
+    /// reported with its error (after at most its `connection_timeout`
+    /// when the server does not answer; at once when it refuses us, see
+    /// [`Error::Connect`]). A replica's read-only pool on its primary is not
+    /// probed: the primary's own entry covers that server.
+    ///
+    /// With the `serde` feature the report serialises (for a `/ready`
+    /// endpoint); round trips are in milliseconds there.
+    pub async fn health(&self) -> Health {
+        let probes = self.inner.engines.iter().map(|engine| async move {
+            let result = engine.pool().ping().await;
+            EngineHealth::new(engine.name(), result)
+        });
+        let engines = futures::future::join_all(probes).await;
+        Health { engines }
+    }
+
     /// Closes every engine: later checkouts fail with [`Error::Closed`];
     /// connections in use close when returned.
     pub async fn close(&self) {
@@ -229,6 +224,81 @@ impl RegistryStats {
     }
 }
 
+/// Reachability of every engine, from [`Registry::health`].
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct Health {
+    /// One entry per engine, in registry order.
+    pub engines: Vec<EngineHealth>,
+}
+
+impl Health {
+    /// True when every engine answered.
+    pub fn all_reachable(&self) -> bool {
+        self.engines.iter().all(|e| e.reachable)
+    }
+
+    /// The entry of engine `name`.
+    pub fn engine(&self, name: &str) -> Option<&EngineHealth> {
+        self.engines.iter().find(|e| e.name == name)
+    }
+}
+
+/// One engine's entry in [`Health`].
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct EngineHealth {
+    /// Engine name.
+    pub name: String,
+    /// A connection was obtained and answered.
+    pub reachable: bool,
+    /// How long the empty statement took on the server's connection (not
+    /// counting the checkout); `None` when unreachable.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "round_trip_ms", serialize_with = "millis")
+    )]
+    pub round_trip: Option<std::time::Duration>,
+    /// Why the engine is unreachable (the error's message; never a password).
+    pub error: Option<String>,
+    /// The server's SQLSTATE when it refused the connection (`28P01`, …).
+    pub code: Option<String>,
+}
+
+impl EngineHealth {
+    fn new(name: &str, result: Result<std::time::Duration>) -> EngineHealth {
+        match result {
+            Ok(rtt) => EngineHealth {
+                name: name.to_owned(),
+                reachable: true,
+                round_trip: Some(rtt),
+                error: None,
+                code: None,
+            },
+            Err(e) => EngineHealth {
+                name: name.to_owned(),
+                reachable: false,
+                round_trip: None,
+                code: e.code().map(|c| c.code().to_owned()),
+                error: Some(e.to_string()),
+            },
+        }
+    }
+}
+
+#[cfg(feature = "serde")]
+fn millis<S: serde::Serializer>(
+    d: &Option<std::time::Duration>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_some(&(d.as_secs_f64() * 1000.0)),
+        None => s.serialize_none(),
+    }
+}
+
 /// Describes a [`Registry`]; see [`Registry::builder`].
 #[derive(Default)]
 pub struct RegistryBuilder {
@@ -237,6 +307,8 @@ pub struct RegistryBuilder {
     hooks: Hooks,
     tables: Vec<(String, String)>,
     two_phase_prefix: Option<String>,
+    /// Skip the start-up check (see [`RegistryBuilder::lazy`]).
+    lazy: bool,
 }
 
 impl fmt::Debug for RegistryBuilder {
@@ -250,6 +322,38 @@ impl fmt::Debug for RegistryBuilder {
 }
 
 impl RegistryBuilder {
+    /// Builds a whole registry from the environment: one engine per
+    /// `PGASSIST_<NAME>_URL` (named `<name>` in lower case, configured by
+    /// [`EngineConfig::from_env`]); the default engine is
+    /// `PGASSIST_DEFAULT_ENGINE`, else `writer` if configured, else the first
+    /// name in alphabetical order.
+    /// Call `.lazy()` on it to start without connecting.
+    pub fn from_env() -> Result<RegistryBuilder> {
+        let mut names: Vec<String> = std::env::vars()
+            .filter_map(|(k, _)| {
+                let name = k.strip_prefix("PGASSIST_")?.strip_suffix("_URL")?;
+                (!name.is_empty()).then(|| name.to_ascii_lowercase())
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        if names.is_empty() {
+            return Err(Error::Config(
+                "no PGASSIST_<ENGINE>_URL variable is set".into(),
+            ));
+        }
+        let mut builder = Registry::builder();
+        for name in &names {
+            builder = builder.engine(name.clone(), EngineConfig::from_env(name)?);
+        }
+        let default = match std::env::var("PGASSIST_DEFAULT_ENGINE") {
+            Ok(d) => d.to_ascii_lowercase(),
+            Err(_) if names.iter().any(|n| n == "writer") => "writer".into(),
+            Err(_) => names[0].clone(),
+        };
+        Ok(builder.default_engine(default))
+    }
+
     /// Adds an engine under any name.
     pub fn engine(mut self, name: impl Into<String>, config: EngineConfig) -> Self {
         self.engines.push((name.into(), config));
@@ -290,10 +394,42 @@ impl RegistryBuilder {
         self
     }
 
-    /// Validates the description and creates the pools. Connections are
-    /// opened on first use (or `min_idle` of them in the background), so an
-    /// unreachable server shows up as [`Error::Connect`] on the first statement.
+    /// Lazy start: [`RegistryBuilder::build`] only validates the
+    /// description and creates the pools, without connecting. Connections
+    /// are then opened on first use (or `min_idle` of them in the
+    /// background), so an unreachable server or a wrong password shows up
+    /// as [`Error::Connect`] on the first statement — for an application
+    /// that must start while its database is still down (sqlx's
+    /// `connect_lazy`). Use [`Registry::health`] for a readiness probe.
+    pub fn lazy(mut self) -> Self {
+        self.lazy = true;
+        self
+    }
+
+    /// Validates the description, creates the pools and checks that every
+    /// engine can be reached: one connection per engine (all at once),
+    /// which then stays in its pool for the first statement. A server that
+    /// refuses us (wrong password, unknown database, TLS refused, unknown
+    /// host) fails the build at once with [`Error::Connect`] and its
+    /// SQLSTATE; one that is down or starting up is waited for, up to the
+    /// engine's `connection_timeout`. A replica's read-only pool on its
+    /// primary is not checked (its primary's check covers the server).
+    /// [`RegistryBuilder::lazy`] skips the check.
     pub async fn build(self) -> Result<Registry> {
+        let lazy = self.lazy;
+        let registry = self.build_lazily()?;
+        if !lazy {
+            let checks = registry
+                .engines()
+                .map(|engine| async move { engine.pool().ping().await.map(drop) });
+            for checked in futures::future::join_all(checks).await {
+                checked?;
+            }
+        }
+        Ok(registry)
+    }
+
+    fn build_lazily(self) -> Result<Registry> {
         if self.engines.is_empty() {
             return Err(Error::Config("a registry needs at least one engine".into()));
         }

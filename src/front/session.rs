@@ -224,11 +224,13 @@ impl Session {
         let conn = self.engine.checkout().await?;
         self.engine.pool().counters().inc(|c| &c.statements);
         let client = &conn.client;
+        let cancel = conn.cancel_if_dropped();
         let (batch, probe) = futures::future::join(
             client.batch_execute(sql),
             client.simple_query(sql::STATUS_PROBE),
         )
         .await;
+        cancel.disarm();
         let in_block = match &probe {
             Ok(messages) => sql::probe_says_in_block(messages) != Some(false),
             Err(e) => {

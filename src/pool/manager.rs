@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use bb8_postgres::PostgresConnectionManager;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::types::Type;
-use tokio_postgres::{Client, NoTls, Row, Statement};
+use tokio_postgres::{CancelToken, Client, NoTls, Row, Statement};
 
 use super::cache::Lru;
 use super::state::{Event, StateCell};
@@ -49,7 +49,18 @@ pub(crate) struct ConnParts {
     types: Option<Mutex<Lru<Arc<[Type]>>>>,
     /// Statements prepared again after a schema change (0A000).
     pub(crate) replans: AtomicU64,
+    /// Cancels the statement the server runs for this connection.
+    canceller: Canceller,
 }
+
+/// Sends cancel requests for one connection (see [`ConnParts::cancel_if_dropped`]).
+struct Canceller {
+    token: CancelToken,
+    connector: Connector,
+}
+
+/// The longest a cancel request may take (connecting to the server included).
+const CANCEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl std::ops::Deref for PgConn {
     type Target = ConnParts;
@@ -264,6 +275,48 @@ impl ConnParts {
         }
     }
 
+    /// Arms a cancel for the statement awaited while the guard lives: if
+    /// the guard is dropped armed (the statement's future was dropped while
+    /// the server may still run it), a cancel request is sent on a spawned
+    /// task, so that the statement stops and whatever is queued behind it
+    /// (a transaction's ROLLBACK, the server-side locks it holds) does not
+    /// wait for it. Disarm it once the answer has come.
+    ///
+    /// Why the cancel can never hit another user's statement: a cancel
+    /// request travels on a connection of its own and stops whatever the
+    /// backend runs when it arrives, which may be later than the statement
+    /// we meant — the driver reports it sent before the server has even
+    /// read it, and a backend busy reading the next command defers it to
+    /// that command. Nothing on the client side can tell when it has
+    /// landed, so a connection that was sent a cancel is never reused: it is
+    /// discarded when it comes back to the pool (the state machine's `Broken`),
+    /// and the server ends the backend (rolling back what it had open).
+    /// Until then it serves only its current holder: a later statement of
+    /// the same transaction may fail with 57014. Callers arm it only on
+    /// connections they hold alone (never on an autocommit connection
+    /// shared by pipelining). A dropped statement is rare (a client gone
+    /// away, a timeout): one reconnect is its price.
+    pub(crate) fn cancel_if_dropped(&self) -> crate::guard::DropGuard<impl FnOnce() + '_> {
+        crate::guard::DropGuard::new(move || self.send_cancel())
+    }
+
+    fn send_cancel(&self) {
+        // Broken: a cancel is on its way already, or the connection is
+        // unusable anyway. Otherwise it becomes so now (see above).
+        if self.state.get() == super::state::ConnState::Broken {
+            return;
+        }
+        self.state.mark_broken();
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return; // no runtime to send it from; the connection is discarded
+        };
+        let token = self.canceller.token.clone();
+        let connector = self.canceller.connector.clone();
+        rt.spawn(async move {
+            let _ = tokio::time::timeout(CANCEL_TIMEOUT, connector.cancel(&token)).await;
+        });
+    }
+
     fn forget(&self, sql: &str) {
         self.cache.lock().expect("statement cache").remove(sql);
     }
@@ -315,7 +368,11 @@ const UNNAMED_TYPE_CACHE: usize = 256;
 pub(crate) enum Connector {
     Plain(PostgresConnectionManager<NoTls>),
     #[cfg(feature = "rustls")]
-    Rustls(PostgresConnectionManager<tokio_postgres_rustls::MakeRustlsConnect>),
+    Rustls(
+        PostgresConnectionManager<tokio_postgres_rustls::MakeRustlsConnect>,
+        /// The same TLS setup, for cancel requests.
+        tokio_postgres_rustls::MakeRustlsConnect,
+    ),
 }
 
 impl std::fmt::Debug for Connector {
@@ -324,7 +381,7 @@ impl std::fmt::Debug for Connector {
         match self {
             Connector::Plain(m) => m.fmt(f),
             #[cfg(feature = "rustls")]
-            Connector::Rustls(m) => m.fmt(f),
+            Connector::Rustls(m, _) => m.fmt(f),
         }
     }
 }
@@ -355,7 +412,10 @@ impl Connector {
         #[cfg(feature = "rustls")]
         if config.tls.mode != crate::config::tls::SslMode::Disable {
             let tls = crate::config::tls::connector(engine, &config.tls)?;
-            return Ok(Connector::Rustls(PostgresConnectionManager::new(pg, tls)));
+            return Ok(Connector::Rustls(
+                PostgresConnectionManager::new(pg, tls.clone()),
+                tls,
+            ));
         }
         let _ = engine;
         Ok(Connector::Plain(PostgresConnectionManager::new(pg, NoTls)))
@@ -366,7 +426,17 @@ impl Connector {
         match self {
             Connector::Plain(m) => m.connect().await,
             #[cfg(feature = "rustls")]
-            Connector::Rustls(m) => m.connect().await,
+            Connector::Rustls(m, _) => m.connect().await,
+        }
+    }
+
+    /// Sends a cancel request for whatever `token`'s backend runs now, with
+    /// the engine's TLS settings.
+    async fn cancel(&self, token: &CancelToken) -> Result<(), tokio_postgres::Error> {
+        match self {
+            Connector::Plain(_) => token.cancel_query(NoTls).await,
+            #[cfg(feature = "rustls")]
+            Connector::Rustls(_, tls) => token.cancel_query(tls.clone()).await,
         }
     }
 }
@@ -406,7 +476,12 @@ impl bb8::ManageConnection for Manager {
     async fn connect(&self) -> Result<PgConn, tokio_postgres::Error> {
         let client = self.inner.connect().await?;
         let backend_pid = backend_pid(&client).await?;
+        let canceller = Canceller {
+            token: client.cancel_token(),
+            connector: self.inner.clone(),
+        };
         Ok(PgConn(Arc::new(ConnParts {
+            canceller,
             client,
             backend_pid,
             state: Arc::new(StateCell::default()),

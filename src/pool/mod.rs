@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use bb8::{Pool as Bb8Pool, RunError};
 
 use crate::config::EngineConfig;
-use crate::error::{Error, Result, describe};
+use crate::error::{ConnectFailure, Error, Result};
 use manager::{Connector, Manager};
 pub(crate) use ready::{Conn, Lease};
 use ready::{PoolSlot, SharedTake};
@@ -27,13 +27,35 @@ use stats::{Counters, Occupancy};
 
 /// Remembers the last connection error, so that a checkout that timed out
 /// while the server was unreachable reports [`Error::Connect`] with the
-/// reason instead of a bare pool timeout.
+/// reason instead of a bare pool timeout; and wakes the checkouts waiting
+/// for a connection when the error is permanent (see
+/// [`crate::error::is_permanent_connect_error`]), so that a wrong password
+/// is reported as soon as the server answers instead of after
+/// `connection_timeout` of retries.
 #[derive(Debug, Clone, Default)]
-struct LastConnectError(Arc<Mutex<Option<(Instant, String)>>>);
+struct LastConnectError(Arc<ConnectErrors>);
+
+#[derive(Debug, Default)]
+struct ConnectErrors {
+    last: Mutex<Option<(Instant, ConnectFailure)>>,
+    /// Notified (all waiters) on each permanent failure.
+    permanent: tokio::sync::Notify,
+}
+
+impl LastConnectError {
+    fn last(&self) -> Option<(Instant, ConnectFailure)> {
+        self.0.last.lock().expect("connect error").clone()
+    }
+}
 
 impl bb8::ErrorSink<tokio_postgres::Error> for LastConnectError {
     fn sink(&self, e: tokio_postgres::Error) {
-        *self.0.lock().expect("connect error") = Some((Instant::now(), describe(&e)));
+        let failure = ConnectFailure::new(&e);
+        let permanent = failure.permanent;
+        *self.0.last.lock().expect("connect error") = Some((Instant::now(), failure));
+        if permanent {
+            self.0.permanent.notify_waiters();
+        }
     }
     fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<tokio_postgres::Error>> {
         Box::new(self.clone())
@@ -125,10 +147,10 @@ impl Pool {
             Err(waiting) => {
                 // bb8 usually hands out a connection within its first wait
                 // (no clock read, no loop).
-                let pooled = match slot.pool.get_owned().await {
+                let pooled = match self.wait_in_bb8(&slot).await {
                     Ok(pooled) => pooled,
                     // bb8 gave up after its wait of min(connection_timeout, slice).
-                    Err(RunError::TimedOut) => {
+                    Err(None) => {
                         let waited = self.inner.config.connection_timeout.min(CONNECT_SLICE);
                         let started = Instant::now()
                             .checked_sub(waited)
@@ -136,7 +158,7 @@ impl Pool {
                         drop(waiting);
                         return Box::pin(self.checkout_within(slot.clone(), started)).await;
                     }
-                    Err(e) => return Err(self.checkout_error(e, Instant::now())),
+                    Err(Some(e)) => return Err(e),
                 };
                 drop(waiting);
                 slot.wrap(pooled)
@@ -253,17 +275,47 @@ impl Pool {
             }
             // bb8 bounds each wait by min(limit, slice) itself.
             let got = if remaining > CONNECT_SLICE {
-                slot.pool.get_owned().await
+                self.wait_in_bb8(slot).await
             } else {
-                tokio::time::timeout(remaining, slot.pool.get_owned())
+                tokio::time::timeout(remaining, self.wait_in_bb8(slot))
                     .await
-                    .unwrap_or(Err(RunError::TimedOut))
+                    .unwrap_or(Err(None))
             };
             drop(waiting);
             match got {
                 Ok(pooled) => return Ok(slot.wrap(pooled)),
-                Err(RunError::TimedOut) => continue,
-                Err(e) => return Err(self.checkout_error(e, started)),
+                Err(None) => continue,
+                Err(Some(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// One wait in bb8 (bounded by bb8 to [`CONNECT_SLICE`]): the
+    /// connection, `Err(None)` when the wait ended empty, or the error of a
+    /// permanent connect failure reported while waiting. Only failures
+    /// reported after the wait began count: a checkout made after the
+    /// password was fixed is not failed by an old error.
+    async fn wait_in_bb8(
+        &self,
+        slot: &PoolSlot,
+    ) -> Result<bb8::PooledConnection<'static, Manager>, Option<Error>> {
+        let failed = self.inner.last_error.0.permanent.notified();
+        let mut failed = std::pin::pin!(failed);
+        failed.as_mut().enable();
+        tokio::select! {
+            biased;
+            got = slot.pool.get_owned() => match got {
+                Ok(pooled) => Ok(pooled),
+                Err(RunError::TimedOut) => Err(None),
+                Err(e) => Err(Some(self.checkout_error(e, Instant::now()))),
+            },
+            () = failed => {
+                let failure = self.inner.last_error.last().map(|(_, f)| f);
+                self.inner.counters.inc(|c| &c.connect_errors);
+                Err(Some(match failure {
+                    Some(f) => f.to_error(self.name()),
+                    None => self.checkout_error(RunError::TimedOut, Instant::now()),
+                }))
             }
         }
     }
@@ -273,25 +325,15 @@ impl Pool {
         match e {
             RunError::User(e) => {
                 self.inner.counters.inc(|c| &c.connect_errors);
-                Error::Connect {
-                    engine,
-                    message: describe(&e),
-                }
+                ConnectFailure::new(&e).to_error(&engine)
             }
             RunError::TimedOut => {
                 self.inner.counters.inc(|c| &c.checkout_timeouts);
                 let waited = started.elapsed();
-                let recent = self
-                    .inner
-                    .last_error
-                    .0
-                    .lock()
-                    .expect("connect error")
-                    .clone();
-                match recent {
-                    Some((at, message)) if at.elapsed() <= waited + Duration::from_millis(100) => {
+                match self.inner.last_error.last() {
+                    Some((at, failure)) if at.elapsed() <= waited + Duration::from_millis(100) => {
                         self.inner.counters.inc(|c| &c.connect_errors);
-                        Error::Connect { engine, message }
+                        failure.to_error(&engine)
                     }
                     _ => Error::PoolTimeout { engine, waited },
                 }
@@ -304,6 +346,23 @@ impl Pool {
             engine: self.name().to_owned(),
             reason: "the engine is closed (Registry::close)".into(),
         }
+    }
+
+    /// Checks out a connection (opening one if none is parked or idle) and
+    /// times one empty round trip on it; the connection then goes back to
+    /// the pool. Used by [`crate::Registry::health`] and by the registry's
+    /// start-up check.
+    pub(crate) async fn ping(&self) -> Result<Duration> {
+        let conn = self.checkout().await?;
+        let sent = Instant::now();
+        // An empty query: the server answers EmptyQueryResponse, nothing runs
+        // and no state changes, so a ping dropped midway leaves the
+        // connection clean (the driver discards the late answer).
+        conn.client
+            .simple_query("")
+            .await
+            .map_err(|e| Error::from_pg(self.name(), e))?;
+        Ok(sent.elapsed())
     }
 
     /// Replaces the pool with a new one; the old pool's connections close as

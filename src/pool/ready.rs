@@ -344,7 +344,8 @@ impl Conn {
     }
 }
 
-/// A clean connection: open, in autocommit, nothing cut off.
+/// A clean connection: open, in autocommit, nothing cut off, never sent a
+/// cancel request.
 fn is_clean(pooled: &Pooled) -> bool {
     !pooled.client.is_closed() && pooled.state.is_idle()
 }
@@ -398,5 +399,26 @@ impl std::ops::Deref for Lease {
             Lease::Own(conn) => conn,
             Lease::Shared(shared) => shared,
         }
+    }
+}
+
+impl Lease {
+    /// [`ConnParts::run`], with a cancel request sent should the future be
+    /// dropped while the server runs the statement — only on a connection
+    /// of its own: on a shared one the request could stop another
+    /// session's statement (see [`ConnParts::cancel_if_dropped`]).
+    pub(crate) async fn run<O: super::manager::Op>(
+        &self,
+        sql: &str,
+        params: super::manager::Params<'_>,
+        may_replan: bool,
+    ) -> Result<O::Out, tokio_postgres::Error> {
+        let Lease::Own(conn) = self else {
+            return (**self).run::<O>(sql, params, may_replan).await;
+        };
+        let cancel = conn.cancel_if_dropped();
+        let out = conn.run::<O>(sql, params, may_replan).await;
+        cancel.disarm();
+        out
     }
 }

@@ -105,10 +105,13 @@ impl TxCore {
     fn refused(&self, refusal: Refusal) -> Error {
         match refusal {
             Refusal::Aborted | Refusal::InDoubt => self.aborted(refusal.reason()),
-            Refusal::Broken => Error::Closed {
-                engine: self.name().to_owned(),
-                reason: "the transaction's connection is broken".into(),
-            },
+            // The protocol went out of step, or a dropped statement was
+            // cancelled (the request may land on any later statement): the
+            // transaction cannot go on, and the pool discards the connection.
+            Refusal::Broken => self.aborted(
+                "the connection is broken (the protocol went out of step, or a statement \
+                 dropped while the server ran it was cancelled)",
+            ),
             Refusal::Ended | Refusal::Ending | Refusal::NotIdle => Error::Usage(format!(
                 "engine `{}`: {}; nothing was sent",
                 self.name(),
@@ -219,6 +222,9 @@ impl TxCore {
         self.env.pool.counters().inc(|c| &c.statements);
         let started = self.observer.as_ref().map(|_| Instant::now());
         let cut_off = DropGuard::new(|| self.book().statement_cut = true);
+        // The transaction holds its connection alone: a statement dropped
+        // while the server runs it is cancelled (see `cancel_if_dropped`).
+        let cancel = self.conn.cancel_if_dropped();
         #[cfg(feature = "tracing")]
         let out = crate::telemetry::statement(
             self.env.pool.telemetry(),
@@ -232,6 +238,7 @@ impl TxCore {
             .in_transaction(self.conn.run::<O>(sql, params, false))
             .await;
         cut_off.disarm();
+        cancel.disarm();
         if let (Some(observer), Some(started)) = (&self.observer, started) {
             observer.statement_ran(self.conn.backend_pid, started.elapsed());
         }
@@ -269,6 +276,9 @@ impl TxCore {
         self.ready().await?;
         self.env.pool.counters().inc(|c| &c.statements);
         let cut_off = DropGuard::new(|| self.book().statement_cut = true);
+        // The transaction holds its connection alone: a statement dropped
+        // while the server runs it is cancelled (see `cancel_if_dropped`).
+        let cancel = self.conn.cancel_if_dropped();
         let client = &self.conn.client;
         let both = async {
             let (batch, probe) = futures::future::join(
@@ -280,6 +290,7 @@ impl TxCore {
         };
         let r = self.in_transaction(both).await;
         cut_off.disarm();
+        cancel.disarm();
         match r? {
             Ok(messages) if sql::probe_says_in_block(&messages) == Some(false) => {
                 self.lost();

@@ -50,14 +50,16 @@ impl Db {
 
     /// writer (default), read-only reader and logger, all on this database.
     pub async fn three_engines(&self) -> Registry {
+        self.three_engines_builder().build().await.unwrap()
+    }
+
+    /// What [`Db::three_engines`] builds, to tune first (say `.lazy()`).
+    pub fn three_engines_builder(&self) -> pgassist::RegistryBuilder {
         Registry::builder()
             .engine("writer", self.config())
             .engine("reader", self.config().read_only(true))
             .engine("logger", self.config())
             .default_engine("writer")
-            .build()
-            .await
-            .unwrap()
     }
 
     /// A plain tokio-postgres connection, outside pgassist.
