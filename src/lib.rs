@@ -115,7 +115,7 @@ pub use two_phase::{recovery, unit_of_work};
 pub use config::tls::SslMode;
 pub use config::{DEFAULT_STATEMENT_CACHE, EngineConfig};
 pub use error::{Error, Result};
-pub use front::engine::{Engine, EngineStats};
+pub use front::engine::{CheckoutWaits, Engine, EngineStats};
 pub use front::registry::{Registry, RegistryBuilder, RegistryStats};
 pub use front::session::Session;
 pub use front::sessions::{
