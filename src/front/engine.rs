@@ -189,9 +189,11 @@ impl Engine {
 /// above `max`). Checkouts that gave up are not in here; they are
 /// [`EngineStats::checkout_timeouts`].
 ///
-/// Waiters are served in arrival order (see the engine docs), so with N
-/// connections and M tasks in a closed loop `max` stays near M/N statement
-/// times.
+/// Once the pool is saturated, waiting checkouts are served in arrival
+/// order (a returned connection goes to the oldest), so with N connections
+/// and M tasks in a closed loop `max` stays near M/N statement times.
+/// (Pipelined autocommit statements waiting for a share are woken together
+/// and are not ordered among themselves.)
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CheckoutWaits {
