@@ -274,9 +274,13 @@ impl Pool {
                     .await
                     .unwrap_or(Err(RunError::TimedOut))
             };
+            // Counted out before it stops waiting: in between, the pool
+            // would look unsaturated and a queued checkout would be sent to
+            // bb8 for a connection that is not there (and wait its slice).
+            let got = got.map(|pooled| slot.wrap(pooled));
             drop(waiting);
             match got {
-                Ok(pooled) => return Ok(slot.wrap(pooled)),
+                Ok(conn) => return Ok(conn),
                 Err(RunError::TimedOut) => continue,
                 Err(e) => return Err(self.checkout_error(e, started)),
             }
