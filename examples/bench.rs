@@ -10,7 +10,13 @@
 //! otherwise starts a throwaway PostgreSQL; loads `pgbench -i -s 10`; runs
 //! W1–W4 in interleaved rounds (every round runs every contender of every
 //! cell once, the contender order rotating from round to round) and reports
-//! medians, ratios to pgassist, the goals of issue 4, and a PNG chart.
+//! medians, ratios to pgassist, latency percentiles (p50, p99, p99.9, max
+//! of one operation, checkout wait included), the goals of issues 4 and 13,
+//! and a PNG chart.
+//!
+//! W5 is overload: point selects from 256 tasks on a pool of 8, no think
+//! time, a 2 s checkout timeout for every pool; timeouts are counted (and
+//! their 2 s are in the percentiles), not fatal.
 //!
 //! Pool size rule: every pool gets as many connections as the cell has
 //! clients, capped at 64 (raw tokio-postgres and pgbench open one
@@ -51,6 +57,9 @@ const MAX_POOL: usize = 64;
 /// W4: requests in flight and the pool they share.
 const W4_CLIENTS: usize = 256;
 const W4_POOL: u32 = 8;
+/// W5 (overload): tasks and the pool they share.
+const W5_CLIENTS: usize = 256;
+const W5_POOL: u32 = 8;
 
 const USAGE: &str =
     "usage: bench [--quick] [--verbose] [--rounds N] [--secs S] [--warmup S] [--only W1,W2,..]
@@ -160,6 +169,11 @@ fn cells() -> Vec<Cell> {
             workload: Workload::IdleHeavy,
             clients: W4_CLIENTS,
             pool: W4_POOL,
+        },
+        Cell {
+            workload: Workload::Overload,
+            clients: W5_CLIENTS,
+            pool: W5_POOL,
         },
     ]
 }
@@ -340,11 +354,7 @@ async fn bench(args: Args) -> Res<()> {
                         &duration,
                     )
                     .await?;
-                    Sample {
-                        ops_per_sec: tps,
-                        bytes_per_op: f64::NAN,
-                        allocs_per_op: f64::NAN,
-                    }
+                    Sample::throughput(tps)
                 } else {
                     workers::run(
                         contender,
@@ -360,10 +370,13 @@ async fn bench(args: Args) -> Res<()> {
                 };
                 if args.verbose {
                     eprintln!(
-                        "  {:<8} {:<20} {:>10.0} ops/s  ({:.2} s with setup)",
+                        "  {:<8} {:<20} {:>10.0} ops/s  p99.9 {:.0} µs, {} timeouts  \
+                         ({:.2} s with setup)",
                         cell.label(),
                         contender.name(),
                         sample.ops_per_sec,
+                        sample.latency[2],
+                        sample.timeouts,
                         run_started.elapsed().as_secs_f64()
                     );
                 }
@@ -389,6 +402,9 @@ async fn bench(args: Args) -> Res<()> {
         "  {:<9} client cost (instructions per query): run scripts/bench-client-cost",
         "n/a"
     );
+    for line in report::tails(&results) {
+        println!("  {line}");
+    }
     for note in &notes {
         println!("note: {note}");
     }
@@ -465,7 +481,7 @@ fn callgrind_mode(n: u64, contender: &str, workload: Workload) -> Res<()> {
             client_cost(&rt, &mut w, n, scale, contender)
         }
         "bb8" => {
-            let pool = rt.block_on(workers::bb8_tuned_pool(&url, 1))?;
+            let pool = rt.block_on(workers::bb8_tuned_pool(&url, 1, None))?;
             let mut w = workers::Bb8TunedWorker {
                 pool,
                 workload,

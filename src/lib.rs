@@ -111,7 +111,7 @@ pub mod integrations;
 pub use config::tls::SslMode;
 pub use config::{DEFAULT_STATEMENT_CACHE, EngineConfig};
 pub use error::{Error, Result};
-pub use front::engine::{Engine, EngineStats};
+pub use front::engine::{CheckoutWaits, Engine, EngineStats};
 pub use front::registry::{EngineHealth, Health, Registry, RegistryBuilder, RegistryStats};
 pub use front::session::Session;
 pub use front::sessions::{

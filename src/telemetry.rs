@@ -41,6 +41,16 @@ mod enabled {
     /// A transaction's span.
     pub(crate) type TxSpan = tracing::Span;
 
+    /// A checkout that had to wait: how long (the distribution is in the
+    /// engine's stats).
+    pub(crate) fn checkout_waited(f: &Fields, waited: std::time::Duration) {
+        tracing::debug!(
+            pgassist.engine = %f.engine,
+            pgassist.wait_us = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX),
+            "pgassist.checkout_waited"
+        );
+    }
+
     /// The span of one transaction, ended when the transaction ends.
     pub(crate) fn transaction_span(f: &Fields, id: u64) -> tracing::Span {
         tracing::info_span!(
@@ -120,6 +130,8 @@ mod disabled {
     pub(crate) fn transaction_span(_: &Fields, _: u64) -> TxSpan {}
 
     pub(crate) fn record_outcome(_: &TxSpan, _: impl std::fmt::Debug) {}
+
+    pub(crate) fn checkout_waited(_: &Fields, _: std::time::Duration) {}
 }
 
 #[cfg(not(feature = "tracing"))]

@@ -85,7 +85,7 @@ impl Scripts {
             Workload::PointSelect => Some(&self.w1),
             Workload::WriteTx => Some(&self.w2),
             Workload::ReadTx => Some(&self.w3),
-            Workload::IdleHeavy => None,
+            Workload::IdleHeavy | Workload::Overload => None,
         }
     }
 }

@@ -46,6 +46,22 @@ impl Series {
     fn allocs(&self) -> f64 {
         median(self.samples.iter().map(|s| s.allocs_per_op))
     }
+    /// p50, p99 and p99.9: medians over the rounds; max: the largest of
+    /// any round. In µs.
+    pub fn latency(&self) -> [f64; 4] {
+        let at = |i: usize| median(self.samples.iter().map(|s| s.latency[i]));
+        let max = self
+            .samples
+            .iter()
+            .map(|s| s.latency[3])
+            .filter(|x| !x.is_nan())
+            .fold(f64::NAN, f64::max);
+        [at(0), at(1), at(2), max]
+    }
+    /// Pool timeouts over all rounds.
+    pub fn timeouts(&self) -> u64 {
+        self.samples.iter().map(|s| s.timeouts).sum()
+    }
 }
 
 #[derive(Debug)]
@@ -98,6 +114,21 @@ fn thousands(x: f64) -> String {
     out
 }
 
+/// µs as ms, three significant-ish digits.
+fn ms(micros: f64) -> String {
+    if micros.is_nan() {
+        return "-".into();
+    }
+    let ms = micros / 1000.0;
+    if ms < 1.0 {
+        format!("{ms:.3}")
+    } else if ms < 100.0 {
+        format!("{ms:.1}")
+    } else {
+        format!("{ms:.0}")
+    }
+}
+
 fn or_dash(x: f64, decimals: usize) -> String {
     if x.is_nan() {
         "-".into()
@@ -107,13 +138,27 @@ fn or_dash(x: f64, decimals: usize) -> String {
 }
 
 /// The table: one line per cell × contender; "×pgassist" is this
-/// contender's median over pgassist's in the same cell (pgassist = 1.00).
+/// contender's median over pgassist's in the same cell (pgassist = 1.00);
+/// latencies of one operation in ms (see [`Series::latency`]); timeouts
+/// over all rounds.
 pub fn table(results: &[CellResult]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<8} {:<20} {:>4} {:>13} {:>21} {:>10} {:>8} {:>9}",
-        "cell", "contender", "pool", "median ops/s", "min .. max", "×pgassist", "B/op", "allocs/op"
+        "{:<8} {:<20} {:>4} {:>13} {:>21} {:>10} {:>8} {:>9} {:>7} {:>7} {:>7} {:>7} {:>8}",
+        "cell",
+        "contender",
+        "pool",
+        "median ops/s",
+        "min .. max",
+        "×pgassist",
+        "B/op",
+        "allocs/op",
+        "p50 ms",
+        "p99",
+        "p99.9",
+        "max",
+        "timeouts"
     );
     for r in results {
         let _ = writeln!(
@@ -135,9 +180,10 @@ pub fn table(results: &[CellResult]) -> String {
             } else {
                 r.cell.pool.to_string()
             };
+            let [p50, p99, p999, max] = s.latency();
             let _ = writeln!(
                 out,
-                "{:<8} {:<20} {:>4} {:>13} {:>21} {:>10} {:>8} {:>9}",
+                "{:<8} {:<20} {:>4} {:>13} {:>21} {:>10} {:>8} {:>9} {:>7} {:>7} {:>7} {:>7} {:>8}",
                 r.cell.label(),
                 s.contender.name(),
                 pool,
@@ -146,6 +192,11 @@ pub fn table(results: &[CellResult]) -> String {
                 format!("{:.2}", s.median() / reference),
                 or_dash(s.bytes(), 0),
                 or_dash(s.allocs(), 1),
+                ms(p50),
+                ms(p99),
+                ms(p999),
+                ms(max),
+                s.timeouts(),
             );
         }
     }
@@ -227,7 +278,42 @@ pub fn goals(results: &[CellResult]) -> Vec<Goal> {
         25.0,
     ));
     out.push(goal(IdleHeavy, 256, PgassistPipelined, Bb8Tuned, 1.0));
+    // Issue 13: throughput level with the peers under overload.
+    out.push(goal(Overload, 256, Pgassist, Bb8Tuned, 0.95));
+    out.push(goal(Overload, 256, Pgassist, Deadpool, 0.95));
     out.retain(|g| g.ratio.is_some());
+    out
+}
+
+/// Issue 13, judged on W5 (overload): pgassist has no timeouts, and its
+/// p99.9 is no worse than bb8's and deadpool's.
+pub fn tails(results: &[CellResult]) -> Vec<String> {
+    let Some(r) = results
+        .iter()
+        .find(|r| r.cell.workload == Workload::Overload)
+    else {
+        return Vec::new();
+    };
+    let Some(us) = r.series_of(Contender::Pgassist) else {
+        return Vec::new();
+    };
+    let mut out = vec![format!(
+        "{:<9} W5: pgassist timeouts {}",
+        if us.timeouts() == 0 { "met" } else { "NOT MET" },
+        us.timeouts()
+    )];
+    for peer in [Contender::Bb8Tuned, Contender::Deadpool] {
+        if let Some(p) = r.series_of(peer) {
+            let (a, b) = (us.latency()[2], p.latency()[2]);
+            out.push(format!(
+                "{:<9} W5: p99.9 pgassist {} ms vs {} {} ms (goal: no worse)",
+                if a <= b { "met" } else { "NOT MET" },
+                ms(a),
+                p.contender.name(),
+                ms(b)
+            ));
+        }
+    }
     out
 }
 
@@ -251,7 +337,8 @@ pub fn json_lines(results: &[CellResult]) -> String {
                 out,
                 "{{\"workload\":\"{}\",\"title\":\"{}\",\"clients\":{},\"pool\":{},\"contender\":\"{}\",\
                  \"unit\":\"ops/s\",\"median\":{},\"ratio_to_pgassist\":{},\"rounds\":{},\
-                 \"bytes_per_op\":{},\"allocs_per_op\":{}}}",
+                 \"bytes_per_op\":{},\"allocs_per_op\":{},\"latency_us\":{{\"p50\":{},\"p99\":{},\"p999\":{},\"max\":{}}},\
+                 \"timeouts\":{}}}",
                 r.cell.workload.id(),
                 r.cell.workload.title(),
                 r.cell.clients,
@@ -262,6 +349,11 @@ pub fn json_lines(results: &[CellResult]) -> String {
                 list(s.samples.iter().map(|x| x.ops_per_sec)),
                 list(s.samples.iter().map(|x| x.bytes_per_op)),
                 list(s.samples.iter().map(|x| x.allocs_per_op)),
+                num(s.latency()[0]),
+                num(s.latency()[1]),
+                num(s.latency()[2]),
+                num(s.latency()[3]),
+                s.timeouts(),
             );
         }
     }

@@ -26,6 +26,8 @@ pub const SELECT_BRANCH: &str = "SELECT bbalance FROM pgbench_branches WHERE bid
 pub static FULL_JOIN: AtomicBool = AtomicBool::new(true);
 /// The application work of one W4 request, during which no query runs.
 pub const IDLE_WORK: Duration = Duration::from_millis(5);
+/// W5's checkout timeout.
+pub const OVERLOAD_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Workload {
@@ -37,6 +39,10 @@ pub enum Workload {
     ReadTx,
     /// W4: select, 5 ms of application work, select.
     IdleHeavy,
+    /// W5: W1 from far more tasks than connections, no think time, a 2 s
+    /// checkout timeout: overload, where a pool that serves waiters out of
+    /// order shows a long tail and timeouts.
+    Overload,
 }
 
 impl Workload {
@@ -46,6 +52,7 @@ impl Workload {
             Workload::WriteTx => "W2",
             Workload::ReadTx => "W3",
             Workload::IdleHeavy => "W4",
+            Workload::Overload => "W5",
         }
     }
 
@@ -55,6 +62,15 @@ impl Workload {
             Workload::WriteTx => "one-statement write transaction",
             Workload::ReadTx => "read transaction of three selects",
             Workload::IdleHeavy => "select / 5 ms work / select",
+            Workload::Overload => "overload: point selects, no think time, 2 s checkout timeout",
+        }
+    }
+
+    /// The checkout timeout every pool gets (each pool's default otherwise).
+    pub fn checkout_timeout(self) -> Option<Duration> {
+        match self {
+            Workload::Overload => Some(OVERLOAD_TIMEOUT),
+            _ => None,
         }
     }
 
@@ -83,6 +99,7 @@ impl Workload {
                 Bb8Tuned,
                 Bb8Held,
             ],
+            Workload::Overload => &[Pgassist, Bb8Tuned, Deadpool, Sqlx],
         }
     }
 }
@@ -195,29 +212,151 @@ pub struct Sample {
     /// Bytes allocated by the whole bench process per operation (NaN for pgbench).
     pub bytes_per_op: f64,
     pub allocs_per_op: f64,
+    /// Latency of one operation (checkout wait included), in µs, over the
+    /// operations started in the measured window: p50, p99, p99.9, max (NaN
+    /// for pgbench).
+    pub latency: [f64; 4],
+    /// Operations that gave up waiting for a connection (pool timeout),
+    /// counted as operations that took as long.
+    pub timeouts: u64,
+}
+
+impl Sample {
+    /// pgbench's: throughput only.
+    pub fn throughput(ops_per_sec: f64) -> Sample {
+        Sample {
+            ops_per_sec,
+            bytes_per_op: f64::NAN,
+            allocs_per_op: f64::NAN,
+            latency: [f64::NAN; 4],
+            timeouts: 0,
+        }
+    }
+}
+
+/// Latencies in log-linear buckets: exact below 16 µs, then 16 buckets per
+/// power of two (within 1/16). Fixed size, allocated before the clock
+/// starts, so recording allocates nothing.
+pub struct Hist(Vec<u64>);
+
+impl Hist {
+    const SUB: u32 = 16;
+
+    fn new() -> Hist {
+        Hist(vec![0; 64 * Self::SUB as usize])
+    }
+
+    fn index(micros: u64) -> usize {
+        if micros < Self::SUB as u64 {
+            return micros as usize;
+        }
+        let exp = 63 - micros.leading_zeros(); // >= 4
+        let sub = (micros >> (exp - 4)) & (Self::SUB as u64 - 1);
+        (Self::SUB * (exp - 3) + sub as u32) as usize
+    }
+
+    /// The largest value of bucket `i`.
+    fn upper(i: usize) -> u64 {
+        let i = i as u64;
+        let sub = Self::SUB as u64;
+        if i < sub {
+            return i;
+        }
+        let exp = i / sub + 3;
+        let s = i % sub;
+        ((sub + s + 1) << (exp - 4)) - 1
+    }
+
+    fn record(&mut self, d: Duration) {
+        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.0[Self::index(micros)] += 1;
+    }
+
+    fn merge(&mut self, other: &Hist) {
+        for (a, b) in self.0.iter_mut().zip(&other.0) {
+            *a += b;
+        }
+    }
+
+    /// p50, p99, p99.9 and max in µs (NaN when empty).
+    fn summary(&self) -> [f64; 4] {
+        let total: u64 = self.0.iter().sum();
+        if total == 0 {
+            return [f64::NAN; 4];
+        }
+        let at = |q: f64| {
+            let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
+            let mut seen = 0;
+            for (i, n) in self.0.iter().enumerate() {
+                seen += n;
+                if seen >= rank {
+                    return Self::upper(i) as f64;
+                }
+            }
+            f64::NAN
+        };
+        [at(0.5), at(0.99), at(0.999), at(1.0)]
+    }
+}
+
+/// A pool's "gave up waiting for a connection", from any contender.
+fn is_pool_timeout(e: &BoxError) -> bool {
+    if let Some(e) = e.downcast_ref::<pgassist::Error>() {
+        return matches!(e, pgassist::Error::PoolTimeout { .. });
+    }
+    if let Some(e) = e.downcast_ref::<bb8::RunError<tokio_postgres::Error>>() {
+        return matches!(e, bb8::RunError::TimedOut);
+    }
+    if let Some(e) = e.downcast_ref::<deadpool_postgres::PoolError>() {
+        return matches!(e, deadpool_postgres::PoolError::Timeout(_));
+    }
+    if let Some(e) = e.downcast_ref::<sqlx::Error>() {
+        return matches!(e, sqlx::Error::PoolTimedOut);
+    }
+    false
 }
 
 /// Runs every worker on its own task until the window closes and counts
-/// the operations completed inside the window (after the warm-up).
+/// the operations completed inside the window (after the warm-up), with
+/// the latency of those started in it. A pool timeout is counted, not fatal.
 pub async fn measure<W: Worker>(workers: Vec<W>, t: Timing, scale: i32) -> Res<Sample> {
     let stop = Arc::new(AtomicBool::new(false));
+    let measuring = Arc::new(AtomicBool::new(false));
     let ops = Arc::new(AtomicU64::new(0));
+    let timeouts = Arc::new(AtomicU64::new(0));
     let tasks: Vec<_> = workers
         .into_iter()
         .enumerate()
         .map(|(i, mut w)| {
             let (stop, ops) = (stop.clone(), ops.clone());
+            let (measuring, timeouts) = (measuring.clone(), timeouts.clone());
+            let mut hist = Hist::new();
             tokio::spawn(async move {
                 let mut rng = Rng::new(i as u64 + 1, scale);
                 while !stop.load(Ordering::Relaxed) {
-                    w.op(&mut rng).await?;
+                    let counted = measuring.load(Ordering::Relaxed);
+                    let started = Instant::now();
+                    let out = w.op(&mut rng).await;
+                    if counted {
+                        hist.record(started.elapsed());
+                    }
+                    match out {
+                        Ok(()) => {}
+                        Err(e) if is_pool_timeout(&e) => {
+                            if counted {
+                                timeouts.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Err(e) => return Err(e),
+                    }
                     ops.fetch_add(1, Ordering::Relaxed);
                 }
-                Ok::<_, BoxError>(())
+                Ok::<_, BoxError>(hist)
             })
         })
         .collect();
     tokio::time::sleep(t.warmup).await;
+    measuring.store(true, Ordering::Relaxed);
     let (o0, a0, t0) = (
         ops.load(Ordering::Relaxed),
         alloc::snapshot(),
@@ -229,9 +368,11 @@ pub async fn measure<W: Worker>(workers: Vec<W>, t: Timing, scale: i32) -> Res<S
         alloc::snapshot(),
         Instant::now(),
     );
+    measuring.store(false, Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
+    let mut hist = Hist::new();
     for task in tasks {
-        task.await??;
+        hist.merge(&task.await??);
     }
     let n = o1 - o0;
     let (bytes_per_op, allocs_per_op) = a0.per_op(a1, n);
@@ -239,6 +380,8 @@ pub async fn measure<W: Worker>(workers: Vec<W>, t: Timing, scale: i32) -> Res<S
         ops_per_sec: n as f64 / (t1 - t0).as_secs_f64(),
         bytes_per_op,
         allocs_per_op,
+        latency: hist.summary(),
+        timeouts: timeouts.load(Ordering::Relaxed),
     })
 }
 
@@ -255,18 +398,18 @@ pub async fn run(
 ) -> Res<Sample> {
     use Contender::*;
     let size = pool;
+    let timeout = workload.checkout_timeout();
     match contender {
         Pgassist | PgassistJoin | PgassistPinned | PgassistPipelined => {
             let pipelined = contender == PgassistPipelined;
-            let registry =
-                pgassist_registry_with(
-                    url,
-                    pool,
-                    |c| {
-                        if pipelined { c.pipeline(PIPELINE) } else { c }
-                    },
-                )
-                .await?;
+            let registry = pgassist_registry_with(url, pool, |c| {
+                let c = match timeout {
+                    Some(t) => c.connection_timeout(t),
+                    None => c,
+                };
+                if pipelined { c.pipeline(PIPELINE) } else { c }
+            })
+            .await?;
             let workers = (0..clients)
                 .map(|_| PgassistWorker {
                     session: registry.default_session(),
@@ -287,7 +430,7 @@ pub async fn run(
             measure(workers, t, scale).await
         }
         Bb8Tuned | Bb8Held => {
-            let pool = bb8_tuned_pool(url, size).await?;
+            let pool = bb8_tuned_pool(url, size, timeout).await?;
             let workers = (0..clients)
                 .map(|_| Bb8TunedWorker {
                     pool: pool.clone(),
@@ -325,6 +468,8 @@ pub async fn run(
             );
             let pool = deadpool_postgres::Pool::builder(manager)
                 .max_size(pool as usize)
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .wait_timeout(timeout)
                 .build()?;
             let held = checkouts(size, || pool.get()).await?;
             for r in join_all(held.iter().map(warm_deadpool)).await {
@@ -340,10 +485,12 @@ pub async fn run(
             measure(workers, t, scale).await
         }
         Sqlx => {
-            let pool = sqlx::postgres::PgPoolOptions::new()
-                .max_connections(pool)
-                .connect(url)
-                .await?;
+            let options = sqlx::postgres::PgPoolOptions::new().max_connections(pool);
+            let options = match timeout {
+                Some(t) => options.acquire_timeout(t),
+                None => options,
+            };
+            let pool = options.connect(url).await?;
             let mut held = checkouts(size, || pool.acquire()).await?;
             for r in join_all(held.iter_mut().map(warm_sqlx)).await {
                 r?;
@@ -434,9 +581,19 @@ async fn warm_pgassist(tx: &pgassist::Transaction<'_>) -> pgassist::Result<()> {
     Ok(())
 }
 
-/// The hand-tuned bb8 pool, every connection open and its statements prepared.
-pub async fn bb8_tuned_pool(url: &str, size: u32) -> Res<bb8::Pool<TunedManager>> {
-    let pool = bb8::Pool::builder()
+/// The hand-tuned bb8 pool, every connection open and its statements
+/// prepared; `timeout` for checkouts (bb8's default otherwise).
+pub async fn bb8_tuned_pool(
+    url: &str,
+    size: u32,
+    timeout: Option<Duration>,
+) -> Res<bb8::Pool<TunedManager>> {
+    let builder = bb8::Pool::builder();
+    let builder = match timeout {
+        Some(t) => builder.connection_timeout(t),
+        None => builder,
+    };
+    let pool = builder
         .max_size(size)
         .test_on_check_out(false)
         .build(TunedManager(PostgresConnectionManager::new(
@@ -588,7 +745,7 @@ impl Worker for PgassistWorker {
     async fn op(&mut self, rng: &mut Rng) -> Res<()> {
         let s = &mut self.session;
         match (self.workload, self.contender) {
-            (Workload::PointSelect, _) => {
+            (Workload::PointSelect | Workload::Overload, _) => {
                 let _: i32 = s.query_one(SELECT, &[&rng.aid()]).await?.get(0);
             }
             (Workload::WriteTx, _) => {
@@ -683,7 +840,7 @@ impl Worker for RawWorker {
                 three_selects(&tx, &self.st, rng).await?;
                 tx.commit().await?;
             }
-            Workload::IdleHeavy => unreachable!("raw clients are not pooled"),
+            Workload::IdleHeavy | Workload::Overload => unreachable!("raw clients are not pooled"),
         }
         Ok(())
     }
@@ -740,7 +897,7 @@ impl Bb8TunedWorker {
 impl Worker for Bb8TunedWorker {
     async fn op(&mut self, rng: &mut Rng) -> Res<()> {
         match self.workload {
-            Workload::PointSelect => self.select(rng).await?,
+            Workload::PointSelect | Workload::Overload => self.select(rng).await?,
             Workload::WriteTx => {
                 let mut c = self.pool.get().await?;
                 let c = &mut *c;
@@ -791,7 +948,7 @@ impl Worker for Bb8NaiveWorker {
     async fn op(&mut self, rng: &mut Rng) -> Res<()> {
         let mut c = self.pool.get().await?;
         match self.workload {
-            Workload::PointSelect => {
+            Workload::PointSelect | Workload::Overload => {
                 let _: i32 = c.query_one(SELECT, &[&rng.aid()]).await?.get(0);
             }
             Workload::WriteTx => {
@@ -823,7 +980,7 @@ impl Worker for DeadpoolWorker {
     async fn op(&mut self, rng: &mut Rng) -> Res<()> {
         let mut c = self.pool.get().await?;
         match self.workload {
-            Workload::PointSelect => {
+            Workload::PointSelect | Workload::Overload => {
                 let st = c.prepare_cached(SELECT).await?;
                 let _: i32 = c.query_one(&st, &[&rng.aid()]).await?.get(0);
             }
@@ -861,7 +1018,7 @@ pub struct SqlxWorker {
 impl Worker for SqlxWorker {
     async fn op(&mut self, rng: &mut Rng) -> Res<()> {
         match self.workload {
-            Workload::PointSelect => {
+            Workload::PointSelect | Workload::Overload => {
                 let _: i32 = sqlx::query_scalar(SELECT)
                     .bind(rng.aid())
                     .fetch_one(&self.pool)

@@ -22,7 +22,7 @@ use crate::config::EngineConfig;
 use crate::error::{ConnectFailure, Error, Result};
 use manager::{Connector, Manager};
 pub(crate) use ready::{Conn, Lease};
-use ready::{PoolSlot, SharedTake};
+use ready::{PoolSlot, SharedTake, Wait};
 use stats::{Counters, Occupancy};
 
 /// Remembers the last connection error, so that a checkout that timed out
@@ -137,32 +137,15 @@ impl Pool {
     }
 
     /// Checks out a connection: the most recently returned clean one if any
-    /// is parked (see [`crate::pool::ready`]), else one from bb8. A connection
-    /// found closed (its server went away while it sat idle) is discarded
-    /// and replaced transparently.
+    /// is parked (see [`crate::pool::ready`]), else the next one returned or
+    /// opened, in arrival order. A connection found closed (its server went
+    /// away while it sat idle) is discarded and replaced transparently.
     pub(crate) async fn checkout(&self) -> Result<Conn> {
         let slot = self.slot().ok_or_else(|| self.closed_error())?;
         let conn = match slot.take() {
             Ok(conn) => conn,
-            Err(waiting) => {
-                // bb8 usually hands out a connection within its first wait
-                // (no clock read, no loop).
-                let pooled = match self.wait_in_bb8(&slot).await {
-                    Ok(pooled) => pooled,
-                    // bb8 gave up after its wait of min(connection_timeout, slice).
-                    Err(None) => {
-                        let waited = self.inner.config.connection_timeout.min(CONNECT_SLICE);
-                        let started = Instant::now()
-                            .checked_sub(waited)
-                            .unwrap_or_else(Instant::now);
-                        drop(waiting);
-                        return Box::pin(self.checkout_within(slot.clone(), started)).await;
-                    }
-                    Err(Some(e)) => return Err(e),
-                };
-                drop(waiting);
-                slot.wrap(pooled)
-            }
+            // Boxed, to keep the common future small.
+            Err(wait) => Box::pin(self.waited(&slot, wait)).await?,
         };
         self.inner.counters.inc(|c| &c.checkouts);
         if !conn.client.is_closed() {
@@ -182,7 +165,7 @@ impl Pool {
             return self.checkout().await.map(Lease::Own);
         }
         let slot = self.slot().ok_or_else(|| self.closed_error())?;
-        let mut started = None;
+        let mut started: Option<Instant> = None;
         loop {
             let freed = slot.share_freed();
             let mut freed = std::pin::pin!(freed);
@@ -195,6 +178,9 @@ impl Pool {
                     self.inner.counters.inc(|c| &c.checkouts);
                     if joined {
                         self.inner.counters.inc(|c| &c.pipelined);
+                    }
+                    if let Some(since) = started {
+                        self.record_wait(since.elapsed());
                     }
                     return Ok(Lease::Shared(shared));
                 }
@@ -226,14 +212,18 @@ impl Pool {
         Ok(Lease::Shared(conn.into_shared()))
     }
 
-    /// The slow path of [`Pool::checkout`]: waits on, counted from `started`.
-    async fn checkout_within(&self, slot: Arc<PoolSlot>, started: Instant) -> Result<Conn> {
-        let conn = self.get(&slot, started).await?;
-        self.inner.counters.inc(|c| &c.checkouts);
-        if !conn.client.is_closed() {
-            return Ok(conn);
-        }
-        self.replace_closed(conn, slot, started).await
+    /// The slow path of [`Pool::checkout`]: waits its turn, and counts the
+    /// wait in the stats (and a tracing event).
+    async fn waited(&self, slot: &Arc<PoolSlot>, wait: Wait<'_>) -> Result<Conn> {
+        let started = Instant::now();
+        let conn = self.get(slot, started, Some(wait)).await?;
+        self.record_wait(started.elapsed());
+        Ok(conn)
+    }
+
+    fn record_wait(&self, waited: Duration) {
+        self.inner.counters.waits.record(waited);
+        crate::telemetry::checkout_waited(&self.inner.telemetry, waited);
     }
 
     async fn replace_closed(
@@ -245,7 +235,7 @@ impl Pool {
         for _ in 0..=self.inner.config.max_size {
             self.inner.counters.inc(|c| &c.discarded_closed);
             drop(conn); // has_broken sees it closed: bb8 drops it and opens a new one
-            conn = self.get(&slot, started).await?;
+            conn = self.get(&slot, started, None).await?;
             self.inner.counters.inc(|c| &c.checkouts);
             if !conn.client.is_closed() {
                 return Ok(conn);
@@ -257,17 +247,42 @@ impl Pool {
         })
     }
 
-    /// One connection, parked or from bb8, within the engine's
-    /// `connection_timeout` counted from `started`. bb8 waits at most
+    /// One connection — parked, handed over in the queue or from bb8 —
+    /// within the engine's `connection_timeout` counted from `started`,
+    /// starting with `first` if the caller already waits. bb8 waits at most
     /// [`CONNECT_SLICE`] at a time (see [`build_pool`]); a wait that ends
     /// empty starts again, which makes bb8 try to connect afresh instead of
     /// sleeping in its retry backoff.
-    async fn get(&self, slot: &Arc<PoolSlot>, started: Instant) -> Result<Conn> {
+    async fn get(
+        &self,
+        slot: &Arc<PoolSlot>,
+        started: Instant,
+        mut first: Option<Wait<'_>>,
+    ) -> Result<Conn> {
         let limit = self.inner.config.connection_timeout;
         loop {
-            let waiting = match slot.take() {
-                Ok(conn) => return Ok(conn),
-                Err(waiting) => waiting,
+            let wait = match first.take() {
+                Some(wait) => wait,
+                None => match slot.take() {
+                    Ok(conn) => return Ok(conn),
+                    Err(wait) => wait,
+                },
+            };
+            let remaining = limit.saturating_sub(started.elapsed());
+            if remaining.is_zero() {
+                return Err(self.checkout_error(RunError::TimedOut, started));
+            }
+            let waiting = match wait {
+                Wait::Bb8(waiting) => waiting,
+                // Dropped at the deadline, a queued wait passes on anything
+                // handed to it meanwhile.
+                Wait::Queued(queued) => {
+                    match tokio::time::timeout(remaining, queued.turn()).await {
+                        Ok(Ok(conn)) => return Ok(conn),
+                        Ok(Err(waiting)) => waiting,
+                        Err(_) => return Err(self.checkout_error(RunError::TimedOut, started)),
+                    }
+                }
             };
             let remaining = limit.saturating_sub(started.elapsed());
             if remaining.is_zero() {
@@ -281,9 +296,13 @@ impl Pool {
                     .await
                     .unwrap_or(Err(None))
             };
+            // Counted out before it stops waiting: in between, the pool
+            // would look unsaturated and a queued checkout would be sent to
+            // bb8 for a connection that is not there (and wait its slice).
+            let got = got.map(|pooled| slot.wrap(pooled));
             drop(waiting);
             match got {
-                Ok(pooled) => return Ok(slot.wrap(pooled)),
+                Ok(conn) => return Ok(conn),
                 Err(None) => continue,
                 Err(Some(e)) => return Err(e),
             }
@@ -402,6 +421,7 @@ impl Pool {
                     connections: s.connections,
                     idle: s.idle_connections + parked,
                     waits: s.statistics.get_waited,
+                    waiting: slot.waiters(),
                 }
             }
             None => Occupancy::default(),

@@ -11,14 +11,29 @@
 //! every connection.
 //!
 //! The rules, all under one lock, so no connection sits here while a
-//! checkout waits in bb8:
+//! checkout waits:
 //! - only a clean connection (open, autocommit, nothing in flight) is
 //!   parked; anything else goes back to bb8, whose `has_broken` discards it;
-//! - a connection is parked only while no checkout waits in bb8, and a
-//!   checkout waits in bb8 only when the stack is empty: while someone
-//!   waits, returns go to bb8, which wakes the waiter;
+//! - a connection is parked only while no checkout waits (in bb8 or in the
+//!   queue below), and a checkout waits only when the stack is empty;
 //! - every [`FLUSH_EVERY`] the stack is handed back to bb8, so its idle
 //!   timeout, max lifetime and reaper apply as before (late by at most that).
+//!
+//! Waiters are served in arrival order. bb8 0.9 has no hand-off: a
+//! connection returned to it goes to whoever asks next, so under overload
+//! the task that returned it takes it straight back and a waiter can be
+//! passed over until it times out. So when the pool is saturated (every
+//! connection bb8 may open is out here or promised to a checkout waiting
+//! there), a checkout that finds the stack empty joins a FIFO queue here
+//! instead of waiting in bb8, and a connection that comes back clean is
+//! handed straight to the oldest waiter (HikariCP's hand-off, the FIFO of
+//! deadpool's semaphore). When a connection goes back to bb8 instead (dirty,
+//! closed, flushed), the oldest waiter is sent to bb8 for the room it made.
+//! A waiter dropped after something was handed to it passes it on — the
+//! connection to the next waiter (or the stack), the room in bb8 to the
+//! next waiter — so nothing leaks and nobody is skipped. Nobody waits while
+//! the stack has a connection, so the uncontended path is as before: one
+//! pop, one push.
 //!
 //! With [`crate::EngineConfig::pipeline`], autocommit statements take a
 //! [`Shared`] hold instead: the connection is *lent* (listed here with its
@@ -31,10 +46,12 @@
 //! nor does anybody join a connection lent before the last flush, so every
 //! connection still gets back to bb8.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bb8::{Pool, PooledConnection};
+use tokio::sync::oneshot;
 
 use super::manager::{ConnParts, Manager, PgConn};
 
@@ -69,6 +86,27 @@ struct Ready {
     out: u32,
     /// Autocommit statements waiting for a share (see [`ShareWait`]).
     share_waiters: usize,
+    /// Checkouts waiting for a connection to come back, oldest first, each
+    /// with its ticket (see [`Queued`]).
+    queue: VecDeque<(u64, oneshot::Sender<Handoff>)>,
+    /// The next queued checkout's ticket.
+    tickets: u64,
+}
+
+impl Ready {
+    /// Every connection bb8 may open is out here or promised to a checkout
+    /// waiting there: bb8 has nothing to give.
+    fn saturated(&self, max_size: u32) -> bool {
+        self.out as usize + self.waiting >= max_size as usize
+    }
+}
+
+/// What a queued checkout is handed.
+enum Handoff {
+    /// A clean connection (still counted in `out`).
+    Conn(Pooled),
+    /// Room in bb8: get a connection there (already counted in `waiting`).
+    Bb8,
 }
 
 struct Lent {
@@ -102,6 +140,8 @@ impl PoolSlot {
                 epoch: 0,
                 out: 0,
                 share_waiters: 0,
+                queue: VecDeque::new(),
+                tickets: 0,
             }),
             share_free: tokio::sync::Notify::new(),
         });
@@ -121,20 +161,31 @@ impl PoolSlot {
         self.ready.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A parked connection, or `None` — and then the caller is counted as
-    /// waiting in bb8 until the returned guard is dropped.
-    pub(crate) fn take(self: &Arc<Self>) -> Result<Conn, Waiting<'_>> {
+    /// A parked connection; or, when none is, how to wait for one: in the
+    /// queue while the pool is saturated or others queue already (first
+    /// come, first served), else in bb8 (counted as waiting there until the
+    /// returned guard is dropped).
+    pub(crate) fn take(self: &Arc<Self>) -> Result<Conn, Wait<'_>> {
         let mut ready = self.ready();
-        match ready.stack.pop() {
-            Some(pooled) => Ok(Conn {
+        if let Some(pooled) = ready.stack.pop() {
+            return Ok(Conn {
                 pooled: Some(pooled),
                 slot: self.clone(),
-            }),
-            None => {
-                ready.waiting += 1;
-                Err(Waiting(self))
-            }
+            });
         }
+        if !ready.retired && (!ready.queue.is_empty() || ready.saturated(self.max_size)) {
+            let (tx, rx) = oneshot::channel();
+            let ticket = ready.tickets;
+            ready.tickets += 1;
+            ready.queue.push_back((ticket, tx));
+            return Err(Wait::Queued(Queued {
+                slot: self,
+                ticket,
+                rx: Some(rx),
+            }));
+        }
+        ready.waiting += 1;
+        Err(Wait::Bb8(Waiting(self)))
     }
 
     /// Wraps a connection bb8 handed out, so that it comes back here.
@@ -150,16 +201,44 @@ impl PoolSlot {
         self.settle(self.ready(), pooled);
     }
 
-    /// Parks a clean connection, or gives it to bb8 (after the lock is
-    /// released) when a checkout waits there or the slot is retired.
-    fn settle(&self, mut ready: MutexGuard<'_, Ready>, pooled: Pooled) {
-        if ready.waiting == 0 && !ready.retired && is_clean(&pooled) {
-            ready.stack.push(pooled);
-            return self.unlock(ready);
+    /// Hands a clean connection to the oldest queued checkout, or parks it
+    /// when nobody waits; gives it to bb8 (after the lock is released) when
+    /// a checkout waits there, it is not clean or the slot is retired.
+    fn settle(&self, mut ready: MutexGuard<'_, Ready>, mut pooled: Pooled) {
+        if !ready.retired && is_clean(&pooled) {
+            while let Some((_, tx)) = ready.queue.pop_front() {
+                match tx.send(Handoff::Conn(pooled)) {
+                    Ok(()) => return self.unlock(ready),
+                    // That waiter is gone (it unqueues itself under this
+                    // lock, so this does not happen): the next one.
+                    Err(Handoff::Conn(back)) => pooled = back,
+                    Err(Handoff::Bb8) => return self.unlock(ready),
+                }
+            }
+            if ready.waiting == 0 {
+                ready.stack.push(pooled);
+                return self.unlock(ready);
+            }
         }
         ready.out -= 1;
+        self.dispatch(&mut ready);
         self.unlock(ready);
         drop(pooled); // to bb8, which hands it to a waiter or discards it (has_broken)
+    }
+
+    /// Sends the oldest queued checkouts to bb8 while it has room (a
+    /// connection went back to it, a checkout stopped waiting there, or
+    /// the slot was retired).
+    fn dispatch(&self, ready: &mut Ready) {
+        while !ready.queue.is_empty() && (ready.retired || !ready.saturated(self.max_size)) {
+            let Some((_, tx)) = ready.queue.pop_front() else {
+                return;
+            };
+            ready.waiting += 1;
+            if tx.send(Handoff::Bb8).is_err() {
+                ready.waiting -= 1;
+            }
+        }
     }
 
     /// Releases the lock after a change that may let a statement waiting
@@ -190,7 +269,7 @@ impl PoolSlot {
         if !saturated || ready.retired || ready.lent.is_empty() {
             return SharedTake::Bb8;
         }
-        if ready.waiting == 0 {
+        if ready.waiting == 0 && ready.queue.is_empty() {
             let epoch = ready.epoch;
             let joinable = ready
                 .lent
@@ -242,12 +321,13 @@ impl PoolSlot {
         ready.epoch += 1;
         ready.out -= ready.stack.len() as u32;
         let parked = std::mem::take(&mut ready.stack);
+        self.dispatch(&mut ready);
         self.unlock(ready);
         drop(parked);
     }
 
-    /// Stops parking (the engine replaced or closed this pool) and hands
-    /// back what is parked.
+    /// Stops parking and queueing (the engine replaced or closed this
+    /// pool), hands back what is parked and sends queued checkouts to bb8.
     pub(crate) fn retire(&self) {
         self.ready().retired = true;
         self.flush();
@@ -256,6 +336,18 @@ impl PoolSlot {
     /// Connections parked now (idle, from the pool's point of view).
     pub(crate) fn parked(&self) -> u32 {
         self.ready().stack.len() as u32
+    }
+
+    /// Checkouts waiting now, in the queue or in bb8.
+    pub(crate) fn waiters(&self) -> u32 {
+        let ready = self.ready();
+        (ready.queue.len() + ready.waiting) as u32
+    }
+
+    /// Counts the caller as waiting in bb8.
+    fn bb8_wait(&self) -> Waiting<'_> {
+        self.ready().waiting += 1;
+        Waiting(self)
     }
 }
 
@@ -267,8 +359,73 @@ impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         let mut ready = self.0.ready();
         ready.waiting -= 1;
+        // Its room in bb8 goes to the oldest queued checkout, if any.
+        self.0.dispatch(&mut ready);
         // Joins may go on again.
         self.0.unlock(ready);
+    }
+}
+
+/// How a checkout that found no parked connection waits.
+pub(crate) enum Wait<'a> {
+    /// In bb8 (the pool has room).
+    Bb8(Waiting<'a>),
+    /// In the queue, for a connection handed over on return.
+    Queued(Queued<'a>),
+}
+
+/// A checkout in the queue. Dropped before it was handed anything, it
+/// leaves the queue; dropped after, it passes on what it was handed.
+pub(crate) struct Queued<'a> {
+    slot: &'a Arc<PoolSlot>,
+    ticket: u64,
+    /// `None` once what was handed over has been taken.
+    rx: Option<oneshot::Receiver<Handoff>>,
+}
+
+impl<'a> Queued<'a> {
+    /// Waits for its turn: a connection, or a guard counted as waiting in
+    /// bb8 when the turn is room there.
+    pub(crate) async fn turn(mut self) -> Result<Conn, Waiting<'a>> {
+        let Some(rx) = self.rx.as_mut() else {
+            return Err(self.slot.bb8_wait());
+        };
+        let handed = rx.await;
+        // Taken in the same poll: a drop from here on has nothing to pass on.
+        self.rx = None;
+        match handed {
+            Ok(Handoff::Conn(pooled)) => Ok(Conn {
+                pooled: Some(pooled),
+                slot: self.slot.clone(),
+            }),
+            Ok(Handoff::Bb8) => Err(Waiting(self.slot)),
+            // Not expected (senders are dropped only after sending): wait in bb8.
+            Err(_) => Err(self.slot.bb8_wait()),
+        }
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else {
+            return;
+        };
+        let mut ready = self.slot.ready();
+        // Hand-offs happen under this lock: either it is still queued, or
+        // what it was handed is in `rx`.
+        if let Some(i) = ready.queue.iter().position(|(t, _)| *t == self.ticket) {
+            ready.queue.remove(i);
+            return;
+        }
+        match rx.try_recv() {
+            Ok(Handoff::Conn(pooled)) => self.slot.settle(ready, pooled),
+            Ok(Handoff::Bb8) => {
+                ready.waiting -= 1;
+                self.slot.dispatch(&mut ready);
+                self.slot.unlock(ready);
+            }
+            Err(_) => {}
+        }
     }
 }
 
