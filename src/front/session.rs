@@ -9,8 +9,12 @@ use super::engine::Engine;
 use super::replica::Target;
 use super::sessions::ScopeRef;
 use crate::error::{Error, Result};
+use crate::pool::Lease;
 use crate::pool::manager::{ConnParts, Execute, One, Op, Opt, Params, Query};
-use crate::sql::control::{reject_control_in_batch, reject_transaction_control};
+use crate::sql::control::{
+    check_autocommit_session, check_autocommit_session_in_batch, reject_control_in_batch,
+    reject_transaction_control,
+};
 use crate::sql::lsn::{INSERT_LSN_SQL, first_lsn};
 use crate::tx::options::TxOptions;
 use crate::tx::transaction::Transaction;
@@ -95,8 +99,11 @@ impl Session {
 
     async fn run_untraced<O: Op>(&self, sql: &str, params: Params<'_>) -> Result<O::Out> {
         reject_transaction_control(sql)?;
+        // Session-state statements are refused; calls that may change it
+        // unseen run on a connection flagged for a reset.
+        let flagged = check_autocommit_session(sql)?;
         // The common case first: a plain engine, no request scope.
-        if self.scope.is_none() && self.engine.primary().is_none() {
+        if self.scope.is_none() && self.engine.primary().is_none() && !flagged {
             let conn = self.engine.lease().await?;
             self.engine.pool().counters().inc(|c| &c.statements);
             return conn
@@ -104,19 +111,34 @@ impl Session {
                 .await
                 .map_err(|e| Error::from_pg(self.engine.name(), e));
         }
-        self.run_routed::<O>(sql, params).await
+        self.run_routed::<O>(sql, params, flagged).await
+    }
+
+    /// A connection for one autocommit statement; `flagged`: one of its
+    /// own, reset before its next user (see [`crate::pool::Pool::lease_flagged`]).
+    async fn lease_for(&self, flagged: bool) -> Result<Lease> {
+        if flagged {
+            self.engine.pool().lease_flagged().await
+        } else {
+            self.engine.lease().await
+        }
     }
 
     /// A statement of a request scope (maybe in the request's
     /// transaction), or on a replica (maybe falling back to the primary).
-    async fn run_routed<O: Op>(&self, sql: &str, params: Params<'_>) -> Result<O::Out> {
+    async fn run_routed<O: Op>(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+        flagged: bool,
+    ) -> Result<O::Out> {
         if self.scope.is_some() {
             if let Some(tx) = self.request_tx().await? {
                 return tx.run_op::<O>(sql, params).await;
             }
         }
         let Some(primary) = self.engine.primary() else {
-            return self.run_here::<O>(sql, params).await;
+            return self.run_here::<O>(sql, params, flagged).await;
         };
         // A replica: read here unless this request wrote something it has
         // not replayed yet, or it is down.
@@ -125,13 +147,13 @@ impl Session {
             .as_ref()
             .map_or(0, |s| s.required_lsn(self.engine.primary_index()));
         match self.engine.choose_target(required).await {
-            Target::Replica => match self.run_here::<O>(sql, params).await {
+            Target::Replica => match self.run_here::<O>(sql, params, flagged).await {
                 Err(e) if self.engine.should_fall_back(&e) => {
-                    self.on(primary).run_here::<O>(sql, params).await
+                    self.on(primary).run_here::<O>(sql, params, flagged).await
                 }
                 other => other,
             },
-            Target::Primary => self.on(primary).run_here::<O>(sql, params).await,
+            Target::Primary => self.on(primary).run_here::<O>(sql, params, flagged).await,
         }
     }
 
@@ -144,8 +166,13 @@ impl Session {
     }
 
     /// Runs one statement on this session's own engine.
-    async fn run_here<O: Op>(&self, sql: &str, params: Params<'_>) -> Result<O::Out> {
-        let conn = self.engine.lease().await?;
+    async fn run_here<O: Op>(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+        flagged: bool,
+    ) -> Result<O::Out> {
+        let conn = self.lease_for(flagged).await?;
         self.engine.pool().counters().inc(|c| &c.statements);
         let Some(scope) = &self.scope else {
             return conn
@@ -201,7 +228,9 @@ impl Session {
 
     /// Runs one or more statements without parameters (simple protocol), in
     /// autocommit. A batch holding a transaction control statement (anywhere
-    /// in it, not only first) is refused: use [`Session::begin`].
+    /// in it, not only first) is refused: use [`Session::begin`]; so is one
+    /// holding a statement that changes session state (`SET`, `LISTEN`, …;
+    /// see [the policy](crate#session-state)).
     ///
     /// The text check is backed by the server's word: a probe of the
     /// transaction status goes out pipelined behind the batch (no extra
@@ -210,12 +239,16 @@ impl Session {
     /// error, and the connection is discarded (the server rolls back).
     pub async fn batch_execute(&self, sql: &str) -> Result<()> {
         reject_control_in_batch(sql)?;
+        let flagged = check_autocommit_session_in_batch(sql)?;
         if self.scope.is_some() {
             if let Some(tx) = self.request_tx().await? {
                 return tx.batch_execute(sql).await;
             }
         }
         let conn = self.engine.checkout().await?;
+        if flagged {
+            let _ = conn.state.apply(crate::pool::state::Event::SessionChanged);
+        }
         self.engine.pool().counters().inc(|c| &c.statements);
         let client = &conn.client;
         let (batch, probe) = futures::future::join(

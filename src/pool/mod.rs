@@ -204,6 +204,15 @@ impl Pool {
         Ok(Lease::Shared(conn.into_shared()))
     }
 
+    /// A connection of its own for an autocommit statement that may change
+    /// session state unseen (see `sql::control::SessionEffect::Maybe`):
+    /// never shared, and flagged, so it is reset before its next user.
+    pub(crate) async fn lease_flagged(&self) -> Result<Lease> {
+        let conn = self.checkout().await?;
+        let _ = conn.state.apply(state::Event::SessionChanged);
+        Ok(Lease::Own(conn))
+    }
+
     /// The slow path of [`Pool::checkout`]: waits on, counted from `started`.
     async fn checkout_within(&self, slot: Arc<PoolSlot>, started: Instant) -> Result<Conn> {
         let conn = self.get(&slot, started).await?;
@@ -364,7 +373,12 @@ fn build_pool(
     counters: &Arc<Counters>,
     sink: &LastConnectError,
 ) -> Bb8Pool<Manager> {
-    let manager = Manager::new(connector.clone(), config.statement_cache, counters.clone());
+    let manager = Manager::new(
+        connector.clone(),
+        config.statement_cache,
+        config.after_connect.clone(),
+        counters.clone(),
+    );
     Bb8Pool::builder()
         .max_size(config.max_size)
         .min_idle(config.min_idle)

@@ -146,13 +146,28 @@ impl PoolSlot {
         }
     }
 
-    fn give_back(&self, pooled: Pooled) {
+    fn give_back(self: &Arc<Self>, pooled: Pooled) {
         self.settle(self.ready(), pooled);
     }
 
     /// Parks a clean connection, or gives it to bb8 (after the lock is
-    /// released) when a checkout waits there or the slot is retired.
-    fn settle(&self, mut ready: MutexGuard<'_, Ready>, pooled: Pooled) {
+    /// released) when a checkout waits there or the slot is retired. A
+    /// connection whose session state changed is reset first, on a task of
+    /// its own (it stays counted as out meanwhile, so a checkout waits for
+    /// it in bb8); without a runtime to run the reset it goes to bb8, which
+    /// discards it.
+    fn settle(self: &Arc<Self>, mut ready: MutexGuard<'_, Ready>, pooled: Pooled) {
+        if pooled.state.needs_reset() && !pooled.client.is_closed() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                self.unlock(ready);
+                let slot = self.clone();
+                rt.spawn(async move {
+                    pooled.reset().await;
+                    slot.give_back(pooled);
+                });
+                return;
+            }
+        }
         if ready.waiting == 0 && !ready.retired && is_clean(&pooled) {
             ready.stack.push(pooled);
             return self.unlock(ready);
