@@ -132,6 +132,7 @@ pub use config::tls::SslMode;
 pub use config::{DEFAULT_STATEMENT_CACHE, EngineConfig};
 pub use error::{Error, Result};
 pub use front::engine::{Engine, EngineStats};
+pub use front::pinned::{Pinned, RowStream};
 pub use front::registry::{Registry, RegistryBuilder, RegistryStats};
 pub use front::session::Session;
 pub use front::sessions::{

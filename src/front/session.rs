@@ -6,6 +6,7 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use super::engine::Engine;
+use super::pinned::{Pinned, RowStream, probed_simple_query};
 use super::replica::Target;
 use super::sessions::ScopeRef;
 use crate::error::{Error, Result};
@@ -18,7 +19,7 @@ use crate::sql::control::{
 use crate::sql::lsn::{INSERT_LSN_SQL, first_lsn};
 use crate::tx::options::TxOptions;
 use crate::tx::transaction::Transaction;
-use crate::tx::{Observer, retry, sql};
+use crate::tx::{Observer, retry};
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -250,35 +251,9 @@ impl Session {
             let _ = conn.state.apply(crate::pool::state::Event::SessionChanged);
         }
         self.engine.pool().counters().inc(|c| &c.statements);
-        let client = &conn.client;
-        let (batch, probe) = futures::future::join(
-            client.batch_execute(sql),
-            client.simple_query(sql::STATUS_PROBE),
-        )
-        .await;
-        let in_block = match &probe {
-            Ok(messages) => sql::probe_says_in_block(messages) != Some(false),
-            Err(e) => {
-                conn.vet(e);
-                e.code() == Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION)
-            }
-        };
-        if in_block {
-            conn.state.mark_broken();
-        }
-        if let Err(e) = batch {
-            conn.vet(&e);
-            return Err(Error::from_pg(self.engine.name(), e));
-        }
-        if in_block {
-            return Err(Error::Usage(format!(
-                "engine `{}`: the batch left its connection inside a transaction (a transaction \
-                 control statement the text check did not recognise); the connection was \
-                 discarded, which rolled it back: use session.begin()",
-                self.engine.name()
-            )));
-        }
-        Ok(())
+        probed_simple_query(self.engine.name(), &conn, sql)
+            .await
+            .map(drop)
     }
 
     /// Runs a statement on a primary with replicas and records where this
@@ -313,6 +288,49 @@ impl Session {
             scope.note_lsn(lsn);
         }
         out
+    }
+
+    /// Holds one connection of this engine for session-scoped work, in
+    /// autocommit: session state (`SET`, temporary tables, advisory locks,
+    /// `LISTEN`) is allowed there and lasts until the [`Pinned`] is
+    /// dropped, when the connection is reset and returned to the pool. Not
+    /// routed: a pinned connection is always on this session's own engine.
+    pub async fn pin(&self) -> Result<Pinned> {
+        Pinned::new(self.engine.clone(), self.engine.checkout().await?)
+    }
+
+    /// Runs a statement and streams its rows as the server sends them, in
+    /// bounded memory, on a connection of its own that the stream holds
+    /// until it ends or is dropped (it is not routed to a request's
+    /// transaction or a replica). The same session-state rules apply as to
+    /// [`Session::query`].
+    pub async fn query_raw<P, I>(&self, sql: &str, params: I) -> Result<RowStream<'static>>
+    where
+        P: tokio_postgres::types::BorrowToSql,
+        I: IntoIterator<Item = P>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        reject_transaction_control(sql)?;
+        let flagged = check_autocommit_session(sql)?;
+        let conn = self.engine.checkout().await?;
+        if flagged {
+            let _ = conn.state.apply(crate::pool::state::Event::SessionChanged);
+        }
+        self.engine.pool().counters().inc(|c| &c.statements);
+        let name = self.engine.name();
+        let statement = conn.statement(sql).await.map_err(|e| {
+            conn.vet(&e);
+            Error::from_pg(name, e)
+        })?;
+        let rows = conn
+            .client
+            .query_raw(&statement, params)
+            .await
+            .map_err(|e| {
+                conn.vet(&e);
+                Error::from_pg(name, e)
+            })?;
+        Ok(RowStream::owning(rows, conn, name))
     }
 
     /// Begins a transaction with the server's default options.

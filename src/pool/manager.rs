@@ -245,6 +245,16 @@ impl ConnParts {
         O::prepared(&self.client, &stmt, params).await
     }
 
+    /// The prepared statement for `sql`: from the cache, or prepared and
+    /// cached now (for the driver's own calls, such as streaming).
+    pub(crate) async fn statement(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
+        let cached = self.cache.lock().expect("statement cache").get(sql);
+        match cached {
+            Some(stmt) => Ok(stmt),
+            None => self.prepare_cached(sql).await,
+        }
+    }
+
     /// Prepares `sql` and caches the statement (a cache miss).
     async fn prepare_cached(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
         let stmt = self.client.prepare(sql).await?;
