@@ -132,6 +132,7 @@ pub use config::tls::SslMode;
 pub use config::{DEFAULT_STATEMENT_CACHE, EngineConfig};
 pub use error::{Error, Result};
 pub use front::engine::{Engine, EngineStats};
+pub use front::listener::Listener;
 pub use front::pinned::{Pinned, RowStream};
 pub use front::registry::{Registry, RegistryBuilder, RegistryStats};
 pub use front::session::Session;
@@ -152,7 +153,7 @@ pub use tx::transaction::Transaction;
 
 pub use tokio_postgres;
 pub use tokio_postgres::types::{FromSql, ToSql};
-pub use tokio_postgres::{Row, error::SqlState};
+pub use tokio_postgres::{Notification, Row, error::SqlState};
 
 /// The README's examples, compiled as doc tests so they cannot rot.
 #[cfg(doctest)]

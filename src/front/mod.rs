@@ -3,6 +3,7 @@
 //! container and replica routing.
 
 pub(crate) mod engine;
+pub(crate) mod listener;
 pub(crate) mod pinned;
 pub(crate) mod registry;
 pub(crate) mod replica;

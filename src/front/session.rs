@@ -290,6 +290,16 @@ impl Session {
         out
     }
 
+    /// Sends a notification on `channel` with `payload` (`pg_notify`, values
+    /// bound as parameters, so any text is safe). Inside the request's
+    /// transaction it is delivered when that commits, as NOTIFY is. Receive
+    /// with [`Engine::listener`].
+    pub async fn notify(&self, channel: &str, payload: &str) -> Result<()> {
+        self.execute("SELECT pg_catalog.pg_notify($1, $2)", &[&channel, &payload])
+            .await
+            .map(drop)
+    }
+
     /// Holds one connection of this engine for session-scoped work, in
     /// autocommit: session state (`SET`, temporary tables, advisory locks,
     /// `LISTEN`) is allowed there and lasts until the [`Pinned`] is
