@@ -80,6 +80,22 @@
 //! round trip), and a batch that left a transaction open, or ended one
 //! early, is reported and its connection never reused as it is.
 //!
+//! ## Session state
+//!
+//! A pooled connection carries nothing from one user to the next.
+//! Statements that change session state — `SET`, `RESET`, `CREATE TEMP`,
+//! `PREPARE`, `DEALLOCATE`, `LISTEN`, `UNLISTEN`, `DECLARE … WITH HOLD`,
+//! `LOAD`, `DISCARD` — are refused in autocommit, with advice: `SET LOCAL`
+//! in a transaction, a pinned connection, or the engine's connect-time
+//! [`EngineConfig::setting`] / [`EngineConfig::after_connect`]. A connection
+//! whose session state changed or may have — such a statement inside a
+//! transaction, a pinned connection, a call of `set_config` or a session
+//! advisory lock — is reset (`RESET ALL`, `UNLISTEN *`, advisory locks
+//! released, temporary objects dropped, cursors closed, SQL-`PREPARE`d
+//! statements deallocated; pgassist's statement cache stays valid) before
+//! anyone else gets it, or discarded if the reset fails. The whole policy,
+//! and what it cannot see, is in `docs/session-state.md`.
+//!
 //! ## The per-request container
 //!
 //! A request asks for `reader()`, `writer()`, `logger()` or any engine by
@@ -112,6 +128,8 @@ pub use config::tls::SslMode;
 pub use config::{DEFAULT_STATEMENT_CACHE, EngineConfig};
 pub use error::{Error, Result};
 pub use front::engine::{CheckoutWaits, Engine, EngineStats};
+pub use front::listener::Listener;
+pub use front::pinned::{Pinned, RowStream};
 pub use front::registry::{EngineHealth, Health, Registry, RegistryBuilder, RegistryStats};
 pub use front::session::Session;
 pub use front::sessions::{
@@ -145,7 +163,7 @@ pub use tokio_postgres;
 #[cfg_attr(docsrs, doc(cfg(feature = "json")))]
 pub use tokio_postgres::types::Json;
 pub use tokio_postgres::types::{FromSql, ToSql};
-pub use tokio_postgres::{Row, error::SqlState};
+pub use tokio_postgres::{Notification, Row, error::SqlState};
 
 /// The README's examples, compiled as doc tests so they cannot rot (they
 /// use typed rows and the axum integration: `./scripts/test` turns every

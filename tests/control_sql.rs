@@ -587,13 +587,16 @@ async fn escapes_that_depend_on_the_client_encoding_are_refused() {
     assert!(in_block(&plain).await, "the SJIS reading ran no BEGIN");
     plain.batch_execute("ROLLBACK").await.unwrap();
 
-    // Through pgassist, on a pooled connection set to SJIS.
-    let registry = db.registry(|c| c.max_size(1)).await;
+    // Through pgassist, on a pooled connection set to SJIS (by the engine's
+    // after_connect hook: a SET in autocommit is refused).
+    let registry = db
+        .registry(|c| {
+            c.max_size(1).after_connect(|client| {
+                Box::pin(async move { client.batch_execute("SET client_encoding = 'SJIS'").await })
+            })
+        })
+        .await;
     let session = registry.session("writer").unwrap();
-    session
-        .batch_execute("SET client_encoding = 'SJIS'")
-        .await
-        .unwrap();
     let e = session.batch_execute(hostile).await.unwrap_err();
     assert!(matches!(e, Error::Usage(_)), "{e:?}");
     let tx = session.begin().await.unwrap();

@@ -43,7 +43,21 @@ pub struct EngineConfig {
     pub(crate) tls: crate::config::tls::TlsSettings,
     pub(crate) pgbouncer: bool,
     pub(crate) pipeline: u32,
+    /// Connect-time settings (`-c name=value` startup options).
+    pub(crate) settings: Vec<(String, String)>,
+    pub(crate) after_connect: Option<AfterConnect>,
 }
+
+/// The hook run on each new connection, and again after each session
+/// reset (see [`EngineConfig::after_connect`]).
+pub(crate) type AfterConnect = std::sync::Arc<
+    dyn for<'c> Fn(
+            &'c tokio_postgres::Client,
+        )
+            -> futures::future::BoxFuture<'c, std::result::Result<(), tokio_postgres::Error>>
+        + Send
+        + Sync,
+>;
 
 impl EngineConfig {
     /// Parses a `postgres://` URL or a `key=value` connection string.
@@ -91,7 +105,60 @@ impl EngineConfig {
             tls: crate::config::tls::TlsSettings::default(),
             pgbouncer: false,
             pipeline: 1,
+            settings: Vec::new(),
+            after_connect: None,
         }
+    }
+
+    /// A server setting (any GUC: `search_path`, `timezone`,
+    /// `statement_timeout`, `work_mem`, …) for every connection of this
+    /// engine, sent at connect time as a startup option (`-c name=value`).
+    ///
+    /// This is the place for session settings: a plain `SET` is refused in
+    /// autocommit (it would reach the connection's next user; see
+    /// `docs/session-state.md`), while a connect-time setting is what
+    /// `RESET` goes back to, so it survives the pool's session resets. The
+    /// name must be a plain (possibly dotted) identifier; the value is
+    /// escaped as startup options need. PgBouncer drops startup options:
+    /// set them on the role or database there.
+    ///
+    /// ```
+    /// let cfg = pgassist::EngineConfig::from_url("postgres://app@db/app")?
+    ///     .setting("search_path", "app, public")
+    ///     .setting("statement_timeout", "5s");
+    /// # Ok::<(), pgassist::Error>(())
+    /// ```
+    pub fn setting(mut self, name: &str, value: &str) -> Self {
+        self.settings.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// An async hook run on each new connection before the pool hands it
+    /// out (sqlx's `after_connect`, deadpool's `post_create`), and again
+    /// after each session reset, so that what it sets up is there for every
+    /// user. An error fails the connect (and a reset: the connection is then
+    /// discarded). Prefer [`EngineConfig::setting`] for plain settings: it
+    /// costs no round trip.
+    ///
+    /// ```
+    /// let cfg = pgassist::EngineConfig::from_url("postgres://app@db/app")?.after_connect(|client| {
+    ///     Box::pin(async move { client.batch_execute("SET application_name = 'worker'").await })
+    /// });
+    /// # Ok::<(), pgassist::Error>(())
+    /// ```
+    pub fn after_connect<F>(mut self, hook: F) -> Self
+    where
+        F: for<'c> Fn(
+                &'c tokio_postgres::Client,
+            ) -> futures::future::BoxFuture<
+                'c,
+                std::result::Result<(), tokio_postgres::Error>,
+            > + Send
+            + Sync
+            + 'static,
+    {
+        self.after_connect = Some(std::sync::Arc::new(hook));
+        self
     }
 
     /// Most connections the pool opens (default 10).
@@ -283,6 +350,17 @@ impl EngineConfig {
         if self.pg.get_hosts().is_empty() {
             return bad("the URL names no host".into());
         }
+        for (name, _) in &self.settings {
+            let plain = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'.');
+            if !plain {
+                return bad(format!(
+                    "setting name {name:?}: only letters, digits, `_` and `.` are allowed"
+                ));
+            }
+        }
         if self.pgbouncer && self.read_only {
             return bad(
                 "read_only cannot be enforced through PgBouncer, which drops the `options` startup \
@@ -307,12 +385,28 @@ impl EngineConfig {
     pub(crate) fn connect_config(&self) -> tokio_postgres::Config {
         let mut pg = self.pg.clone();
         pg.ssl_mode(self.tls.mode.driver_mode());
-        if self.read_only {
-            let mut options = pg.get_options().unwrap_or_default().to_owned();
+        let mut options = pg.get_options().unwrap_or_default().to_owned();
+        let settings = self.settings.iter().map(|(n, v)| (n.as_str(), v.as_str()));
+        let read_only = self
+            .read_only
+            .then_some(("default_transaction_read_only", "on"));
+        for (name, value) in settings.chain(read_only) {
             if !options.is_empty() {
                 options.push(' ');
             }
-            options.push_str("-c default_transaction_read_only=on");
+            options.push_str("-c ");
+            options.push_str(name);
+            options.push('=');
+            // The server splits options at white space; a backslash escapes
+            // the next character (libpq's rule).
+            for c in value.chars() {
+                if c.is_whitespace() || c == '\\' {
+                    options.push('\\');
+                }
+                options.push(c);
+            }
+        }
+        if !options.is_empty() {
             pg.options(options);
         }
         pg
@@ -562,6 +656,8 @@ impl fmt::Debug for EngineConfig {
             .field("sslmode", &self.tls)
             .field("pgbouncer", &self.pgbouncer)
             .field("pipeline", &self.pipeline)
+            .field("settings", &self.settings)
+            .field("after_connect", &self.after_connect.is_some())
             .finish()
     }
 }

@@ -3,6 +3,8 @@
 //! container and replica routing.
 
 pub(crate) mod engine;
+pub(crate) mod listener;
+pub(crate) mod pinned;
 pub(crate) mod registry;
 pub(crate) mod replica;
 pub(crate) mod session;

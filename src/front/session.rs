@@ -6,15 +6,20 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use super::engine::Engine;
+use super::pinned::{Pinned, RowStream, probed_simple_query};
 use super::replica::Target;
 use super::sessions::ScopeRef;
 use crate::error::{Error, Result};
+use crate::pool::Lease;
 use crate::pool::manager::{ConnParts, Execute, Op, Opt, Params, Query};
-use crate::sql::control::{reject_control_in_batch, reject_transaction_control};
+use crate::sql::control::{
+    check_autocommit_session, check_autocommit_session_in_batch, reject_control_in_batch,
+    reject_transaction_control,
+};
 use crate::sql::lsn::{INSERT_LSN_SQL, first_lsn};
 use crate::tx::options::TxOptions;
 use crate::tx::transaction::Transaction;
-use crate::tx::{Observer, retry, sql};
+use crate::tx::{Observer, retry};
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -95,8 +100,11 @@ impl Session {
 
     async fn run_untraced<O: Op>(&self, sql: &str, params: Params<'_>) -> Result<O::Out> {
         reject_transaction_control(sql)?;
+        // Session-state statements are refused; calls that may change it
+        // unseen run on a connection flagged for a reset.
+        let flagged = check_autocommit_session(sql)?;
         // The common case first: a plain engine, no request scope.
-        if self.scope.is_none() && self.engine.primary().is_none() {
+        if self.scope.is_none() && self.engine.primary().is_none() && !flagged {
             let conn = self.engine.lease().await?;
             self.engine.pool().counters().inc(|c| &c.statements);
             return conn
@@ -104,19 +112,34 @@ impl Session {
                 .await
                 .map_err(|e| Error::from_pg(self.engine.name(), e));
         }
-        self.run_routed::<O>(sql, params).await
+        self.run_routed::<O>(sql, params, flagged).await
+    }
+
+    /// A connection for one autocommit statement; `flagged`: one of its
+    /// own, reset before its next user (see [`crate::pool::Pool::lease_flagged`]).
+    async fn lease_for(&self, flagged: bool) -> Result<Lease> {
+        if flagged {
+            self.engine.pool().lease_flagged().await
+        } else {
+            self.engine.lease().await
+        }
     }
 
     /// A statement of a request scope (maybe in the request's
     /// transaction), or on a replica (maybe falling back to the primary).
-    async fn run_routed<O: Op>(&self, sql: &str, params: Params<'_>) -> Result<O::Out> {
+    async fn run_routed<O: Op>(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+        flagged: bool,
+    ) -> Result<O::Out> {
         if self.scope.is_some() {
             if let Some(tx) = self.request_tx().await? {
                 return tx.run_op::<O>(sql, params).await;
             }
         }
         let Some(primary) = self.engine.primary() else {
-            return self.run_here::<O>(sql, params).await;
+            return self.run_here::<O>(sql, params, flagged).await;
         };
         // A replica: read here unless this request wrote something it has
         // not replayed yet, or it is down.
@@ -125,13 +148,13 @@ impl Session {
             .as_ref()
             .map_or(0, |s| s.required_lsn(self.engine.primary_index()));
         match self.engine.choose_target(required).await {
-            Target::Replica => match self.run_here::<O>(sql, params).await {
+            Target::Replica => match self.run_here::<O>(sql, params, flagged).await {
                 Err(e) if self.engine.should_fall_back(&e) => {
-                    self.on(primary).run_here::<O>(sql, params).await
+                    self.on(primary).run_here::<O>(sql, params, flagged).await
                 }
                 other => other,
             },
-            Target::Primary => self.on(primary).run_here::<O>(sql, params).await,
+            Target::Primary => self.on(primary).run_here::<O>(sql, params, flagged).await,
         }
     }
 
@@ -144,8 +167,13 @@ impl Session {
     }
 
     /// Runs one statement on this session's own engine.
-    async fn run_here<O: Op>(&self, sql: &str, params: Params<'_>) -> Result<O::Out> {
-        let conn = self.engine.lease().await?;
+    async fn run_here<O: Op>(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+        flagged: bool,
+    ) -> Result<O::Out> {
+        let conn = self.lease_for(flagged).await?;
         self.engine.pool().counters().inc(|c| &c.statements);
         let Some(scope) = &self.scope else {
             return conn
@@ -207,7 +235,9 @@ impl Session {
 
     /// Runs one or more statements without parameters (simple protocol), in
     /// autocommit. A batch holding a transaction control statement (anywhere
-    /// in it, not only first) is refused: use [`Session::begin`].
+    /// in it, not only first) is refused: use [`Session::begin`]; so is one
+    /// holding a statement that changes session state (`SET`, `LISTEN`, …;
+    /// see [the policy](crate#session-state)).
     ///
     /// The text check is backed by the server's word: a probe of the
     /// transaction status goes out pipelined behind the batch (no extra
@@ -216,44 +246,20 @@ impl Session {
     /// error, and the connection is discarded (the server rolls back).
     pub async fn batch_execute(&self, sql: &str) -> Result<()> {
         reject_control_in_batch(sql)?;
+        let flagged = check_autocommit_session_in_batch(sql)?;
         if self.scope.is_some() {
             if let Some(tx) = self.request_tx().await? {
                 return tx.batch_execute(sql).await;
             }
         }
         let conn = self.engine.checkout().await?;
+        if flagged {
+            let _ = conn.state.apply(crate::pool::state::Event::SessionChanged);
+        }
         self.engine.pool().counters().inc(|c| &c.statements);
-        let client = &conn.client;
-        let cancel = conn.cancel_if_dropped();
-        let (batch, probe) = futures::future::join(
-            client.batch_execute(sql),
-            client.simple_query(sql::STATUS_PROBE),
-        )
-        .await;
-        cancel.disarm();
-        let in_block = match &probe {
-            Ok(messages) => sql::probe_says_in_block(messages) != Some(false),
-            Err(e) => {
-                conn.vet(e);
-                e.code() == Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION)
-            }
-        };
-        if in_block {
-            conn.state.mark_broken();
-        }
-        if let Err(e) = batch {
-            conn.vet(&e);
-            return Err(Error::from_pg(self.engine.name(), e));
-        }
-        if in_block {
-            return Err(Error::Usage(format!(
-                "engine `{}`: the batch left its connection inside a transaction (a transaction \
-                 control statement the text check did not recognise); the connection was \
-                 discarded, which rolled it back: use session.begin()",
-                self.engine.name()
-            )));
-        }
-        Ok(())
+        probed_simple_query(self.engine.name(), &conn, sql)
+            .await
+            .map(drop)
     }
 
     /// Runs a statement on a primary with replicas and records where this
@@ -288,6 +294,59 @@ impl Session {
             scope.note_lsn(lsn);
         }
         out
+    }
+
+    /// Sends a notification on `channel` with `payload` (`pg_notify`, values
+    /// bound as parameters, so any text is safe). Inside the request's
+    /// transaction it is delivered when that commits, as NOTIFY is. Receive
+    /// with [`Engine::listener`].
+    pub async fn notify(&self, channel: &str, payload: &str) -> Result<()> {
+        self.execute("SELECT pg_catalog.pg_notify($1, $2)", &[&channel, &payload])
+            .await
+            .map(drop)
+    }
+
+    /// Holds one connection of this engine for session-scoped work, in
+    /// autocommit: session state (`SET`, temporary tables, advisory locks,
+    /// `LISTEN`) is allowed there and lasts until the [`Pinned`] is
+    /// dropped, when the connection is reset and returned to the pool. Not
+    /// routed: a pinned connection is always on this session's own engine.
+    pub async fn pin(&self) -> Result<Pinned> {
+        Pinned::new(self.engine.clone(), self.engine.checkout().await?)
+    }
+
+    /// Runs a statement and streams its rows as the server sends them, in
+    /// bounded memory, on a connection of its own that the stream holds
+    /// until it ends or is dropped (it is not routed to a request's
+    /// transaction or a replica). The same session-state rules apply as to
+    /// [`Session::query`].
+    pub async fn query_raw<P, I>(&self, sql: &str, params: I) -> Result<RowStream<'static>>
+    where
+        P: tokio_postgres::types::BorrowToSql,
+        I: IntoIterator<Item = P>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        reject_transaction_control(sql)?;
+        let flagged = check_autocommit_session(sql)?;
+        let conn = self.engine.checkout().await?;
+        if flagged {
+            let _ = conn.state.apply(crate::pool::state::Event::SessionChanged);
+        }
+        self.engine.pool().counters().inc(|c| &c.statements);
+        let name = self.engine.name();
+        let statement = conn.statement(sql).await.map_err(|e| {
+            conn.vet(&e);
+            Error::from_pg(name, e)
+        })?;
+        let rows = conn
+            .client
+            .query_raw(&statement, params)
+            .await
+            .map_err(|e| {
+                conn.vet(&e);
+                Error::from_pg(name, e)
+            })?;
+        Ok(RowStream::owning(rows, conn, name))
     }
 
     /// Begins a transaction with the server's default options.

@@ -51,6 +51,8 @@ pub(crate) struct ConnParts {
     pub(crate) replans: AtomicU64,
     /// Cancels the statement the server runs for this connection.
     canceller: Canceller,
+    /// The engine's `after_connect` hook, run again after a session reset.
+    after_connect: Option<crate::config::AfterConnect>,
 }
 
 /// Sends cancel requests for one connection (see [`ConnParts::cancel_if_dropped`]).
@@ -250,6 +252,16 @@ impl ConnParts {
         O::prepared(&self.client, &stmt, params).await
     }
 
+    /// The prepared statement for `sql`: from the cache, or prepared and
+    /// cached now (for the driver's own calls, such as streaming).
+    pub(crate) async fn statement(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
+        let cached = self.cache.lock().expect("statement cache").get(sql);
+        match cached {
+            Some(stmt) => Ok(stmt),
+            None => self.prepare_cached(sql).await,
+        }
+    }
+
     /// Prepares `sql` and caches the statement (a cache miss).
     async fn prepare_cached(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
         let stmt = self.client.prepare(sql).await?;
@@ -317,6 +329,26 @@ impl ConnParts {
         });
     }
 
+    /// Puts the session back as a new connection has it, keeping the
+    /// statement cache valid (so no `DISCARD ALL`, which would drop the
+    /// cached prepared statements): see [`RESET_SQL`]. Then the engine's
+    /// `after_connect` hook runs again. Any failure marks the connection
+    /// broken (the pool discards it); success clears the session flag.
+    pub(crate) async fn reset(&self) {
+        let reset = async {
+            self.client.batch_execute(RESET_SQL).await?;
+            match &self.after_connect {
+                Some(hook) => hook(&self.client).await,
+                None => Ok(()),
+            }
+        };
+        // A server that does not answer must not keep the connection out forever.
+        let ok = matches!(tokio::time::timeout(RESET_TIMEOUT, reset).await, Ok(Ok(())));
+        if !ok || self.state.apply(Event::Reset).is_err() {
+            self.state.mark_broken();
+        }
+    }
+
     fn forget(&self, sql: &str) {
         self.cache.lock().expect("statement cache").remove(sql);
     }
@@ -360,6 +392,22 @@ fn is_stale_plan(e: &tokio_postgres::Error) -> bool {
     })
 }
 
+/// The session reset: what `DISCARD ALL` does, except `DEALLOCATE ALL`
+/// and `DISCARD PLANS` — the statements prepared by the protocol (the
+/// statement cache) stay; only those made by SQL `PREPARE` (`from_sql`)
+/// are deallocated. `SET SESSION AUTHORIZATION DEFAULT` (allowed to any
+/// user) comes first, undoing `SET ROLE` too, so the rest runs as the
+/// connection's own user; settings go back to their connect-time values
+/// (the startup options, so an engine's `setting()`s stay).
+pub(crate) const RESET_SQL: &str = "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; CLOSE ALL; \
+     UNLISTEN *; SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES; \
+     DO $pgassist_reset$ DECLARE n text; BEGIN \
+     FOR n IN SELECT name FROM pg_catalog.pg_prepared_statements WHERE from_sql LOOP \
+     EXECUTE pg_catalog.format('DEALLOCATE %I', n); END LOOP; END $pgassist_reset$";
+
+/// Longest wait for a session reset before the connection is discarded.
+const RESET_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// SQL texts whose parameter types are remembered in unnamed-statement mode.
 const UNNAMED_TYPE_CACHE: usize = 256;
 
@@ -390,6 +438,7 @@ impl std::fmt::Debug for Connector {
 pub(crate) struct Manager {
     inner: Connector,
     statement_cache: usize,
+    after_connect: Option<crate::config::AfterConnect>,
     counters: Arc<Counters>,
     next_id: AtomicU64,
 }
@@ -445,11 +494,13 @@ impl Manager {
     pub(crate) fn new(
         connector: Connector,
         statement_cache: usize,
+        after_connect: Option<crate::config::AfterConnect>,
         counters: Arc<Counters>,
     ) -> Self {
         Manager {
             inner: connector,
             statement_cache,
+            after_connect,
             counters,
             next_id: AtomicU64::new(1),
         }
@@ -476,6 +527,9 @@ impl bb8::ManageConnection for Manager {
     async fn connect(&self) -> Result<PgConn, tokio_postgres::Error> {
         let client = self.inner.connect().await?;
         let backend_pid = backend_pid(&client).await?;
+        if let Some(hook) = &self.after_connect {
+            hook(&client).await?;
+        }
         let canceller = Canceller {
             token: client.cancel_token(),
             connector: self.inner.clone(),
@@ -489,6 +543,7 @@ impl bb8::ManageConnection for Manager {
             cache: Mutex::new(Lru::new(self.statement_cache)),
             types: (self.statement_cache == 0).then(|| Mutex::new(Lru::new(UNNAMED_TYPE_CACHE))),
             replans: AtomicU64::new(0),
+            after_connect: self.after_connect.clone(),
         })))
     }
 

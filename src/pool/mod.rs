@@ -212,6 +212,15 @@ impl Pool {
         Ok(Lease::Shared(conn.into_shared()))
     }
 
+    /// A connection of its own for an autocommit statement that may change
+    /// session state unseen (see `sql::control::SessionEffect::Maybe`):
+    /// never shared, and flagged, so it is reset before its next user.
+    pub(crate) async fn lease_flagged(&self) -> Result<Lease> {
+        let conn = self.checkout().await?;
+        let _ = conn.state.apply(state::Event::SessionChanged);
+        Ok(Lease::Own(conn))
+    }
+
     /// The slow path of [`Pool::checkout`]: waits its turn, and counts the
     /// wait in the stats (and a tracing event).
     async fn waited(&self, slot: &Arc<PoolSlot>, wait: Wait<'_>) -> Result<Conn> {
@@ -443,7 +452,12 @@ fn build_pool(
     counters: &Arc<Counters>,
     sink: &LastConnectError,
 ) -> Bb8Pool<Manager> {
-    let manager = Manager::new(connector.clone(), config.statement_cache, counters.clone());
+    let manager = Manager::new(
+        connector.clone(),
+        config.statement_cache,
+        config.after_connect.clone(),
+        counters.clone(),
+    );
     Bb8Pool::builder()
         .max_size(config.max_size)
         .min_idle(config.min_idle)

@@ -197,14 +197,28 @@ impl PoolSlot {
         }
     }
 
-    fn give_back(&self, pooled: Pooled) {
+    fn give_back(self: &Arc<Self>, pooled: Pooled) {
         self.settle(self.ready(), pooled);
     }
 
     /// Hands a clean connection to the oldest queued checkout, or parks it
     /// when nobody waits; gives it to bb8 (after the lock is released) when
-    /// a checkout waits there, it is not clean or the slot is retired.
-    fn settle(&self, mut ready: MutexGuard<'_, Ready>, mut pooled: Pooled) {
+    /// a checkout waits there, it is not clean or the slot is retired. A
+    /// connection whose session state changed is reset first, on a task of
+    /// its own (it stays counted as out meanwhile, so checkouts wait for it);
+    /// without a runtime to run the reset it goes to bb8, which discards it.
+    fn settle(self: &Arc<Self>, mut ready: MutexGuard<'_, Ready>, mut pooled: Pooled) {
+        if pooled.state.needs_reset() && !pooled.client.is_closed() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                self.unlock(ready);
+                let slot = self.clone();
+                rt.spawn(async move {
+                    pooled.reset().await;
+                    slot.give_back(pooled);
+                });
+                return;
+            }
+        }
         if !ready.retired && is_clean(&pooled) {
             while let Some((_, tx)) = ready.queue.pop_front() {
                 match tx.send(Handoff::Conn(pooled)) {

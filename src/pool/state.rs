@@ -27,6 +27,22 @@
 //!   InDoubt ── Rollback ──▶ RollingBack (a ROLLBACK answered settles it)
 //!   Desync (protocol out of step):   any state ─────────────▶ Broken
 //! ```
+//!
+//! A second, independent dimension: **session state changed**. A statement
+//! that may have changed what the session carries beyond its transaction
+//! (a plain `SET`, a temporary table, `LISTEN`, a session advisory lock, a
+//! pinned connection, …; see `sql::control`) raises the cell's
+//! [`Event::SessionChanged`] flag, whatever the transaction state. The flag
+//! survives every transaction event, so a `SET` inside a transaction is
+//! still flagged after its COMMIT. A flagged connection is not idle: when
+//! it comes back, the pool runs its reset (see `manager::ConnParts::reset`)
+//! and [`Event::Reset`] clears the flag — only in `Idle`, so a reset never
+//! runs inside a transaction — or, if the reset fails, it is discarded.
+//!
+//! ```text
+//!   (any state but Broken, flag) ── SessionChanged ──▶ (same state, flagged)
+//!   (Idle, flagged) ── Reset (answered) ──▶ (Idle, clean): fit for the pool
+//! ```
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -82,6 +98,13 @@ pub(crate) enum Event {
     Lost,
     /// The protocol went out of step, or the connection closed.
     Desync,
+    /// A statement may have changed session state (settings, temporary
+    /// objects, listens, session locks, cursors held open): raises the
+    /// session flag, the transaction state stays as it is.
+    SessionChanged,
+    /// The session reset was answered: clears the session flag. Only in
+    /// `Idle` (a reset never runs inside a transaction).
+    Reset,
 }
 
 /// Why a transition was refused.
@@ -160,7 +183,27 @@ pub(crate) fn next(state: ConnState, event: Event) -> Result<ConnState, Refusal>
         (Idle, Lost) => Ok(Broken),
         (InDoubt, Lost) => Ok(InDoubt),
         (_, Lost) => Ok(InDoubt),
+        // The flag is the cell's (see `step`); the transaction state stays.
+        (s, SessionChanged) => Ok(s),
+        (Idle, Reset) => Ok(Idle),
+        (_, Reset) => Err(Refusal::NotIdle),
     }
+}
+
+/// The cell's bit for "session state changed, needs a reset".
+const SESSION_CHANGED: u8 = 0x80;
+
+/// One step of the whole cell: the transaction state by [`next`], and the
+/// session flag raised by [`Event::SessionChanged`], cleared by
+/// [`Event::Reset`], kept by every other event. Pure.
+pub(crate) fn step(cell: u8, event: Event) -> Result<u8, Refusal> {
+    let state = next(ConnState::from_u8(cell & !SESSION_CHANGED), event)?;
+    let flag = match event {
+        Event::SessionChanged => SESSION_CHANGED,
+        Event::Reset => 0,
+        _ => cell & SESSION_CHANGED,
+    };
+    Ok(state as u8 | flag)
 }
 
 impl ConnState {
@@ -185,16 +228,24 @@ impl ConnState {
 pub(crate) struct StateCell(AtomicU8);
 
 impl StateCell {
-    /// The current state.
+    /// The current transaction state (the session flag aside).
     #[inline]
     pub(crate) fn get(&self) -> ConnState {
-        ConnState::from_u8(self.0.load(Ordering::Acquire))
+        ConnState::from_u8(self.0.load(Ordering::Acquire) & !SESSION_CHANGED)
     }
 
-    /// Whether the connection is fit for the next user.
+    /// Whether the connection is fit for the next user: idle, and no
+    /// session state changed.
     #[inline]
     pub(crate) fn is_idle(&self) -> bool {
         self.0.load(Ordering::Acquire) == ConnState::Idle as u8
+    }
+
+    /// Whether the connection is idle but needs its session reset before
+    /// the next user.
+    #[inline]
+    pub(crate) fn needs_reset(&self) -> bool {
+        self.0.load(Ordering::Acquire) == ConnState::Idle as u8 | SESSION_CHANGED
     }
 
     /// Applies `event` atomically (statements pipelined on one transaction
@@ -203,17 +254,15 @@ impl StateCell {
     pub(crate) fn apply(&self, event: Event) -> Result<ConnState, Refusal> {
         let mut current = self.0.load(Ordering::Acquire);
         loop {
-            let from = ConnState::from_u8(current);
-            let to = next(from, event)?;
-            if to == from {
+            let from = ConnState::from_u8(current & !SESSION_CHANGED);
+            let to = step(current, event)?;
+            if to == current {
                 return Ok(from);
             }
-            match self.0.compare_exchange_weak(
-                current,
-                to as u8,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
+            match self
+                .0
+                .compare_exchange_weak(current, to, Ordering::AcqRel, Ordering::Acquire)
+            {
                 Ok(_) => return Ok(from),
                 Err(seen) => current = seen,
             }
@@ -242,16 +291,18 @@ mod tests {
         InDoubt,
         Broken,
     ];
-    const EVENTS: [Event; 10] = [
+    #[rustfmt::skip]
+    const EVENTS: [Event; 12] = [
         Pin, BeginSent, Statement, Failed, Restored, Commit, Rollback, Ended, Lost, Desync,
+        SessionChanged, Reset,
     ];
 
     /// Every (state, event) pair, written out: the whole machine in one table.
     #[test]
     fn every_transition() {
         use Refusal as R;
-        let expected: [(ConnState, [Result<ConnState, Refusal>; 10]); 8] = [
-            //          Pin           BeginSent       Statement       Failed          Restored        Commit          Rollback          Ended           Lost          Desync
+        let expected: [(ConnState, [Result<ConnState, Refusal>; 12]); 8] = [
+            //          Pin           BeginSent       Statement       Failed          Restored        Commit          Rollback          Ended           Lost          Desync     SessionChanged   Reset
             (
                 Idle,
                 [
@@ -265,6 +316,8 @@ mod tests {
                     Err(R::Ended),
                     Ok(Broken),
                     Ok(Broken),
+                    Ok(Idle),
+                    Ok(Idle),
                 ],
             ),
             (
@@ -280,6 +333,8 @@ mod tests {
                     Ok(Idle),
                     Ok(InDoubt),
                     Ok(Broken),
+                    Ok(BeginPending),
+                    Err(R::NotIdle),
                 ],
             ),
             (
@@ -295,6 +350,8 @@ mod tests {
                     Ok(Idle),
                     Ok(InDoubt),
                     Ok(Broken),
+                    Ok(Open),
+                    Err(R::NotIdle),
                 ],
             ),
             (
@@ -310,6 +367,8 @@ mod tests {
                     Ok(Idle),
                     Ok(InDoubt),
                     Ok(Broken),
+                    Ok(Aborted),
+                    Err(R::NotIdle),
                 ],
             ),
             (
@@ -325,6 +384,8 @@ mod tests {
                     Ok(Idle),
                     Ok(InDoubt),
                     Ok(Broken),
+                    Ok(Committing),
+                    Err(R::NotIdle),
                 ],
             ),
             (
@@ -340,6 +401,8 @@ mod tests {
                     Ok(Idle),
                     Ok(InDoubt),
                     Ok(Broken),
+                    Ok(RollingBack),
+                    Err(R::NotIdle),
                 ],
             ),
             (
@@ -355,6 +418,8 @@ mod tests {
                     Err(R::InDoubt),
                     Ok(InDoubt),
                     Ok(Broken),
+                    Ok(InDoubt),
+                    Err(R::NotIdle),
                 ],
             ),
             (
@@ -370,6 +435,8 @@ mod tests {
                     Err(R::Broken),
                     Err(R::Broken),
                     Ok(Broken),
+                    Err(R::Broken),
+                    Err(R::Broken),
                 ],
             ),
         ];
@@ -395,6 +462,48 @@ mod tests {
             assert_ne!(next(state, Lost), Ok(Idle));
             assert_eq!(next(state, Desync), Ok(Broken));
         }
+    }
+
+    /// The session flag: raised in any state but Broken, kept by every
+    /// transaction event (a SET inside a transaction outlives its COMMIT),
+    /// cleared only by a reset in Idle; a flagged connection is never idle.
+    #[test]
+    fn the_session_flag_outlives_transactions_until_a_reset() {
+        for state in STATES {
+            for flagged in [false, true] {
+                let cell = state as u8 | if flagged { SESSION_CHANGED } else { 0 };
+                for event in EVENTS {
+                    let want_state = next(state, event);
+                    let got = step(cell, event);
+                    assert_eq!(
+                        got.map(|c| ConnState::from_u8(c & !SESSION_CHANGED)),
+                        want_state,
+                        "{state:?} flagged={flagged} + {event:?}"
+                    );
+                    let Ok(c) = got else { continue };
+                    let want_flag = match event {
+                        SessionChanged => true,
+                        Reset => false,
+                        _ => flagged,
+                    };
+                    assert_eq!(c & SESSION_CHANGED != 0, want_flag, "{state:?} + {event:?}");
+                }
+            }
+        }
+        let cell = StateCell::default();
+        assert_eq!(cell.apply(Pin), Ok(Idle));
+        assert_eq!(cell.apply(SessionChanged), Ok(BeginPending));
+        assert_eq!(cell.apply(BeginSent), Ok(BeginPending));
+        assert_eq!(cell.apply(Reset), Err(Refusal::NotIdle));
+        assert_eq!(cell.apply(Commit), Ok(Open));
+        assert_eq!(cell.apply(Ended), Ok(Committing));
+        assert_eq!(cell.get(), Idle);
+        assert!(!cell.is_idle() && cell.needs_reset());
+        assert_eq!(cell.apply(Reset), Ok(Idle));
+        assert!(cell.is_idle() && !cell.needs_reset());
+        cell.mark_broken();
+        assert_eq!(cell.apply(SessionChanged), Err(Refusal::Broken));
+        assert!(!cell.needs_reset());
     }
 
     #[test]

@@ -82,6 +82,248 @@ pub(crate) fn reject_control_in_batch(batch: &str) -> Result<()> {
     Ok(())
 }
 
+/// What a statement may do to the session, beyond its transaction (see
+/// `docs/session-state.md`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SessionEffect {
+    /// Nothing the text shows.
+    None,
+    /// It may change session state where the text cannot tell for sure: a
+    /// call of `set_config`, a session-level advisory lock function, a name
+    /// in `pg_temp`, a `DO` block. It runs, and its connection is reset
+    /// before anyone else gets it.
+    Maybe,
+    /// A statement that changes session state (`SET`, `CREATE TEMP …`,
+    /// `LISTEN`, …), named: refused in autocommit, flagged for a reset in a
+    /// transaction or on a pinned connection.
+    Statement(&'static str),
+}
+
+impl SessionEffect {
+    /// The stronger of two effects (a named statement over a maybe).
+    fn or(self, other: SessionEffect) -> SessionEffect {
+        match (self, other) {
+            (SessionEffect::Statement(_), _) => self,
+            (_, SessionEffect::Statement(_)) | (_, SessionEffect::Maybe) => other,
+            _ => self,
+        }
+    }
+}
+
+/// What one statement (extended protocol) may do to the session.
+#[inline]
+pub(crate) fn session_effect(sql: &str) -> SessionEffect {
+    let maybe = mentions_session_functions(sql);
+    if !maybe.1 && surely_no_session_statement(sql) {
+        return maybe.0;
+    }
+    maybe.0.or(scan_session(Lexer::new(sql, false)))
+}
+
+/// What a batch (simple protocol) may do to the session: every statement,
+/// under both readings of a backslash (see [`reject_control_in_batch`]).
+pub(crate) fn session_effect_in_batch(batch: &str) -> SessionEffect {
+    let mut effect = mentions_session_functions(batch)
+        .0
+        .or(scan_session(Lexer::new(batch, false)));
+    if batch.as_bytes().contains(&b'\\') {
+        effect = effect.or(scan_session(Lexer::new(batch, true)));
+    }
+    effect
+}
+
+/// Refuses a statement that changes session state, for autocommit; `true`
+/// if the statement may change it unseen (its connection must be reset).
+#[inline]
+pub(crate) fn check_autocommit_session(sql: &str) -> Result<bool> {
+    autocommit(session_effect(sql))
+}
+
+/// [`check_autocommit_session`] for a batch, statement by statement.
+pub(crate) fn check_autocommit_session_in_batch(batch: &str) -> Result<bool> {
+    autocommit(session_effect_in_batch(batch))
+}
+
+fn autocommit(effect: SessionEffect) -> Result<bool> {
+    match effect {
+        SessionEffect::None => Ok(false),
+        SessionEffect::Maybe => Ok(true),
+        SessionEffect::Statement(what) => Err(Error::Usage(format!(
+            "`{what}` changes session state, which would outlive this autocommit statement on a \
+             pooled connection and reach its next user; instead use `SET LOCAL` (or \
+             set_config(…, true)) inside session.begin(), a pinned connection (session.pin()) for \
+             session-scoped work, or the engine's connect-time settings \
+             (EngineConfig::setting / after_connect) — see docs/session-state.md"
+        ))),
+    }
+}
+
+/// Whether `sql` names a function or schema that changes session state
+/// (anywhere in the text, strings included, since a DO block or dynamic
+/// SQL hides calls in strings): `(Maybe, true)` if so, and in the second
+/// place whether the text holds `temp` (for `SELECT … INTO TEMP`).
+fn mentions_session_functions(sql: &str) -> (SessionEffect, bool) {
+    const NEEDLES: [&[u8]; 3] = [b"advisory_lock", b"set_config", b"pg_temp"];
+    let b = sql.as_bytes();
+    let at = |i: usize, needle: &[u8]| {
+        b.get(i..i + needle.len())
+            .is_some_and(|w| w.eq_ignore_ascii_case(needle))
+    };
+    let mut temp = false;
+    let mut found = SessionEffect::None;
+    for (i, &c) in b.iter().enumerate() {
+        match c {
+            // Each needle holds one underscore at a known place.
+            b'_' if (i >= 8 && at(i - 8, NEEDLES[0]))
+                || (i >= 3 && at(i - 3, NEEDLES[1]))
+                || (i >= 2 && at(i - 2, NEEDLES[2])) =>
+            {
+                found = SessionEffect::Maybe;
+            }
+            b't' | b'T' if at(i, b"temp") => temp = true,
+            _ => {}
+        }
+    }
+    (found, temp)
+}
+
+/// Decides most statements from their first bytes: every session-state
+/// statement starts with c, d, l, p, r, s (but not `sel`) or u; `SELECT …
+/// INTO TEMP` is caught by the `temp` test of
+/// [`mentions_session_functions`]. Anything else — white space, a comment,
+/// a parenthesis — goes to the full check.
+#[inline]
+fn surely_no_session_statement(sql: &str) -> bool {
+    let b = sql.as_bytes();
+    match b.first().map(u8::to_ascii_lowercase) {
+        Some(b's') => b.get(1..3).is_some_and(|w| w.eq_ignore_ascii_case(b"el")),
+        Some(b'c' | b'd' | b'l' | b'p' | b'r' | b'u') => false,
+        Some(c) => c.is_ascii_lowercase(),
+        None => true,
+    }
+}
+
+/// The strongest session effect of the statements `tokens` hold.
+fn scan_session(mut tokens: Lexer<'_>) -> SessionEffect {
+    let mut effect = SessionEffect::None;
+    // The current statement's first words (lower-cased comparisons) and
+    // what has been seen in it.
+    let mut position = 0usize;
+    let mut first = Lead::Other;
+    let mut prev_word: Option<Token> = None;
+    let mut into_temp = false;
+    // Still among CREATE [OR REPLACE] [GLOBAL | LOCAL], where TEMP may come.
+    let mut create_prefix = false;
+    while let Some(t) = tokens.next() {
+        if t.kind == Kind::Semicolon {
+            position = 0;
+            first = Lead::Other;
+            prev_word = None;
+            into_temp = false;
+            create_prefix = false;
+            continue;
+        }
+        let word = (t.kind == Kind::Word).then(|| tokens.text(t));
+        let is = |k: &str| word.is_some_and(|w| w.eq_ignore_ascii_case(k));
+        let prev_is = |k: &str| prev_word.is_some_and(|p| tokens.text(p).eq_ignore_ascii_case(k));
+        let found = if position == 0 {
+            first = Lead::of(word.unwrap_or(""));
+            create_prefix = first == Lead::Create;
+            match first {
+                Lead::Reset => Some("RESET"),
+                Lead::Deallocate => Some("DEALLOCATE"),
+                Lead::Listen => Some("LISTEN"),
+                Lead::Unlisten => Some("UNLISTEN"),
+                Lead::Load => Some("LOAD"),
+                Lead::Discard => Some("DISCARD"),
+                Lead::Do => {
+                    effect = effect.or(SessionEffect::Maybe);
+                    None
+                }
+                _ => None,
+            }
+        } else {
+            match first {
+                Lead::Set if position == 1 => {
+                    (!(is("LOCAL") || is("TRANSACTION") || is("CONSTRAINTS"))).then_some("SET")
+                }
+                Lead::Prepare if position == 1 => (!is("TRANSACTION")).then_some("PREPARE"),
+                // CREATE [OR REPLACE] [GLOBAL | LOCAL] TEMP | TEMPORARY …
+                Lead::Create if create_prefix && (is("TEMP") || is("TEMPORARY")) => {
+                    Some("CREATE TEMP")
+                }
+                Lead::Create => {
+                    create_prefix &= is("OR") || is("REPLACE") || is("GLOBAL") || is("LOCAL");
+                    None
+                }
+                Lead::Declare if is("HOLD") && prev_is("WITH") => Some("DECLARE … WITH HOLD"),
+                Lead::Select if into_temp => {
+                    into_temp = false;
+                    // INTO TEMP [TABLE] name: not `INTO temp FROM` (a table named temp).
+                    (word.is_some_and(|w| !w.eq_ignore_ascii_case("FROM")) || t.kind == Kind::Other)
+                        .then_some("SELECT … INTO TEMP")
+                }
+                Lead::Select => {
+                    into_temp = (is("TEMP") || is("TEMPORARY")) && prev_is("INTO");
+                    None
+                }
+                _ => None,
+            }
+        };
+        if let Some(what) = found {
+            return SessionEffect::Statement(what);
+        }
+        if word.is_some() {
+            prev_word = Some(t);
+        } else {
+            prev_word = None;
+        }
+        position += 1;
+    }
+    effect
+}
+
+/// The first word of a statement, as far as session state goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lead {
+    Set,
+    Reset,
+    Create,
+    Prepare,
+    Deallocate,
+    Listen,
+    Unlisten,
+    Declare,
+    Load,
+    Discard,
+    Do,
+    /// SELECT, WITH, `(`: may end `INTO TEMP name`.
+    Select,
+    Other,
+}
+
+impl Lead {
+    fn of(word: &str) -> Lead {
+        let is = |k: &str| word.eq_ignore_ascii_case(k);
+        match word.len() {
+            2 if is("DO") => Lead::Do,
+            3 if is("SET") => Lead::Set,
+            4 if is("LOAD") => Lead::Load,
+            4 if is("WITH") => Lead::Select,
+            5 if is("RESET") => Lead::Reset,
+            6 if is("CREATE") => Lead::Create,
+            6 if is("LISTEN") => Lead::Listen,
+            6 if is("SELECT") => Lead::Select,
+            7 if is("PREPARE") => Lead::Prepare,
+            7 if is("DECLARE") => Lead::Declare,
+            7 if is("DISCARD") => Lead::Discard,
+            8 if is("UNLISTEN") => Lead::Unlisten,
+            10 if is("DEALLOCATE") => Lead::Deallocate,
+            _ => Lead::Other,
+        }
+    }
+}
+
 /// The first key word of `sql` after white space, comments and empty
 /// statements ("" if it starts with something else): the operation name
 /// for telemetry.
@@ -1093,5 +1335,86 @@ mod tests {
             let _ = reject_transaction_control(&sql);
             let _ = first_keyword(&sql);
         }
+    }
+
+    /// Session-state statements are named; SET LOCAL, SET TRANSACTION and
+    /// look-alikes (a table named temp) are not; function calls that change
+    /// session state are a "maybe", wherever they hide.
+    #[test]
+    fn session_state_statements_are_recognised() {
+        use SessionEffect::{Maybe, None as Clean, Statement};
+        let cases: &[(&str, SessionEffect)] = &[
+            ("SET statement_timeout = '1ms'", Statement("SET")),
+            ("  set search_path TO x", Statement("SET")),
+            ("/* c */ ; SET ROLE nobody", Statement("SET")),
+            ("SET SESSION AUTHORIZATION nobody", Statement("SET")),
+            (
+                "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+                Statement("SET"),
+            ),
+            ("SET LOCAL statement_timeout = 5", Clean),
+            ("set transaction isolation level serializable", Clean),
+            ("SET CONSTRAINTS ALL DEFERRED", Clean),
+            ("RESET ALL", Statement("RESET")),
+            ("CREATE TEMP TABLE t (a int)", Statement("CREATE TEMP")),
+            (
+                "create or replace temporary view v as select 1",
+                Statement("CREATE TEMP"),
+            ),
+            (
+                "CREATE GLOBAL TEMPORARY TABLE t (a int)",
+                Statement("CREATE TEMP"),
+            ),
+            ("CREATE TABLE temp (a int)", Clean),
+            ("CREATE TABLE pg_temp.t (a int)", Maybe),
+            ("SELECT 1 AS a INTO TEMP t", Statement("SELECT … INTO TEMP")),
+            (
+                "select * into temporary table t from items",
+                Statement("SELECT … INTO TEMP"),
+            ),
+            ("SELECT * INTO temp FROM items", Clean),
+            ("INSERT INTO temp VALUES (1)", Clean),
+            ("SELECT temperature FROM t", Clean),
+            ("PREPARE p AS SELECT 1", Statement("PREPARE")),
+            ("DEALLOCATE ALL", Statement("DEALLOCATE")),
+            ("LISTEN ch", Statement("LISTEN")),
+            ("UNLISTEN *", Statement("UNLISTEN")),
+            (
+                "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+                Statement("DECLARE … WITH HOLD"),
+            ),
+            ("DECLARE c CURSOR WITHOUT HOLD FOR SELECT 1", Clean),
+            ("LOAD 'auto_explain'", Statement("LOAD")),
+            ("DISCARD ALL", Statement("DISCARD")),
+            ("SELECT pg_advisory_lock(1)", Maybe),
+            ("SELECT PG_TRY_ADVISORY_LOCK_SHARED(1)", Maybe),
+            ("SELECT pg_advisory_xact_lock(1)", Clean),
+            ("SELECT pg_advisory_unlock(1)", Clean),
+            ("SELECT set_config('search_path', 'x', false)", Maybe),
+            ("DO $$ BEGIN PERFORM 1; END $$", Maybe),
+            ("SELECT 'SET x = 1'", Clean),
+            ("UPDATE items SET name = 'x'", Clean),
+            ("SELECT 1", Clean),
+            ("", Clean),
+        ];
+        for (sql, want) in cases {
+            assert_eq!(session_effect(sql), *want, "{sql}");
+            assert_eq!(session_effect_in_batch(sql), *want, "batch {sql}");
+        }
+        assert_eq!(
+            session_effect_in_batch("SELECT 1; SELECT pg_advisory_lock(1); SET x = 1"),
+            Statement("SET")
+        );
+        assert_eq!(session_effect_in_batch("SELECT 1; set local x = 1"), Clean);
+        assert_eq!(
+            session_effect_in_batch("SELECT ';'; LISTEN x"),
+            Statement("LISTEN")
+        );
+        assert!(check_autocommit_session("SET x = 1").is_err());
+        assert_eq!(
+            check_autocommit_session("SELECT pg_advisory_lock(1)").ok(),
+            Some(true)
+        );
+        assert_eq!(check_autocommit_session("SELECT 1").ok(), Some(false));
     }
 }

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
-use crate::pool::state::{Event, StateCell};
+use crate::pool::state::{ConnState, Event, StateCell};
 
 /// The connection a transaction took out of autocommit.
 #[derive(Debug)]
@@ -73,7 +73,7 @@ impl Tracker {
             .lock()
             .expect("tracker")
             .get(&tx)
-            .is_some_and(|t| t.conn_id == conn_id && !t.state.is_idle())
+            .is_some_and(|t| t.conn_id == conn_id && t.state.get() != ConnState::Idle)
     }
 
     /// Ends transaction `tx`: its connection is restored to autocommit when
@@ -107,7 +107,6 @@ impl Tracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::state::ConnState;
 
     #[test]
     fn begin_end_restores_and_removes() {

@@ -216,8 +216,18 @@ impl TxCore {
         })
     }
 
+    /// A statement that changes (or may change) session state is allowed in
+    /// a transaction — a plain `SET` there outlives the COMMIT — and flags
+    /// the connection: the pool resets it before its next user.
+    fn note_session_effect(&self, effect: crate::sql::control::SessionEffect) {
+        if effect != crate::sql::control::SessionEffect::None {
+            let _ = self.conn.state.apply(Event::SessionChanged);
+        }
+    }
+
     async fn run<O: Op>(&self, sql: &str, params: Params<'_>) -> Result<O::Out> {
         self.refuse_control(crate::sql::control::reject_transaction_control(sql))?;
+        self.note_session_effect(crate::sql::control::session_effect(sql));
         self.ready().await?;
         self.env.pool.counters().inc(|c| &c.statements);
         let started = self.observer.as_ref().map(|_| Instant::now());
@@ -273,6 +283,7 @@ impl TxCore {
     /// the machine learns it here, and the transaction goes no further.
     async fn batch(&self, sql: &str) -> Result<()> {
         self.refuse_control(crate::sql::control::reject_control_in_batch(sql))?;
+        self.note_session_effect(crate::sql::control::session_effect_in_batch(sql));
         self.ready().await?;
         self.env.pool.counters().inc(|c| &c.statements);
         let cut_off = DropGuard::new(|| self.book().statement_cut = true);

@@ -1,0 +1,357 @@
+//! Pinned connections: one pooled connection held in autocommit for
+//! session-scoped work, and row streams that hold a connection only while
+//! they run.
+//!
+//! Autocommit sessions refuse statements that change session state (see
+//! [the policy](crate#session-state)), because the connection goes to
+//! someone else right after. Work that needs the session — advisory locks,
+//! temporary tables, `SET`, `LISTEN`, a migration tool, COPY — takes a
+//! [`Pinned`] connection from [`Session::pin`](crate::Session::pin)
+//! instead: everything runs on one connection until the `Pinned` is
+//! dropped. Then the connection is reset (`RESET ALL`, `UNLISTEN *`,
+//! advisory locks released, temporary objects dropped, cursors closed)
+//! before anyone else gets it, or discarded if that fails.
+//!
+//! Transaction control sent as SQL stays refused (the pool must know when
+//! a connection is inside a transaction); a batch that opened one through
+//! SQL the text check could not see is caught by the server-side probe and
+//! its connection discarded.
+
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures::Stream;
+use tokio_postgres::types::{BorrowToSql, ToSql, Type};
+use tokio_postgres::{CopyInSink, CopyOutStream, Row, SimpleQueryMessage, Statement};
+
+use super::engine::Engine;
+use crate::error::{Error, Result};
+use crate::pool::Conn;
+use crate::pool::manager::{ConnParts, Execute, Op, Opt, Query};
+use crate::pool::state::Event;
+use crate::sql::control::{reject_control_in_batch, reject_transaction_control};
+use crate::tx::sql;
+
+/// One pooled connection held for session-scoped work, in autocommit.
+///
+/// Made by [`Session::pin`](crate::Session::pin). Session state is allowed
+/// here (`SET`, `CREATE TEMP TABLE`, `LISTEN`, `pg_advisory_lock`, SQL
+/// `PREPARE` …) and lasts until the `Pinned` is dropped; the connection is
+/// then reset before it returns to the pool, so nothing reaches its next
+/// user. Dropping it at any await (a cancelled request) is safe: whatever
+/// was in flight is answered before the reset runs.
+///
+/// Besides [`Queryable`](crate::Queryable) it offers the driver's own
+/// surface: [`Pinned::query_raw`] (a stream of rows), [`Pinned::copy_in`] /
+/// [`Pinned::copy_out`] (text or binary COPY), [`Pinned::prepare_typed`]
+/// with [`Pinned::query_prepared`], and [`Pinned::simple_query`].
+///
+/// ```no_run
+/// # async fn demo(session: pgassist::Session) -> Result<(), pgassist::Error> {
+/// let pinned = session.pin().await?;
+/// pinned.query("SELECT pg_advisory_lock(42)", &[]).await?;
+/// pinned.batch_execute("CREATE TEMP TABLE scratch (id int)").await?;
+/// // … work that relies on the lock and the temp table …
+/// drop(pinned); // lock released, table dropped, connection back to the pool
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Pinned {
+    conn: Conn,
+    engine: Engine,
+}
+
+impl Pinned {
+    /// Takes `conn` for session work: flagged at once, so it is reset when
+    /// it goes back, whatever ran on it.
+    pub(crate) fn new(engine: Engine, conn: Conn) -> Result<Pinned> {
+        if engine.pool().config().is_pgbouncer() {
+            return Err(Error::Usage(format!(
+                "engine `{}`: a pinned connection needs a server session of its own, which \
+                 PgBouncer's transaction pooling does not give; connect this engine directly",
+                engine.name()
+            )));
+        }
+        let _ = conn.state.apply(Event::SessionChanged);
+        Ok(Pinned { conn, engine })
+    }
+
+    /// The engine this connection belongs to.
+    pub fn engine_name(&self) -> &str {
+        self.engine.name()
+    }
+
+    /// The server process serving this connection (`pg_backend_pid()`).
+    pub fn backend_pid(&self) -> i32 {
+        self.conn.backend_pid
+    }
+
+    fn error(&self, e: tokio_postgres::Error) -> Error {
+        self.conn.vet(&e);
+        Error::from_pg(self.engine.name(), e)
+    }
+
+    async fn run<O: Op>(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<O::Out> {
+        reject_transaction_control(sql)?;
+        self.engine.pool().counters().inc(|c| &c.statements);
+        self.conn
+            .run::<O>(sql, params, true)
+            .await
+            .map_err(|e| Error::from_pg(self.engine.name(), e))
+    }
+
+    /// Runs a statement and returns its rows.
+    pub async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        self.run::<Query>(sql, params).await
+    }
+
+    /// Runs a statement that must return exactly one row.
+    pub async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row> {
+        self.run::<Opt>(sql, params)
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                engine: self.engine.name().to_owned(),
+            })
+    }
+
+    /// Runs a statement that returns at most one row.
+    pub async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>> {
+        self.run::<Opt>(sql, params).await
+    }
+
+    /// Runs a statement and returns the number of rows it affected.
+    pub async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        self.run::<Execute>(sql, params).await
+    }
+
+    /// Runs one or more statements without parameters (simple protocol).
+    pub async fn batch_execute(&self, sql: &str) -> Result<()> {
+        self.simple_query(sql).await.map(drop)
+    }
+
+    /// Runs statements without parameters (simple protocol) and returns the
+    /// server's messages, rows as text. Transaction control is refused, as
+    /// in a session's batch, and backed by the same server-side probe.
+    pub async fn simple_query(&self, sql: &str) -> Result<Vec<SimpleQueryMessage>> {
+        reject_control_in_batch(sql)?;
+        self.engine.pool().counters().inc(|c| &c.statements);
+        probed_simple_query(self.engine.name(), &self.conn, sql).await
+    }
+
+    /// Prepares a statement with explicit parameter types (an empty slice
+    /// lets the server infer them), for [`Pinned::query_prepared`] and
+    /// [`Pinned::query_raw_prepared`] on this connection.
+    pub async fn prepare_typed(&self, sql: &str, types: &[Type]) -> Result<Statement> {
+        reject_transaction_control(sql)?;
+        self.conn
+            .client
+            .prepare_typed(sql, types)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    /// Runs a statement prepared by [`Pinned::prepare_typed`].
+    pub async fn query_prepared(
+        &self,
+        statement: &Statement,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>> {
+        self.engine.pool().counters().inc(|c| &c.statements);
+        self.conn
+            .client
+            .query(statement, params)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    /// Runs a statement and streams its rows as the server sends them, so
+    /// a result of any size runs in bounded memory. The stream borrows this
+    /// connection; dropping it early is safe (the rest is discarded).
+    pub async fn query_raw<P, I>(&self, sql: &str, params: I) -> Result<RowStream<'_>>
+    where
+        P: BorrowToSql,
+        I: IntoIterator<Item = P>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        reject_transaction_control(sql)?;
+        let statement = self.conn.statement(sql).await.map_err(|e| self.error(e))?;
+        self.query_raw_prepared(&statement, params).await
+    }
+
+    /// [`Pinned::query_raw`] for a statement prepared on this connection.
+    pub async fn query_raw_prepared<P, I>(
+        &self,
+        statement: &Statement,
+        params: I,
+    ) -> Result<RowStream<'_>>
+    where
+        P: BorrowToSql,
+        I: IntoIterator<Item = P>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        self.engine.pool().counters().inc(|c| &c.statements);
+        let rows = self
+            .conn
+            .client
+            .query_raw(statement, params)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(RowStream::borrowed(rows, self.engine.name()))
+    }
+
+    /// Starts `COPY … FROM STDIN` (text, CSV or binary, as `sql` says):
+    /// write the data into the returned sink and `finish()` it (a
+    /// `futures::SinkExt` method), which returns the number of rows. A sink
+    /// dropped unfinished aborts the COPY; the connection stays usable.
+    pub async fn copy_in<T>(&self, sql: &str) -> Result<CopyInSink<T>>
+    where
+        T: bytes::Buf + 'static + Send,
+    {
+        reject_transaction_control(sql)?;
+        self.engine.pool().counters().inc(|c| &c.statements);
+        self.conn
+            .client
+            .copy_in(sql)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    /// Starts `COPY … TO STDOUT` (text, CSV or binary): a stream of data
+    /// chunks. Dropping it early is safe (the rest is discarded).
+    pub async fn copy_out(&self, sql: &str) -> Result<CopyOutStream> {
+        reject_transaction_control(sql)?;
+        self.engine.pool().counters().inc(|c| &c.statements);
+        self.conn
+            .client
+            .copy_out(sql)
+            .await
+            .map_err(|e| self.error(e))
+    }
+}
+
+crate::sql::queryable::delegate_queryable!(Pinned);
+
+/// Runs a simple-protocol batch with the transaction-status probe pipelined
+/// behind it (no extra round trip): a batch that left its connection inside
+/// a transaction — through SQL the text check could not see — gets an
+/// error, and the connection is marked broken (the pool discards it, which
+/// makes the server roll back).
+pub(crate) async fn probed_simple_query(
+    engine: &str,
+    conn: &ConnParts,
+    sql: &str,
+) -> Result<Vec<SimpleQueryMessage>> {
+    let client = &conn.client;
+    // A batch dropped while the server runs it is cancelled (see
+    // `ConnParts::cancel_if_dropped`): callers hold the connection alone.
+    let cancel = conn.cancel_if_dropped();
+    let (batch, probe) = futures::future::join(
+        client.simple_query(sql),
+        client.simple_query(sql::STATUS_PROBE),
+    )
+    .await;
+    cancel.disarm();
+    let in_block = match &probe {
+        Ok(messages) => sql::probe_says_in_block(messages) != Some(false),
+        Err(e) => {
+            conn.vet(e);
+            e.code() == Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION)
+        }
+    };
+    if in_block {
+        conn.state.mark_broken();
+    }
+    let messages = batch.map_err(|e| {
+        conn.vet(&e);
+        Error::from_pg(engine, e)
+    })?;
+    if in_block {
+        return Err(Error::Usage(format!(
+            "engine `{engine}`: the batch left its connection inside a transaction (a transaction \
+             control statement the text check did not recognise); the connection was \
+             discarded, which rolled it back: use session.begin()"
+        )));
+    }
+    Ok(messages)
+}
+
+/// Rows streamed as the server sends them ([`Pinned::query_raw`],
+/// [`Session::query_raw`](crate::Session::query_raw)). Holds its connection
+/// — borrowed from a [`Pinned`], or checked out for the stream alone —
+/// until it ends or is dropped.
+pub struct RowStream<'a> {
+    /// Boxed, so that the stream is `Unpin` (`next()` works on it as is).
+    rows: Pin<Box<tokio_postgres::RowStream>>,
+    /// The connection the stream checked out for itself, returned when it
+    /// is dropped.
+    conn: Option<Conn>,
+    engine: std::sync::Arc<str>,
+    borrow: PhantomData<&'a Pinned>,
+}
+
+impl std::fmt::Debug for RowStream<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RowStream")
+            .field("engine", &self.engine)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> RowStream<'a> {
+    fn borrowed(rows: tokio_postgres::RowStream, engine: &str) -> RowStream<'a> {
+        RowStream {
+            rows: Box::pin(rows),
+            conn: None,
+            engine: engine.into(),
+            borrow: PhantomData,
+        }
+    }
+
+    /// A stream that owns the connection it runs on.
+    pub(crate) fn owning(
+        rows: tokio_postgres::RowStream,
+        conn: Conn,
+        engine: &str,
+    ) -> RowStream<'static> {
+        RowStream {
+            rows: Box::pin(rows),
+            conn: Some(conn),
+            engine: engine.into(),
+            borrow: PhantomData,
+        }
+    }
+
+    /// The number of rows the statement affected, once the stream has ended.
+    pub fn rows_affected(&self) -> Option<u64> {
+        self.rows.rows_affected()
+    }
+}
+
+impl Stream for RowStream<'_> {
+    type Item = Result<Row>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Row>>> {
+        let this = self.get_mut();
+        match this.rows.as_mut().poll_next(cx) {
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(conn) = this.conn.as_ref() {
+                    conn.vet(&e);
+                }
+                Poll::Ready(Some(Err(Error::from_pg(&this.engine, e))))
+            }
+            Poll::Ready(None) => {
+                // Ended: the connection goes back at once, not when the
+                // caller gets round to dropping the stream.
+                this.conn.take();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Ok(row))) => Poll::Ready(Some(Ok(row))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
