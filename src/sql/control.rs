@@ -171,20 +171,43 @@ fn mentions_session_functions(sql: &str) -> (SessionEffect, bool) {
     };
     let mut temp = false;
     let mut found = SessionEffect::None;
-    for (i, &c) in b.iter().enumerate() {
-        match c {
-            // Each needle holds one underscore at a known place.
-            b'_' if (i >= 8 && at(i - 8, NEEDLES[0]))
-                || (i >= 3 && at(i - 3, NEEDLES[1]))
-                || (i >= 2 && at(i - 2, NEEDLES[2])) =>
-            {
-                found = SessionEffect::Maybe;
-            }
-            b't' | b'T' if at(i, b"temp") => temp = true,
-            _ => {}
+    let mut check = |i: usize| match b[i] {
+        // Each needle holds one underscore at a known place.
+        b'_' if (i >= 8 && at(i - 8, NEEDLES[0]))
+            || (i >= 3 && at(i - 3, NEEDLES[1]))
+            || (i >= 2 && at(i - 2, NEEDLES[2])) =>
+        {
+            found = SessionEffect::Maybe;
+        }
+        b'p' | b'P' if i >= 3 && at(i - 3, b"temp") => temp = true,
+        _ => {}
+    };
+    // This runs on every autocommit statement: eight bytes at a time, and
+    // only the words holding a `_` or a `p` (rare in SQL; the last letter
+    // of `temp`) are looked at byte by byte.
+    let mut chunks = b.chunks_exact(8);
+    for (n, chunk) in chunks.by_ref().enumerate() {
+        let word = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
+        // Lower-cased, `_` (0x5F) reads as 0x7F: either flags the word.
+        let lowered = word | 0x2020_2020_2020_2020;
+        if has_byte(lowered, 0x7F) || has_byte(lowered, b'p') {
+            (n * 8..n * 8 + 8).for_each(&mut check);
         }
     }
+    let tail = b.len() - chunks.remainder().len();
+    (tail..b.len()).for_each(&mut check);
     (found, temp)
+}
+
+/// Whether any byte of `word` equals `byte` (the classic has-zero-byte
+/// test on `word ^ byte…byte`; it may say yes for a neighbour of a match,
+/// never no for a match, and the caller checks byte by byte).
+#[inline(always)]
+fn has_byte(word: u64, byte: u8) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let x = word ^ (ONES * u64::from(byte));
+    x.wrapping_sub(ONES) & !x & HIGHS != 0
 }
 
 /// Decides most statements from their first bytes: every session-state
@@ -821,6 +844,45 @@ fn number_end(b: &[u8], start: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The word-at-a-time scan finds every needle wherever it falls
+    /// against the eight-byte words, in any case, and nothing else.
+    #[test]
+    fn session_function_scan_finds_needles_at_every_alignment() {
+        for pad in 0..17 {
+            let p = " ".repeat(pad);
+            for (sql, effect, temp) in [
+                (
+                    "SELECT set_config('a', 'b', false)",
+                    SessionEffect::Maybe,
+                    false,
+                ),
+                ("SELECT PG_ADVISORY_LOCK(1)", SessionEffect::Maybe, false),
+                ("SELECT 1 FROM pg_temp.t", SessionEffect::Maybe, true),
+                ("SELECT * INTO Temp t FROM x", SessionEffect::None, true),
+                (
+                    "SELECT id, name FROM users WHERE id = $1",
+                    SessionEffect::None,
+                    false,
+                ),
+                ("SELECT user_id FROM tempo_x", SessionEffect::None, true),
+                (
+                    "SELECT advisory_lockx, set_configs",
+                    SessionEffect::Maybe,
+                    false,
+                ),
+            ] {
+                let text = format!("{p}{sql}{p}");
+                assert_eq!(
+                    mentions_session_functions(&text),
+                    (effect, temp),
+                    "{text:?}"
+                );
+            }
+        }
+        assert!(has_byte(u64::from_le_bytes(*b"abcdefg_"), b'_'));
+        assert!(!has_byte(u64::from_le_bytes(*b"abcdefgh"), b'_'));
+    }
 
     fn refused(sql: &str) -> bool {
         matches!(reject_transaction_control(sql), Err(Error::Usage(_)))
