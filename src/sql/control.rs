@@ -188,10 +188,12 @@ fn mentions_session_functions(sql: &str) -> (SessionEffect, bool) {
     let mut chunks = b.chunks_exact(8);
     for (n, chunk) in chunks.by_ref().enumerate() {
         let word = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
-        // Lower-cased, `_` (0x5F) reads as 0x7F: either flags the word.
+        // Lower-cased, `_` (0x5F) reads as 0x7F and `P` as `p`.
         let lowered = word | 0x2020_2020_2020_2020;
-        if has_byte(lowered, 0x7F) || has_byte(lowered, b'p') {
-            (n * 8..n * 8 + 8).for_each(&mut check);
+        let mut hits = bytes_equal(lowered, 0x7F) | bytes_equal(lowered, b'p');
+        while hits != 0 {
+            check(n * 8 + hits.trailing_zeros() as usize / 8);
+            hits &= hits - 1;
         }
     }
     let tail = b.len() - chunks.remainder().len();
@@ -199,15 +201,14 @@ fn mentions_session_functions(sql: &str) -> (SessionEffect, bool) {
     (found, temp)
 }
 
-/// Whether any byte of `word` equals `byte` (the classic has-zero-byte
-/// test on `word ^ byte…byte`; it may say yes for a neighbour of a match,
-/// never no for a match, and the caller checks byte by byte).
+/// The high bit of every byte of `word` that equals `byte`, and of no
+/// other (exact: no carry crosses bytes, as the `0x7F` masking keeps each
+/// byte's sum below 0x100).
 #[inline(always)]
-fn has_byte(word: u64, byte: u8) -> bool {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-    let x = word ^ (ONES * u64::from(byte));
-    x.wrapping_sub(ONES) & !x & HIGHS != 0
+fn bytes_equal(word: u64, byte: u8) -> u64 {
+    const LOWS: u64 = 0x7F7F_7F7F_7F7F_7F7F;
+    let x = word ^ (0x0101_0101_0101_0101 * u64::from(byte));
+    !(((x & LOWS) + LOWS) | x | LOWS)
 }
 
 /// Decides most statements from their first bytes: every session-state
@@ -880,8 +881,19 @@ mod tests {
                 );
             }
         }
-        assert!(has_byte(u64::from_le_bytes(*b"abcdefg_"), b'_'));
-        assert!(!has_byte(u64::from_le_bytes(*b"abcdefgh"), b'_'));
+        let word = u64::from_le_bytes(*b"a_b__cd_");
+        assert_eq!(bytes_equal(word, b'_').count_ones(), 4);
+        assert_eq!(bytes_equal(word, b'_').trailing_zeros() / 8, 1);
+        assert_eq!(bytes_equal(u64::from_le_bytes(*b"abcdefgh"), b'_'), 0);
+        // Every byte value, in every position: exact, no neighbour flagged.
+        for v in 0..=255u8 {
+            for pos in 0..8 {
+                let mut bytes = [0u8; 8];
+                bytes[pos] = v;
+                let hits = bytes_equal(u64::from_le_bytes(bytes), b'_');
+                assert_eq!(hits != 0, v == b'_', "{v} at {pos}");
+            }
+        }
     }
 
     fn refused(sql: &str) -> bool {
