@@ -43,6 +43,7 @@ pub(crate) struct ConnParts {
     /// The server process serving this connection (`pg_backend_pid()`).
     pub(crate) backend_pid: i32,
     cache: Mutex<Lru<Statement>>,
+    cache_capacity: usize,
     /// Unnamed-statement mode (`statement_cache(0)`, PgBouncer): parameter
     /// types per SQL text, so each statement runs as one unnamed
     /// Parse/Bind/Execute; no prepared statement outlives it on the server.
@@ -148,9 +149,13 @@ impl ConnParts {
     ///
     /// `may_replan`: outside a transaction, a cached plan invalidated by a
     /// schema change (SQLSTATE 0A000, "cached plan must not change result
-    /// type") is evicted and the statement prepared and run once more.
-    /// Inside a transaction that error has already aborted it, so it is
-    /// surfaced (the entry is still evicted for the next transaction).
+    /// type") is evicted and the statement prepared and run once more; so
+    /// is a cached statement the server no longer has (26000, after a
+    /// `DEALLOCATE` / `DISCARD ALL` the text check did not see, such as one
+    /// in a `DO` block), and then the whole cache is cleared, since the
+    /// others went with it. Inside a transaction either error has already
+    /// aborted it, so it is surfaced (the cache still mended for the next
+    /// transaction).
     pub(crate) async fn run<O: Op>(
         &self,
         sql: &str,
@@ -176,8 +181,12 @@ impl ConnParts {
                 self.state.mark_broken();
                 Err(e)
             }
-            Err(e) if is_stale_plan(&e) => {
-                self.forget(sql);
+            Err(e) if is_stale_plan(&e) || is_missing_statement(&e) => {
+                if is_missing_statement(&e) {
+                    self.forget_all();
+                } else {
+                    self.forget(sql);
+                }
                 if !may_replan {
                     return Err(e);
                 }
@@ -352,6 +361,30 @@ impl ConnParts {
     fn forget(&self, sql: &str) {
         self.cache.lock().expect("statement cache").remove(sql);
     }
+
+    /// Empties the statement cache: the server dropped (or may have
+    /// dropped) every prepared statement of this connection. Dropping the
+    /// `Statement`s sends Close for each, which the server accepts for a
+    /// name it no longer has; new statements get new names.
+    fn forget_all(&self) {
+        let dropped = std::mem::replace(
+            &mut *self.cache.lock().expect("statement cache"),
+            Lru::new(self.cache_capacity),
+        );
+        drop(dropped);
+    }
+
+    /// Clears the statement cache after `sql` ran (whatever its outcome) if
+    /// it may have dropped the server's prepared statements (`DEALLOCATE`,
+    /// `DISCARD ALL`, see [`crate::sql::control::drops_prepared_statements`]):
+    /// for a transaction or a pinned connection, where such statements are
+    /// allowed. Anything the text check cannot see is caught by the 26000
+    /// path of [`ConnParts::run`].
+    pub(crate) fn after_session_statement(&self, sql: &str) {
+        if crate::sql::control::drops_prepared_statements(sql) {
+            self.forget_all();
+        }
+    }
 }
 
 /// Whether the connection can serve the next statement after `e`.
@@ -383,6 +416,12 @@ pub(crate) fn leaves_connection_usable(e: &tokio_postgres::Error) -> bool {
     ]
     .iter()
     .any(|prefix| text.starts_with(prefix))
+}
+
+/// A prepared statement the server does not have (26000): dropped by
+/// `DEALLOCATE` or `DISCARD ALL` behind the cache's back.
+fn is_missing_statement(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME)
 }
 
 fn is_stale_plan(e: &tokio_postgres::Error) -> bool {
@@ -541,6 +580,7 @@ impl bb8::ManageConnection for Manager {
             state: Arc::new(StateCell::default()),
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             cache: Mutex::new(Lru::new(self.statement_cache)),
+            cache_capacity: self.statement_cache,
             types: (self.statement_cache == 0).then(|| Mutex::new(Lru::new(UNNAMED_TYPE_CACHE))),
             replans: AtomicU64::new(0),
             after_connect: self.after_connect.clone(),
