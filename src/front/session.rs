@@ -319,7 +319,8 @@ impl Session {
     /// bounded memory, on a connection of its own that the stream holds
     /// until it ends or is dropped (it is not routed to a request's
     /// transaction or a replica). The same session-state rules apply as to
-    /// [`Session::query`].
+    /// [`Session::query`]. In PgBouncer mode ([`crate::EngineConfig::pgbouncer`])
+    /// it runs as one unnamed statement, as every statement there does.
     pub async fn query_raw<P, I>(&self, sql: &str, params: I) -> Result<RowStream<'static>>
     where
         P: tokio_postgres::types::BorrowToSql,
@@ -334,18 +335,10 @@ impl Session {
         }
         self.engine.pool().counters().inc(|c| &c.statements);
         let name = self.engine.name();
-        let statement = conn.statement(sql).await.map_err(|e| {
+        let rows = conn.query_raw(sql, params).await.map_err(|e| {
             conn.vet(&e);
             Error::from_pg(name, e)
         })?;
-        let rows = conn
-            .client
-            .query_raw(&statement, params)
-            .await
-            .map_err(|e| {
-                conn.vet(&e);
-                Error::from_pg(name, e)
-            })?;
         Ok(RowStream::owning(rows, conn, name))
     }
 

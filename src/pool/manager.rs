@@ -203,10 +203,7 @@ impl ConnParts {
     }
 
     /// Runs `sql` as an unnamed statement with explicit parameter types, all
-    /// in one round trip. The types are learnt once per SQL text by
-    /// preparing it inside a transaction (so that, through PgBouncer's
-    /// transaction pooling, the prepare and the closing of the statement
-    /// reach the same server and nothing is left behind there).
+    /// in one round trip (see [`ConnParts::unnamed_types`]).
     async fn run_unnamed<O: Op>(
         &self,
         types: &Mutex<Lru<Arc<[Type]>>>,
@@ -214,51 +211,111 @@ impl ConnParts {
         params: Params<'_>,
         in_transaction: bool,
     ) -> Result<O::Out, tokio_postgres::Error> {
-        let known = types.lock().expect("type cache").get(sql);
-        let tys = match known {
-            Some(t) => t,
-            None => {
-                if !in_transaction {
-                    // Out of autocommit until COMMIT answers: a future dropped
-                    // in between leaves the connection to be discarded.
-                    let _ = self.state.apply(Event::Pin);
-                    let _ = self.state.apply(Event::BeginSent);
-                    self.client.batch_execute("BEGIN").await?;
-                }
-                let described = self.client.prepare(sql).await;
-                let tys: Option<Arc<[Type]>> = described.as_ref().ok().map(|s| s.params().into());
-                drop(described); // queues Close before the COMMIT below
-                if !in_transaction {
-                    let _ = self.state.apply(Event::Commit);
-                    self.client.batch_execute("COMMIT").await?;
-                    let _ = self.state.apply(Event::Ended);
-                }
-                let Some(tys) = tys else {
-                    // Report the server's error for the statement itself.
-                    return self.exec_unprepared::<O>(sql, params).await;
-                };
-                types.lock().expect("type cache").insert(sql, tys.clone());
-                tys
-            }
-        };
+        let tys = self.unnamed_types(types, sql, in_transaction).await?;
         if tys.len() != params.len() {
-            // Let the driver report the mismatch as it always does.
-            return self.exec_unprepared::<O>(sql, params).await;
+            // The driver's own error for the mismatch (raised before it
+            // sends anything), from a statement that lives only inside a
+            // transaction (see `with_transient_statement`).
+            return self
+                .with_transient_statement(sql, in_transaction, |stmt| async move {
+                    O::prepared(&self.client, &stmt, params).await
+                })
+                .await;
         }
         let typed: Vec<(&(dyn ToSql + Sync), Type)> =
             params.iter().copied().zip(tys.iter().cloned()).collect();
         O::typed(&self.client, sql, &typed).await
     }
 
-    /// The driver's own path for SQL text (prepare, run, close), used only
-    /// to obtain its error for a statement that cannot run.
-    async fn exec_unprepared<O: Op>(
+    /// The parameter types of `sql` in unnamed-statement mode, learnt once
+    /// per SQL text by preparing it inside a transaction (see
+    /// [`ConnParts::with_transient_statement`]). A statement the server
+    /// cannot prepare returns the server's error.
+    async fn unnamed_types(
+        &self,
+        types: &Mutex<Lru<Arc<[Type]>>>,
+        sql: &str,
+        in_transaction: bool,
+    ) -> Result<Arc<[Type]>, tokio_postgres::Error> {
+        let known = types.lock().expect("type cache").get(sql);
+        if let Some(tys) = known {
+            return Ok(tys);
+        }
+        let tys: Arc<[Type]> = self
+            .with_transient_statement(sql, in_transaction, |stmt| async move {
+                Ok(stmt.params().into())
+            })
+            .await?;
+        types.lock().expect("type cache").insert(sql, tys.clone());
+        Ok(tys)
+    }
+
+    /// Prepares `sql` as a named statement, hands it to `use_it`, and
+    /// closes it, all inside one transaction — the caller's, or one of its
+    /// own (`BEGIN` … `COMMIT`) — so that through PgBouncer's transaction
+    /// pooling the Parse and the Close reach the same server and no named
+    /// statement outlives it there. The Close is queued when `use_it`'s
+    /// future ends (it owns the statement), before the COMMIT.
+    async fn with_transient_statement<T, F, Fut>(
         &self,
         sql: &str,
-        params: Params<'_>,
-    ) -> Result<O::Out, tokio_postgres::Error> {
-        let stmt = self.client.prepare(sql).await?;
-        O::prepared(&self.client, &stmt, params).await
+        in_transaction: bool,
+        use_it: F,
+    ) -> Result<T, tokio_postgres::Error>
+    where
+        F: FnOnce(Statement) -> Fut,
+        Fut: Future<Output = Result<T, tokio_postgres::Error>>,
+    {
+        if !in_transaction {
+            // Out of autocommit until COMMIT answers: a future dropped in
+            // between leaves the connection to be discarded.
+            let _ = self.state.apply(Event::Pin);
+            let _ = self.state.apply(Event::BeginSent);
+            self.client.batch_execute("BEGIN").await?;
+        }
+        let out = match self.client.prepare(sql).await {
+            Ok(stmt) => use_it(stmt).await,
+            Err(e) => Err(e),
+        };
+        if !in_transaction {
+            let _ = self.state.apply(Event::Commit);
+            self.client.batch_execute("COMMIT").await?;
+            let _ = self.state.apply(Event::Ended);
+        }
+        out
+    }
+
+    /// Runs `sql` for a stream of rows ([`Client::query_raw`]): through the
+    /// statement cache, or in unnamed-statement mode as one unnamed
+    /// statement with its learnt parameter types, so that no named
+    /// statement is left behind on any path (PgBouncer).
+    pub(crate) async fn query_raw<P, I>(
+        &self,
+        sql: &str,
+        params: I,
+    ) -> Result<tokio_postgres::RowStream, tokio_postgres::Error>
+    where
+        P: tokio_postgres::types::BorrowToSql,
+        I: IntoIterator<Item = P>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        let Some(types) = &self.types else {
+            let stmt = self.statement(sql).await?;
+            return self.client.query_raw(&stmt, params).await;
+        };
+        let params = params.into_iter();
+        let tys = self.unnamed_types(types, sql, false).await?;
+        if tys.len() != params.len() {
+            // The driver's error, as in `run_unnamed`.
+            return self
+                .with_transient_statement(sql, false, |stmt| async move {
+                    self.client.query_raw(&stmt, params).await
+                })
+                .await;
+        }
+        self.client
+            .query_typed_raw(sql, params.zip(tys.iter().cloned()))
+            .await
     }
 
     /// The prepared statement for `sql`: from the cache, or prepared and
