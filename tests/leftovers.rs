@@ -1,5 +1,8 @@
 //! The small remainders of the session-state issue, each checked from the
-//! server: the statement cache survives `DEALLOCATE ALL` / `DISCARD ALL`.
+//! server: the statement cache survives `DEALLOCATE ALL` / `DISCARD ALL`,
+//! and `Sessions::reader()` never falls back to a writable engine. (PgBouncer
+//! mode is in tests/pgbouncer.rs, `batch_execute` read-your-writes in
+//! tests/replicas.rs.)
 
 mod common;
 
@@ -143,4 +146,44 @@ async fn the_statement_cache_survives_deallocate_on_a_pinned_connection() {
     }
     let stats = registry.stats();
     assert_eq!(stats.engines[0].discarded_dirty, 0, "{stats:?}");
+}
+
+/// `Sessions::reader()` never falls back silently to the writable default
+/// engine: without a `reader` or a replica engine it is an error naming
+/// `reader` (as `logger()` is); with a replica it is the replica; with a
+/// `reader` it is that, read-only as the server says.
+#[tokio::test]
+async fn reader_without_a_reader_engine_is_an_error() {
+    let db = Db::new().await;
+    let registry = db.registry(|c| c).await;
+    let sessions = registry.sessions();
+    match sessions.reader() {
+        Err(pgassist::Error::UnknownEngine { name, known }) => {
+            assert_eq!((name.as_str(), known.as_str()), ("reader", "writer"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(sessions.logger().is_err());
+    // The default engine is still there for who asks for it by name.
+    assert!(sessions.writer().is_ok());
+
+    let with_replica = pgassist::Registry::builder()
+        .engine("writer", db.config())
+        .engine("standby", db.config().replica_of("writer"))
+        .build()
+        .await
+        .unwrap();
+    let sessions = with_replica.sessions();
+    assert_eq!(sessions.reader().unwrap().engine_name(), "standby");
+
+    let three = db.three_engines().await;
+    let sessions = three.sessions();
+    let reader = sessions.reader().unwrap();
+    assert_eq!(reader.engine_name(), "reader");
+    let read_only: String = reader
+        .query_one("SELECT current_setting('transaction_read_only')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(read_only, "on");
 }
