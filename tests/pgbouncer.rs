@@ -6,16 +6,26 @@ mod common;
 
 use common::Db;
 use pgassist::{EngineConfig, Error, Registry};
+use pgassist_testing::PgBouncer;
+
+/// A PgBouncer in front of the test cluster, or `None` (said why) where
+/// none can be started.
+fn bouncer(db: &Db) -> Option<PgBouncer> {
+    if db.cluster.is_external() {
+        eprintln!("DATABASE_URL is set: no PgBouncer is started next to it; skipping");
+        return None;
+    }
+    let bouncer = db.cluster.start_pgbouncer().unwrap();
+    if bouncer.is_none() {
+        eprintln!("pgbouncer is not installed; skipping (.ci/run installs it)");
+    }
+    bouncer
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn everything_works_through_pgbouncer_transaction_pooling() {
     let db = Db::new().await;
-    if db.cluster.is_external() {
-        eprintln!("DATABASE_URL is set: no PgBouncer is started next to it; skipping");
-        return;
-    }
-    let Some(bouncer) = db.cluster.start_pgbouncer().unwrap() else {
-        eprintln!("pgbouncer is not installed; skipping (.ci/run installs it)");
+    let Some(bouncer) = bouncer(&db) else {
         return;
     };
     let through = EngineConfig::from_url(&bouncer.url(&db.db.name))
@@ -114,5 +124,111 @@ async fn everything_works_through_pgbouncer_transaction_pooling() {
         Err(Error::Config(_))
     ));
     registry.close().await;
+    bouncer.stop();
+}
+
+/// PgBouncer mode prepares no named statement that outlives its
+/// transaction, on any path: many statements with the wrong number of
+/// parameters (which take the driver's own error path), through every
+/// method and a streamed query, concurrently; then each of PgBouncer's
+/// server connections — all held at once through PgBouncer, so every one
+/// is reached — shows no prepared statement in `pg_prepared_statements`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbouncer_mode_leaves_no_prepared_statement_behind() {
+    use futures::StreamExt;
+
+    let db = Db::new().await;
+    let Some(bouncer) = bouncer(&db) else {
+        return;
+    };
+    let url = bouncer.url(&db.db.name);
+    let through = EngineConfig::from_url(&url)
+        .unwrap()
+        .pgbouncer(true)
+        .max_size(8);
+    let registry = Registry::builder()
+        .engine("bounced", through)
+        .build()
+        .await
+        .unwrap();
+    let s = registry.session("bounced").unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..16u32 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..40u32 {
+                // A text per task and round, so types are learnt many times too.
+                let sql = format!("SELECT $1::int + $2::int AS n{t}_{}", i % 5);
+                let err = match i % 4 {
+                    0 => s.query(&sql, &[&1i32]).await.map(drop),
+                    1 => s.execute(&sql, &[&1i32, &2i32, &3i32]).await.map(drop),
+                    2 => s.query_opt(&sql, &[]).await.map(drop),
+                    _ => s.query_raw(&sql, [1i32]).await.map(drop),
+                }
+                .unwrap_err();
+                assert!(
+                    matches!(err, Error::Query { .. }) && err.to_string().contains("parameters"),
+                    "{err:?}"
+                );
+                // And the right count runs, streamed or not.
+                let n: i32 = s.query_one(&sql, &[&1i32, &2i32]).await.unwrap().get(0);
+                assert_eq!(n, 3);
+                let rows: Vec<_> = s.query_raw(&sql, [2i32, 2]).await.unwrap().collect().await;
+                assert_eq!(rows[0].as_ref().unwrap().get::<_, i32>(0), 4);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    registry.close().await;
+
+    // PgBouncer's server connections, as the server lists them.
+    let direct = db.plain().await;
+    let servers: std::collections::BTreeSet<i32> = direct
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+             AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(!servers.is_empty());
+    // Hold as many transactions through PgBouncer as its pool has server
+    // connections (default_pool_size = 10), so each one is reached; the
+    // simple protocol prepares nothing itself.
+    let mut clients = Vec::new();
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..10 {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let messages = client
+            .simple_query(
+                "BEGIN; SELECT pg_backend_pid()::text || ' ' || \
+                 (SELECT count(*) FROM pg_prepared_statements)::text",
+            )
+            .await
+            .unwrap();
+        let line = messages
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .unwrap();
+        let (pid, count) = line.split_once(' ').unwrap();
+        seen.insert(pid.parse::<i32>().unwrap(), count.parse::<i64>().unwrap());
+        clients.push(client);
+    }
+    for pid in &servers {
+        assert!(seen.contains_key(pid), "server {pid} not reached: {seen:?}");
+    }
+    assert!(seen.values().all(|&n| n == 0), "left behind: {seen:?}");
+    drop(clients);
     bouncer.stop();
 }

@@ -164,17 +164,49 @@ async fn replica_routing_read_your_writes_and_fallback() {
         .await
         .unwrap();
     assert_eq!(probe(sessions.reader().unwrap()).await, (false, 4));
+    // A batch is a write like any other: a new request that wrote only
+    // through batch_execute reads its write (from the primary).
+    let batched = registry.sessions();
+    batched
+        .writer()
+        .unwrap()
+        .batch_execute("INSERT INTO items(name) VALUES ('batch')")
+        .await
+        .unwrap();
+    assert_eq!(
+        probe(batched.reader().unwrap()).await,
+        (false, 5),
+        "read after a batch write goes to the primary"
+    );
+    // A batch on the reader is routed by the same decision: to the primary
+    // while the replica lags behind this request's write, so it sees it.
+    let err = batched
+        .reader()
+        .unwrap()
+        .batch_execute("DO $$ BEGIN IF (SELECT count(*) FROM items) <> 5 OR pg_is_in_recovery() THEN RAISE 'stale'; END IF; END $$")
+        .await;
+    assert!(err.is_ok(), "{err:?}");
+    // Another request that wrote nothing: its batch reads the stale replica.
+    let fresh = registry.sessions();
+    let err = fresh
+        .reader()
+        .unwrap()
+        .batch_execute(
+            "DO $$ BEGIN IF NOT pg_is_in_recovery() THEN RAISE 'primary'; END IF; END $$",
+        )
+        .await;
+    assert!(err.is_ok(), "{err:?}");
     control
         .batch_execute("SELECT pg_wal_replay_resume()")
         .await
         .unwrap();
-    drop(sessions);
+    drop((sessions, batched, fresh));
 
     // 3. Replica down: reads fall back to the primary, and return when it is back.
     replica.stop_server().unwrap();
     let sessions = registry.sessions();
-    assert_eq!(probe(sessions.reader().unwrap()).await, (false, 4));
-    assert_eq!(probe(sessions.reader().unwrap()).await, (false, 4));
+    assert_eq!(probe(sessions.reader().unwrap()).await, (false, 5));
+    assert_eq!(probe(sessions.reader().unwrap()).await, (false, 5));
     replica.start_server().unwrap();
     let reader = sessions.reader().unwrap();
     until("reads to return to the restarted replica", || async {

@@ -95,10 +95,9 @@ impl Pinned {
     async fn run<O: Op>(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<O::Out> {
         reject_transaction_control(sql)?;
         self.engine.pool().counters().inc(|c| &c.statements);
-        self.conn
-            .run::<O>(sql, params, true)
-            .await
-            .map_err(|e| Error::from_pg(self.engine.name(), e))
+        let out = self.conn.run::<O>(sql, params, true).await;
+        self.conn.after_session_statement(sql);
+        out.map_err(|e| Error::from_pg(self.engine.name(), e))
     }
 
     /// Runs a statement and returns its rows.
@@ -140,7 +139,9 @@ impl Pinned {
     pub async fn simple_query(&self, sql: &str) -> Result<Vec<SimpleQueryMessage>> {
         reject_control_in_batch(sql)?;
         self.engine.pool().counters().inc(|c| &c.statements);
-        probed_simple_query(self.engine.name(), &self.conn, sql).await
+        let out = probed_simple_query(self.engine.name(), &self.conn, sql).await;
+        self.conn.after_session_statement(sql);
+        out
     }
 
     /// Prepares a statement with explicit parameter types (an empty slice

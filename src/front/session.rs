@@ -138,23 +138,33 @@ impl Session {
                 return tx.run_op::<O>(sql, params).await;
             }
         }
+        self.routed(|s| async move { s.run_here::<O>(sql, params, flagged).await })
+            .await
+    }
+
+    /// The routing decision for every kind of autocommit statement (single
+    /// statements and batches alike): on a replica, `here` runs there
+    /// unless this request wrote something the replica has not replayed
+    /// yet, or it is down (then on its primary); elsewhere, on this
+    /// session's own engine.
+    async fn routed<T, F, Fut>(&self, here: F) -> Result<T>
+    where
+        F: Fn(Session) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
         let Some(primary) = self.engine.primary() else {
-            return self.run_here::<O>(sql, params, flagged).await;
+            return here(self.clone()).await;
         };
-        // A replica: read here unless this request wrote something it has
-        // not replayed yet, or it is down.
         let required = self
             .scope
             .as_ref()
             .map_or(0, |s| s.required_lsn(self.engine.primary_index()));
         match self.engine.choose_target(required).await {
-            Target::Replica => match self.run_here::<O>(sql, params, flagged).await {
-                Err(e) if self.engine.should_fall_back(&e) => {
-                    self.on(primary).run_here::<O>(sql, params, flagged).await
-                }
+            Target::Replica => match here(self.clone()).await {
+                Err(e) if self.engine.should_fall_back(&e) => here(self.on(primary)).await,
                 other => other,
             },
-            Target::Primary => self.on(primary).run_here::<O>(sql, params, flagged).await,
+            Target::Primary => here(self.on(primary)).await,
         }
     }
 
@@ -252,14 +262,41 @@ impl Session {
                 return tx.batch_execute(sql).await;
             }
         }
+        self.routed(|s| async move { s.batch_here(sql, flagged).await })
+            .await
+    }
+
+    /// Runs a batch on this session's own engine, on a connection held
+    /// alone (a dropped batch is cancelled, see `probed_simple_query`). On
+    /// a primary with replicas, inside a request scope, the WAL insert
+    /// position is read pipelined behind it and noted, as for every other
+    /// autocommit write (read-your-writes).
+    async fn batch_here(&self, sql: &str, flagged: bool) -> Result<()> {
         let conn = self.engine.checkout().await?;
         if flagged {
             let _ = conn.state.apply(crate::pool::state::Event::SessionChanged);
         }
         self.engine.pool().counters().inc(|c| &c.statements);
-        probed_simple_query(self.engine.name(), &conn, sql)
-            .await
-            .map(drop)
+        let name = self.engine.name();
+        let Some(scope) = self
+            .scope
+            .as_ref()
+            .filter(|_| self.engine.inner.has_replicas)
+        else {
+            return probed_simple_query(name, &conn, sql).await.map(drop);
+        };
+        let started = Instant::now();
+        let (out, lsn) = futures::future::join(
+            probed_simple_query(name, &conn, sql),
+            conn.client.simple_query(INSERT_LSN_SQL),
+        )
+        .await;
+        scope.record(conn.backend_pid, started.elapsed());
+        out?;
+        if let Some(lsn) = lsn.ok().as_deref().and_then(first_lsn) {
+            scope.note_lsn(lsn);
+        }
+        Ok(())
     }
 
     /// Runs a statement on a primary with replicas and records where this
@@ -319,7 +356,8 @@ impl Session {
     /// bounded memory, on a connection of its own that the stream holds
     /// until it ends or is dropped (it is not routed to a request's
     /// transaction or a replica). The same session-state rules apply as to
-    /// [`Session::query`].
+    /// [`Session::query`]. In PgBouncer mode ([`crate::EngineConfig::pgbouncer`])
+    /// it runs as one unnamed statement, as every statement there does.
     pub async fn query_raw<P, I>(&self, sql: &str, params: I) -> Result<RowStream<'static>>
     where
         P: tokio_postgres::types::BorrowToSql,
@@ -334,18 +372,10 @@ impl Session {
         }
         self.engine.pool().counters().inc(|c| &c.statements);
         let name = self.engine.name();
-        let statement = conn.statement(sql).await.map_err(|e| {
+        let rows = conn.query_raw(sql, params).await.map_err(|e| {
             conn.vet(&e);
             Error::from_pg(name, e)
         })?;
-        let rows = conn
-            .client
-            .query_raw(&statement, params)
-            .await
-            .map_err(|e| {
-                conn.vet(&e);
-                Error::from_pg(name, e)
-            })?;
         Ok(RowStream::owning(rows, conn, name))
     }
 

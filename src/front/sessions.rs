@@ -273,18 +273,28 @@ impl Sessions {
     }
 
     /// The session for reads: the `reader` engine if configured, else the
-    /// first engine declared a replica, else the default engine (as
-    /// sqlassist falls back to the writer). On a replica, a read after this
-    /// request's writes waits for the replica or goes to the primary.
+    /// first engine declared a replica ([`crate::EngineConfig::replica_of`]).
+    /// On a replica, a read after this request's writes waits for the
+    /// replica or goes to the primary.
+    ///
+    /// With neither, this is an error ([`Error::UnknownEngine`] naming
+    /// `reader`), as for [`Sessions::logger`]: falling back to the writable
+    /// default engine would lose read-only enforcement without a word when
+    /// a name is mistyped in configuration. To read from the default
+    /// engine, ask for it ([`Sessions::get`], [`Sessions::any`]), or
+    /// configure a `reader` engine on the same database with
+    /// `read_only(true)`.
+    ///
+    /// [`Error::UnknownEngine`]: crate::Error::UnknownEngine
     pub fn reader(&self) -> Result<&Session> {
-        if let Ok(index) = self.registry.engine_index("reader") {
-            return Ok(self.slot(index));
-        }
         let replica = self
             .registry
             .engines()
             .position(|e| e.config().replica_of_engine().is_some());
-        Ok(self.slot(replica.unwrap_or_else(|| self.registry.default_index())))
+        match (self.registry.engine_index("reader"), replica) {
+            (Err(_), Some(index)) => Ok(self.slot(index)),
+            (index, _) => Ok(self.slot(index?)),
+        }
     }
 
     /// The session of the engine that owns `table` (see

@@ -43,6 +43,7 @@ pub(crate) struct ConnParts {
     /// The server process serving this connection (`pg_backend_pid()`).
     pub(crate) backend_pid: i32,
     cache: Mutex<Lru<Statement>>,
+    cache_capacity: usize,
     /// Unnamed-statement mode (`statement_cache(0)`, PgBouncer): parameter
     /// types per SQL text, so each statement runs as one unnamed
     /// Parse/Bind/Execute; no prepared statement outlives it on the server.
@@ -148,9 +149,13 @@ impl ConnParts {
     ///
     /// `may_replan`: outside a transaction, a cached plan invalidated by a
     /// schema change (SQLSTATE 0A000, "cached plan must not change result
-    /// type") is evicted and the statement prepared and run once more.
-    /// Inside a transaction that error has already aborted it, so it is
-    /// surfaced (the entry is still evicted for the next transaction).
+    /// type") is evicted and the statement prepared and run once more; so
+    /// is a cached statement the server no longer has (26000, after a
+    /// `DEALLOCATE` / `DISCARD ALL` the text check did not see, such as one
+    /// in a `DO` block), and then the whole cache is cleared, since the
+    /// others went with it. Inside a transaction either error has already
+    /// aborted it, so it is surfaced (the cache still mended for the next
+    /// transaction).
     pub(crate) async fn run<O: Op>(
         &self,
         sql: &str,
@@ -176,8 +181,12 @@ impl ConnParts {
                 self.state.mark_broken();
                 Err(e)
             }
-            Err(e) if is_stale_plan(&e) => {
-                self.forget(sql);
+            Err(e) if is_stale_plan(&e) || is_missing_statement(&e) => {
+                if is_missing_statement(&e) {
+                    self.forget_all();
+                } else {
+                    self.forget(sql);
+                }
                 if !may_replan {
                     return Err(e);
                 }
@@ -194,10 +203,7 @@ impl ConnParts {
     }
 
     /// Runs `sql` as an unnamed statement with explicit parameter types, all
-    /// in one round trip. The types are learnt once per SQL text by
-    /// preparing it inside a transaction (so that, through PgBouncer's
-    /// transaction pooling, the prepare and the closing of the statement
-    /// reach the same server and nothing is left behind there).
+    /// in one round trip (see [`ConnParts::unnamed_types`]).
     async fn run_unnamed<O: Op>(
         &self,
         types: &Mutex<Lru<Arc<[Type]>>>,
@@ -205,51 +211,111 @@ impl ConnParts {
         params: Params<'_>,
         in_transaction: bool,
     ) -> Result<O::Out, tokio_postgres::Error> {
-        let known = types.lock().expect("type cache").get(sql);
-        let tys = match known {
-            Some(t) => t,
-            None => {
-                if !in_transaction {
-                    // Out of autocommit until COMMIT answers: a future dropped
-                    // in between leaves the connection to be discarded.
-                    let _ = self.state.apply(Event::Pin);
-                    let _ = self.state.apply(Event::BeginSent);
-                    self.client.batch_execute("BEGIN").await?;
-                }
-                let described = self.client.prepare(sql).await;
-                let tys: Option<Arc<[Type]>> = described.as_ref().ok().map(|s| s.params().into());
-                drop(described); // queues Close before the COMMIT below
-                if !in_transaction {
-                    let _ = self.state.apply(Event::Commit);
-                    self.client.batch_execute("COMMIT").await?;
-                    let _ = self.state.apply(Event::Ended);
-                }
-                let Some(tys) = tys else {
-                    // Report the server's error for the statement itself.
-                    return self.exec_unprepared::<O>(sql, params).await;
-                };
-                types.lock().expect("type cache").insert(sql, tys.clone());
-                tys
-            }
-        };
+        let tys = self.unnamed_types(types, sql, in_transaction).await?;
         if tys.len() != params.len() {
-            // Let the driver report the mismatch as it always does.
-            return self.exec_unprepared::<O>(sql, params).await;
+            // The driver's own error for the mismatch (raised before it
+            // sends anything), from a statement that lives only inside a
+            // transaction (see `with_transient_statement`).
+            return self
+                .with_transient_statement(sql, in_transaction, |stmt| async move {
+                    O::prepared(&self.client, &stmt, params).await
+                })
+                .await;
         }
         let typed: Vec<(&(dyn ToSql + Sync), Type)> =
             params.iter().copied().zip(tys.iter().cloned()).collect();
         O::typed(&self.client, sql, &typed).await
     }
 
-    /// The driver's own path for SQL text (prepare, run, close), used only
-    /// to obtain its error for a statement that cannot run.
-    async fn exec_unprepared<O: Op>(
+    /// The parameter types of `sql` in unnamed-statement mode, learnt once
+    /// per SQL text by preparing it inside a transaction (see
+    /// [`ConnParts::with_transient_statement`]). A statement the server
+    /// cannot prepare returns the server's error.
+    async fn unnamed_types(
+        &self,
+        types: &Mutex<Lru<Arc<[Type]>>>,
+        sql: &str,
+        in_transaction: bool,
+    ) -> Result<Arc<[Type]>, tokio_postgres::Error> {
+        let known = types.lock().expect("type cache").get(sql);
+        if let Some(tys) = known {
+            return Ok(tys);
+        }
+        let tys: Arc<[Type]> = self
+            .with_transient_statement(sql, in_transaction, |stmt| async move {
+                Ok(stmt.params().into())
+            })
+            .await?;
+        types.lock().expect("type cache").insert(sql, tys.clone());
+        Ok(tys)
+    }
+
+    /// Prepares `sql` as a named statement, hands it to `use_it`, and
+    /// closes it, all inside one transaction — the caller's, or one of its
+    /// own (`BEGIN` … `COMMIT`) — so that through PgBouncer's transaction
+    /// pooling the Parse and the Close reach the same server and no named
+    /// statement outlives it there. The Close is queued when `use_it`'s
+    /// future ends (it owns the statement), before the COMMIT.
+    async fn with_transient_statement<T, F, Fut>(
         &self,
         sql: &str,
-        params: Params<'_>,
-    ) -> Result<O::Out, tokio_postgres::Error> {
-        let stmt = self.client.prepare(sql).await?;
-        O::prepared(&self.client, &stmt, params).await
+        in_transaction: bool,
+        use_it: F,
+    ) -> Result<T, tokio_postgres::Error>
+    where
+        F: FnOnce(Statement) -> Fut,
+        Fut: Future<Output = Result<T, tokio_postgres::Error>>,
+    {
+        if !in_transaction {
+            // Out of autocommit until COMMIT answers: a future dropped in
+            // between leaves the connection to be discarded.
+            let _ = self.state.apply(Event::Pin);
+            let _ = self.state.apply(Event::BeginSent);
+            self.client.batch_execute("BEGIN").await?;
+        }
+        let out = match self.client.prepare(sql).await {
+            Ok(stmt) => use_it(stmt).await,
+            Err(e) => Err(e),
+        };
+        if !in_transaction {
+            let _ = self.state.apply(Event::Commit);
+            self.client.batch_execute("COMMIT").await?;
+            let _ = self.state.apply(Event::Ended);
+        }
+        out
+    }
+
+    /// Runs `sql` for a stream of rows ([`Client::query_raw`]): through the
+    /// statement cache, or in unnamed-statement mode as one unnamed
+    /// statement with its learnt parameter types, so that no named
+    /// statement is left behind on any path (PgBouncer).
+    pub(crate) async fn query_raw<P, I>(
+        &self,
+        sql: &str,
+        params: I,
+    ) -> Result<tokio_postgres::RowStream, tokio_postgres::Error>
+    where
+        P: tokio_postgres::types::BorrowToSql,
+        I: IntoIterator<Item = P>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        let Some(types) = &self.types else {
+            let stmt = self.statement(sql).await?;
+            return self.client.query_raw(&stmt, params).await;
+        };
+        let params = params.into_iter();
+        let tys = self.unnamed_types(types, sql, false).await?;
+        if tys.len() != params.len() {
+            // The driver's error, as in `run_unnamed`.
+            return self
+                .with_transient_statement(sql, false, |stmt| async move {
+                    self.client.query_raw(&stmt, params).await
+                })
+                .await;
+        }
+        self.client
+            .query_typed_raw(sql, params.zip(tys.iter().cloned()))
+            .await
     }
 
     /// The prepared statement for `sql`: from the cache, or prepared and
@@ -352,6 +418,30 @@ impl ConnParts {
     fn forget(&self, sql: &str) {
         self.cache.lock().expect("statement cache").remove(sql);
     }
+
+    /// Empties the statement cache: the server dropped (or may have
+    /// dropped) every prepared statement of this connection. Dropping the
+    /// `Statement`s sends Close for each, which the server accepts for a
+    /// name it no longer has; new statements get new names.
+    fn forget_all(&self) {
+        let dropped = std::mem::replace(
+            &mut *self.cache.lock().expect("statement cache"),
+            Lru::new(self.cache_capacity),
+        );
+        drop(dropped);
+    }
+
+    /// Clears the statement cache after `sql` ran (whatever its outcome) if
+    /// it may have dropped the server's prepared statements (`DEALLOCATE`,
+    /// `DISCARD ALL`, see [`crate::sql::control::drops_prepared_statements`]):
+    /// for a transaction or a pinned connection, where such statements are
+    /// allowed. Anything the text check cannot see is caught by the 26000
+    /// path of [`ConnParts::run`].
+    pub(crate) fn after_session_statement(&self, sql: &str) {
+        if crate::sql::control::drops_prepared_statements(sql) {
+            self.forget_all();
+        }
+    }
 }
 
 /// Whether the connection can serve the next statement after `e`.
@@ -383,6 +473,12 @@ pub(crate) fn leaves_connection_usable(e: &tokio_postgres::Error) -> bool {
     ]
     .iter()
     .any(|prefix| text.starts_with(prefix))
+}
+
+/// A prepared statement the server does not have (26000): dropped by
+/// `DEALLOCATE` or `DISCARD ALL` behind the cache's back.
+fn is_missing_statement(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME)
 }
 
 fn is_stale_plan(e: &tokio_postgres::Error) -> bool {
@@ -541,6 +637,7 @@ impl bb8::ManageConnection for Manager {
             state: Arc::new(StateCell::default()),
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             cache: Mutex::new(Lru::new(self.statement_cache)),
+            cache_capacity: self.statement_cache,
             types: (self.statement_cache == 0).then(|| Mutex::new(Lru::new(UNNAMED_TYPE_CACHE))),
             replans: AtomicU64::new(0),
             after_connect: self.after_connect.clone(),

@@ -307,6 +307,41 @@ fn scan_session(mut tokens: Lexer<'_>) -> SessionEffect {
     effect
 }
 
+/// Whether a statement of `batch` starts with `DEALLOCATE` or `DISCARD`,
+/// which may drop the server-side prepared statements of the connection's
+/// statement cache (`DEALLOCATE ALL`, `DISCARD ALL`, or `DEALLOCATE s1`
+/// naming one of ours): the cache must then be cleared. A false positive
+/// only costs re-preparing; under either reading of a backslash (see
+/// [`reject_control_in_batch`]).
+pub(crate) fn drops_prepared_statements(batch: &str) -> bool {
+    let b = batch.as_bytes();
+    let mentions = |needle: &[u8]| {
+        b.windows(needle.len())
+            .any(|w| w.eq_ignore_ascii_case(needle))
+    };
+    if !mentions(b"dealloc") && !mentions(b"discard") {
+        return false;
+    }
+    let leads = |mut tokens: Lexer<'_>| {
+        let mut at_start = true;
+        while let Some(t) = tokens.next() {
+            if t.kind == Kind::Semicolon {
+                at_start = true;
+                continue;
+            }
+            if at_start
+                && t.kind == Kind::Word
+                && matches!(Lead::of(tokens.text(t)), Lead::Deallocate | Lead::Discard)
+            {
+                return true;
+            }
+            at_start = false;
+        }
+        false
+    };
+    leads(Lexer::new(batch, false)) || (b.contains(&b'\\') && leads(Lexer::new(batch, true)))
+}
+
 /// The first word of a statement, as far as session state goes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Lead {
@@ -1490,5 +1525,26 @@ mod tests {
             Some(true)
         );
         assert_eq!(check_autocommit_session("SELECT 1").ok(), Some(false));
+    }
+
+    #[test]
+    fn statements_that_drop_prepared_statements_are_seen() {
+        for sql in [
+            "DEALLOCATE ALL",
+            "deallocate s1",
+            "SET x = 1; /* c */ Discard ALL",
+            ";;DEALLOCATE PREPARE ALL",
+            "SELECT 'a\\'; DEALLOCATE ALL; --'",
+        ] {
+            assert!(drops_prepared_statements(sql), "{sql}");
+        }
+        for sql in [
+            "SELECT 1",
+            "SELECT 'DEALLOCATE ALL'",
+            "-- DISCARD ALL\nSELECT 1",
+            "SELECT deallocate FROM t",
+        ] {
+            assert!(!drops_prepared_statements(sql), "{sql}");
+        }
     }
 }

@@ -227,7 +227,8 @@ impl TxCore {
 
     async fn run<O: Op>(&self, sql: &str, params: Params<'_>) -> Result<O::Out> {
         self.refuse_control(crate::sql::control::reject_transaction_control(sql))?;
-        self.note_session_effect(crate::sql::control::session_effect(sql));
+        let effect = crate::sql::control::session_effect(sql);
+        self.note_session_effect(effect);
         self.ready().await?;
         self.env.pool.counters().inc(|c| &c.statements);
         let started = self.observer.as_ref().map(|_| Instant::now());
@@ -249,6 +250,9 @@ impl TxCore {
             .await;
         cut_off.disarm();
         cancel.disarm();
+        if effect != crate::sql::control::SessionEffect::None {
+            self.conn.after_session_statement(sql);
+        }
         if let (Some(observer), Some(started)) = (&self.observer, started) {
             observer.statement_ran(self.conn.backend_pid, started.elapsed());
         }
@@ -283,7 +287,8 @@ impl TxCore {
     /// the machine learns it here, and the transaction goes no further.
     async fn batch(&self, sql: &str) -> Result<()> {
         self.refuse_control(crate::sql::control::reject_control_in_batch(sql))?;
-        self.note_session_effect(crate::sql::control::session_effect_in_batch(sql));
+        let effect = crate::sql::control::session_effect_in_batch(sql);
+        self.note_session_effect(effect);
         self.ready().await?;
         self.env.pool.counters().inc(|c| &c.statements);
         let cut_off = DropGuard::new(|| self.book().statement_cut = true);
@@ -302,6 +307,9 @@ impl TxCore {
         let r = self.in_transaction(both).await;
         cut_off.disarm();
         cancel.disarm();
+        if effect != crate::sql::control::SessionEffect::None {
+            self.conn.after_session_statement(sql);
+        }
         match r? {
             Ok(messages) if sql::probe_says_in_block(&messages) == Some(false) => {
                 self.lost();
