@@ -221,7 +221,11 @@ fn surely_no_session_statement(sql: &str) -> bool {
     let b = sql.as_bytes();
     match b.first().map(u8::to_ascii_lowercase) {
         Some(b's') => b.get(1..3).is_some_and(|w| w.eq_ignore_ascii_case(b"el")),
-        Some(b'c' | b'd' | b'l' | b'p' | b'r' | b'u') => false,
+        // UPDATE and DELETE (the common ones among these letters) are out
+        // at once; UNLISTEN, DECLARE, DEALLOCATE, DISCARD, DO go on.
+        Some(b'u') => !b.get(1).is_some_and(|c| c.eq_ignore_ascii_case(&b'n')),
+        Some(b'd') => b.get(1..3).is_some_and(|w| w.eq_ignore_ascii_case(b"el")),
+        Some(b'c' | b'l' | b'p' | b'r') => false,
         Some(c) => c.is_ascii_lowercase(),
         None => true,
     }
@@ -880,6 +884,39 @@ fn number_end(b: &[u8], start: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The first-bytes shortcut lets UPDATE and DELETE through and sends
+    /// every session-state statement on to the full check.
+    #[test]
+    fn the_session_shortcut_never_decides_for_a_session_statement() {
+        for sql in [
+            "UPDATE t SET a = 1",
+            "delete from t",
+            "INSERT INTO t VALUES (1)",
+            "select 1",
+        ] {
+            assert!(surely_no_session_statement(sql), "{sql}");
+        }
+        for sql in [
+            "UNLISTEN x",
+            "unlisten *",
+            "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+            "DEALLOCATE ALL",
+            "DISCARD ALL",
+            "DO $$ BEGIN END $$",
+            "SET a = 1",
+            "RESET ALL",
+            "LISTEN x",
+            "LOAD 'x'",
+            "PREPARE p AS SELECT 1",
+            "CREATE TEMP TABLE t (a int)",
+            " SET a = 1",
+            "/* c */ SET a = 1",
+            ";SET a = 1",
+        ] {
+            assert!(!surely_no_session_statement(sql), "{sql}");
+        }
+    }
 
     /// The word-at-a-time scan finds every needle wherever it falls
     /// against the eight-byte words, in any case, and nothing else.
