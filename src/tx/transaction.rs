@@ -62,6 +62,10 @@ struct Book {
     commit_sent: bool,
     /// The outermost transaction has ended (for reports).
     ended: bool,
+    /// The server answered BEGIN: from then on a cancel request can only
+    /// stop a statement inside the transaction (see
+    /// [`TxCore::cancel_if_dropped`]).
+    begin_answered: bool,
 }
 
 impl TxCore {
@@ -166,6 +170,22 @@ impl TxCore {
         r
     }
 
+    /// The transaction holds its connection alone, so a statement dropped
+    /// while the server runs it is cancelled (see
+    /// `ConnParts::cancel_if_dropped`) — but only once the server has
+    /// answered BEGIN. A cancel request stops whatever the backend runs
+    /// when it lands, and BEGIN goes out pipelined with the first
+    /// statement: a cancel that stopped the BEGIN would leave that
+    /// statement, and any queued behind it, to run and commit in
+    /// autocommit. Before that, a cut statement is left to finish and the
+    /// connection is discarded as before (the randomized cancellation test
+    /// caught this: an abandoned transaction's row committed).
+    fn cancel_if_dropped(&self) -> Option<crate::guard::DropGuard<impl FnOnce() + '_>> {
+        self.book()
+            .begin_answered
+            .then(|| self.conn.cancel_if_dropped())
+    }
+
     /// Classifies a statement error and moves the machine.
     fn statement_error(&self, e: tokio_postgres::Error) -> Error {
         if let Some(code) = e.code() {
@@ -233,9 +253,7 @@ impl TxCore {
         self.env.pool.counters().inc(|c| &c.statements);
         let started = self.observer.as_ref().map(|_| Instant::now());
         let cut_off = DropGuard::new(|| self.book().statement_cut = true);
-        // The transaction holds its connection alone: a statement dropped
-        // while the server runs it is cancelled (see `cancel_if_dropped`).
-        let cancel = self.conn.cancel_if_dropped();
+        let cancel = self.cancel_if_dropped();
         #[cfg(feature = "tracing")]
         let out = crate::telemetry::statement(
             self.env.pool.telemetry(),
@@ -249,7 +267,9 @@ impl TxCore {
             .in_transaction(self.conn.run::<O>(sql, params, false))
             .await;
         cut_off.disarm();
-        cancel.disarm();
+        if let Some(cancel) = cancel {
+            cancel.disarm();
+        }
         if effect != crate::sql::control::SessionEffect::None {
             self.conn.after_session_statement(sql);
         }
@@ -276,6 +296,7 @@ impl TxCore {
                 self.lost();
                 return Err(Error::from_pg(self.name(), e));
             }
+            self.book().begin_answered = true;
             result
         };
         result.map_err(|e| self.statement_error(e))
@@ -292,9 +313,7 @@ impl TxCore {
         self.ready().await?;
         self.env.pool.counters().inc(|c| &c.statements);
         let cut_off = DropGuard::new(|| self.book().statement_cut = true);
-        // The transaction holds its connection alone: a statement dropped
-        // while the server runs it is cancelled (see `cancel_if_dropped`).
-        let cancel = self.conn.cancel_if_dropped();
+        let cancel = self.cancel_if_dropped();
         let client = &self.conn.client;
         let both = async {
             let (batch, probe) = futures::future::join(
@@ -306,7 +325,9 @@ impl TxCore {
         };
         let r = self.in_transaction(both).await;
         cut_off.disarm();
-        cancel.disarm();
+        if let Some(cancel) = cancel {
+            cancel.disarm();
+        }
         if effect != crate::sql::control::SessionEffect::None {
             self.conn.after_session_statement(sql);
         }
@@ -554,6 +575,7 @@ impl<'a> Transaction<'a> {
         core.control(&sql::savepoint(begin, number))
             .await
             .map_err(|e| core.statement_error(e))?;
+        core.book().begin_answered = true;
         let mark = core.on_commit.lock().expect("on_commit").len();
         core.book().depth += 1;
         Ok(Transaction {
