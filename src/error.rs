@@ -333,6 +333,18 @@ impl Error {
     }
 }
 
+/// The row `query_one` asked for: the one `query_opt` found, or
+/// [`Error::NotFound`] (more than one row is already `TooManyRows`). One
+/// definition for sessions, transactions and pinned connections.
+pub(crate) fn exactly_one(
+    engine: &str,
+    row: Option<tokio_postgres::Row>,
+) -> Result<tokio_postgres::Row> {
+    row.ok_or_else(|| Error::NotFound {
+        engine: engine.to_owned(),
+    })
+}
+
 /// The driver's error in words, with what it wraps: the server's severity,
 /// SQLSTATE, message, detail and hint, or the chain of causes
 /// (tokio-postgres' own Display says only "db error" or "error connecting

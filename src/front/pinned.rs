@@ -107,11 +107,7 @@ impl Pinned {
 
     /// Runs a statement that must return exactly one row.
     pub async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row> {
-        self.run::<Opt>(sql, params)
-            .await?
-            .ok_or_else(|| Error::NotFound {
-                engine: self.engine.name().to_owned(),
-            })
+        crate::error::exactly_one(self.engine.name(), self.run::<Opt>(sql, params).await?)
     }
 
     /// Runs a statement that returns at most one row.

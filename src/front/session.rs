@@ -218,11 +218,7 @@ impl Session {
         params: &[&(dyn ToSql + Sync)],
     ) -> impl Future<Output = Result<Row>> + Send {
         let rows = self.run::<Opt>(sql, params);
-        async move {
-            rows.await?.ok_or_else(|| Error::NotFound {
-                engine: self.engine.name().to_owned(),
-            })
-        }
+        async move { crate::error::exactly_one(self.engine.name(), rows.await?) }
     }
 
     /// Runs a statement that returns at most one row.

@@ -518,11 +518,7 @@ impl<'a> Transaction<'a> {
         params: &[&(dyn ToSql + Sync)],
     ) -> impl Future<Output = Result<Row>> + Send {
         let rows = self.core().run::<Opt>(sql, params);
-        async move {
-            rows.await?.ok_or_else(|| Error::NotFound {
-                engine: self.core().name().to_owned(),
-            })
-        }
+        async move { crate::error::exactly_one(self.core().name(), rows.await?) }
     }
 
     /// Runs a statement that returns at most one row.
