@@ -885,6 +885,36 @@ fn number_end(b: &[u8], start: usize) -> usize {
 mod tests {
     use super::*;
 
+    /// Session-state statements hidden behind leading semicolons, comments
+    /// and odd case are still seen (the same tricks the transaction-control
+    /// check must survive).
+    #[test]
+    fn session_statements_behind_leading_noise_are_seen() {
+        for sql in [
+            ";SET statement_timeout = 1",
+            "\n;\n;set search_path = x",
+            "/* c */ ; SeT ROLE nobody",
+            "-- c\nLISTEN ch",
+            "/* a /* nested */ b */ PREPARE p AS SELECT 1",
+            "; ;CREATE TEMP TABLE t (a int)",
+        ] {
+            assert_ne!(session_effect(sql), SessionEffect::None, "{sql:?}");
+            assert!(check_autocommit_session(sql).is_err(), "{sql:?}");
+            let batch = format!("SELECT 'a;b' AS \"set\"; {sql}");
+            assert!(
+                check_autocommit_session_in_batch(&batch).is_err(),
+                "{batch:?}"
+            );
+        }
+        // Columns and strings named like the statements are not statements.
+        for sql in [
+            "SELECT 1 AS set, 'LISTEN x' AS reset",
+            "UPDATE t SET \"listen\" = 1",
+        ] {
+            assert!(check_autocommit_session(sql).is_ok(), "{sql:?}");
+        }
+    }
+
     /// The first-bytes shortcut lets UPDATE and DELETE through and sends
     /// every session-state statement on to the full check.
     #[test]
