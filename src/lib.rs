@@ -147,6 +147,11 @@ pub use two_phase::unit_of_work::CrashPoint;
 pub use two_phase::unit_of_work::UnitOfWork;
 pub use tx::hooks::{Outcome, TxEvent};
 pub use tx::options::{IsolationLevel, TxOptions};
+/// The transaction-status probe that rides behind every batch, for this
+/// crate's tests to check against a real server (feature `testing`).
+#[cfg(feature = "testing")]
+#[doc(hidden)]
+pub use tx::sql::STATUS_PROBE;
 pub use tx::transaction::Transaction;
 
 /// Typed rows: `#[derive(pgassist::FromRow)]` on a struct (fields by column

@@ -268,3 +268,49 @@ async fn a_request_ends_by_name() {
     assert_eq!(db.plain_names().await, ["committed"]);
     db.wait_no_transactions().await;
 }
+
+/// The transaction-status probe says what the server's state is — checked
+/// on a plain connection, sent the way pgassist sends it (its own message,
+/// pipelined behind the batch): `f` in autocommit (also right after a
+/// batch that committed), `t` inside a block opened by an earlier message
+/// or earlier in the same pipeline, an error in an aborted block. The text
+/// check catches every hidden BEGIN the tests know, so the probe is proven
+/// here directly.
+#[tokio::test]
+async fn the_status_probe_reads_the_servers_transaction_state() {
+    let db = Db::new().await;
+    let c = db.plain().await;
+    let probe = || c.simple_query(pgassist::STATUS_PROBE);
+    let answer = |m: Vec<tokio_postgres::SimpleQueryMessage>| {
+        m.iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .expect("a row")
+    };
+    for _ in 0..50 {
+        // Autocommit, alone and pipelined behind a batch.
+        assert_eq!(answer(probe().await.unwrap()), "f");
+        let (batch, p) = tokio::join!(c.batch_execute("SELECT 1; SELECT 2"), probe());
+        batch.unwrap();
+        assert_eq!(answer(p.unwrap()), "f");
+        // A batch that opens a block, the probe pipelined behind it.
+        let (batch, p) = tokio::join!(c.batch_execute("SELECT 1; BEGIN; SELECT 2"), probe());
+        batch.unwrap();
+        assert_eq!(answer(p.unwrap()), "t", "inside the block the batch opened");
+        // A batch that ends it again.
+        let (batch, p) = tokio::join!(c.batch_execute("SELECT 3; COMMIT"), probe());
+        batch.unwrap();
+        assert_eq!(answer(p.unwrap()), "f", "after the batch's COMMIT");
+        // An aborted block: the probe fails with 25P02.
+        let (batch, p) = tokio::join!(c.batch_execute("BEGIN; SELECT 1/0"), probe());
+        assert!(batch.is_err());
+        let e = p.unwrap_err();
+        assert_eq!(
+            e.code(),
+            Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION)
+        );
+        c.batch_execute("ROLLBACK").await.unwrap();
+    }
+}

@@ -69,7 +69,7 @@ pub(crate) fn quote_literal(text: &str) -> String {
 /// `now()` (the transaction's start) equals `statement_timestamp()`; inside
 /// a block begun by an earlier message it is earlier. In an aborted block
 /// the probe fails (25P02), which also says "in a block".
-pub(crate) const STATUS_PROBE: &str = "SELECT pg_catalog.now() <> pg_catalog.statement_timestamp()";
+pub const STATUS_PROBE: &str = "SELECT pg_catalog.now() <> pg_catalog.statement_timestamp()";
 
 /// What [`STATUS_PROBE`] answered: `Some(true)` inside a transaction block,
 /// `Some(false)` in autocommit, `None` if the answer has no row.
