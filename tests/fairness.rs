@@ -163,6 +163,89 @@ async fn waiters_are_served_in_arrival_order() {
     assert_pool_clean(&db, &registry, 1).await;
 }
 
+/// Pipelined mode: autocommit statements waiting for a share of the one
+/// connection (both places taken by statements blocked on a row lock) are
+/// served in arrival order: their inserts reach the server in that order
+/// (the serial ids say so), whatever order the wake-ups would come in
+/// (two worker threads race for them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn share_waiters_are_served_in_arrival_order() {
+    let db = Db::new().await;
+    let setup = db.plain().await;
+    setup
+        .batch_execute(
+            "CREATE TABLE fifo_lock(id int PRIMARY KEY, v int);
+             INSERT INTO fifo_lock VALUES (1, 0);
+             CREATE TABLE fifo_order(id bigserial PRIMARY KEY, tag int)",
+        )
+        .await
+        .unwrap();
+    let registry = db
+        .registry(|c| {
+            c.max_size(1)
+                .pipeline(2)
+                .connection_timeout(Duration::from_secs(20))
+        })
+        .await;
+    // The insert is prepared on the connection first, so that no statement
+    // of the test has a round trip of its own (a Parse) before it is sent.
+    let warm = registry.session("writer").unwrap();
+    warm.execute("INSERT INTO fifo_order(tag) VALUES ($1)", &[&-1i32])
+        .await
+        .unwrap();
+    // A plain connection holds the row lock the first two statements wait for.
+    let mut locker = db.plain().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.execute("SELECT v FROM fifo_lock WHERE id = 1 FOR UPDATE", &[])
+        .await
+        .unwrap();
+    let mut blocked = Vec::new();
+    for _ in 0..2 {
+        let session = registry.session("writer").unwrap();
+        blocked.push(tokio::spawn(async move {
+            session
+                .execute("UPDATE fifo_lock SET v = v + 1 WHERE id = 1", &[])
+                .await
+        }));
+    }
+    // Both places on the connection are taken once one of them waits on the lock.
+    let locked = eventually(Duration::from_secs(10), || async {
+        db.plain_count("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+            .await
+            == 1
+    })
+    .await;
+    assert!(locked);
+    let mut tasks = Vec::new();
+    for tag in 0..8i32 {
+        let session = registry.session("writer").unwrap();
+        tasks.push(tokio::spawn(async move {
+            session
+                .execute("INSERT INTO fifo_order(tag) VALUES ($1)", &[&tag])
+                .await
+        }));
+        until_waiting(&registry, tag as u32 + 1).await;
+    }
+    lock.commit().await.unwrap();
+    for t in blocked.into_iter().chain(tasks) {
+        within(Duration::from_secs(20), "pipelined statement", t)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let rows = setup
+        .query("SELECT tag FROM fifo_order WHERE tag >= 0 ORDER BY id", &[])
+        .await
+        .unwrap();
+    let order: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(order, (0..8).collect::<Vec<_>>());
+    let writer = registry.stats().engine("writer").unwrap().clone();
+    assert_eq!(writer.waiting, 0, "{writer:?}");
+    assert_eq!(writer.checkout_timeouts, 0, "{writer:?}");
+    assert!(writer.pipelined >= 1, "{writer:?}");
+    assert_pool_clean(&db, &registry, 1).await;
+}
+
 /// A waiter dropped after the connection was handed to it (but before it
 /// ran) passes the connection on to the next waiter, clean: nothing leaks,
 /// nothing is left in a transaction, and the pool's counts agree with the
@@ -228,12 +311,32 @@ async fn a_waiter_dropped_after_a_hand_off_passes_the_connection_on() {
 /// gets a connection in time and the pool ends clean.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn randomized_cancellation_among_waiters_leaks_nothing() {
+    cancellation_among_waiters(1, "randomized_cancellation_among_waiters_leaks_nothing").await;
+}
+
+/// The same with autocommit statements pipelined (`pipeline(3)`): futures
+/// dropped while waiting in line for a share, just handed one, or
+/// mid-statement on a shared connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_cancellation_among_share_waiters_leaks_nothing() {
+    cancellation_among_waiters(
+        3,
+        "randomized_cancellation_among_share_waiters_leaks_nothing",
+    )
+    .await;
+}
+
+async fn cancellation_among_waiters(pipeline: u32, name: &str) {
     let db = Db::new().await;
     let size = 3;
     let registry = db
-        .registry(|c| c.max_size(size).connection_timeout(Duration::from_secs(10)))
+        .registry(|c| {
+            c.max_size(size)
+                .pipeline(pipeline)
+                .connection_timeout(Duration::from_secs(10))
+        })
         .await;
-    let seed = Rng::seed("randomized_cancellation_among_waiters_leaks_nothing");
+    let seed = Rng::seed(name);
     let iters = env_u64("PGASSIST_FAIR_ITERS", 100);
     let cut_off = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -285,6 +388,9 @@ async fn randomized_cancellation_among_waiters_leaks_nothing() {
     let writer = stats.engine("writer").unwrap();
     assert_eq!(writer.checkout_timeouts, 0, "{writer:?}");
     assert_eq!(writer.waiting, 0, "{writer:?}");
+    if pipeline > 1 {
+        assert!(writer.pipelined > 0, "nothing shared: {writer:?}");
+    }
     assert!(
         eventually(Duration::from_secs(5), || async {
             let w = registry.stats().engine("writer").unwrap().clone();

@@ -192,8 +192,9 @@ impl Engine {
 /// Once the pool is saturated, waiting checkouts are served in arrival
 /// order (a returned connection goes to the oldest), so with N connections
 /// and M tasks in a closed loop `max` stays near M/N statement times.
-/// (Pipelined autocommit statements waiting for a share are woken together
-/// and are not ordered among themselves.)
+/// Pipelined autocommit statements waiting for a share
+/// ([`crate::EngineConfig::pipeline`]) are served in arrival order among
+/// themselves too.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]

@@ -166,14 +166,10 @@ impl Pool {
         }
         let slot = self.slot().ok_or_else(|| self.closed_error())?;
         let mut started: Option<Instant> = None;
+        // Its place in line once it had to wait (first come, first served).
+        let mut turn = None;
         loop {
-            let freed = slot.share_freed();
-            let mut freed = std::pin::pin!(freed);
-            if started.is_some() {
-                // Registered before looking again: no wake-up is lost.
-                freed.as_mut().enable();
-            }
-            match slot.take_shared(max_in_flight) {
+            match slot.take_shared(max_in_flight, &mut turn) {
                 SharedTake::Got(shared, joined) if !shared.client.is_closed() => {
                     self.inner.counters.inc(|c| &c.checkouts);
                     if joined {
@@ -193,18 +189,17 @@ impl Pool {
                     break;
                 }
                 SharedTake::Bb8 => break,
-                SharedTake::Wait(waiting) => {
-                    let Some(since) = started else {
-                        // Look once more, registered for a wake-up.
-                        started = Some(Instant::now());
-                        continue;
-                    };
+                SharedTake::Wait => {
+                    let since = *started.get_or_insert_with(Instant::now);
+                    let Some(waiting) = turn.as_ref() else { break };
                     let limit = self.inner.config.connection_timeout;
                     let deadline = tokio::time::Instant::from_std(since + limit);
-                    if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                    if tokio::time::timeout_at(deadline, waiting.woken())
+                        .await
+                        .is_err()
+                    {
                         return Err(self.checkout_error(RunError::TimedOut, since));
                     }
-                    drop(waiting);
                 }
             }
         }

@@ -40,7 +40,9 @@
 //! number of users) and, while the pool is saturated (every connection bb8
 //! may open is out here or promised to a checkout waiting there), further
 //! autocommit statements join it, up to the configured number in flight, or
-//! wait for a place; they never queue in bb8 then. It comes back (parked, or
+//! wait in line for a place, first come first served (only the oldest is
+//! woken when a place may be free, and it wakes the next once served); they
+//! never queue in bb8 then. It comes back (parked, or
 //! to bb8) when its last user is done. Nobody joins while a checkout waits
 //! in bb8, so lent connections drain to it and transactions are not starved;
 //! nor does anybody join a connection lent before the last flush, so every
@@ -66,8 +68,6 @@ pub(crate) struct PoolSlot {
     pub(crate) pool: Pool<Manager>,
     max_size: u32,
     ready: Mutex<Ready>,
-    /// Wakes autocommit statements waiting for a share (pipelined mode).
-    share_free: tokio::sync::Notify,
 }
 
 struct Ready {
@@ -84,8 +84,9 @@ struct Ready {
     /// Connections out of bb8 in this slot's care: parked, lent or checked
     /// out. At `max_size`, bb8 has none left and cannot open another.
     out: u32,
-    /// Autocommit statements waiting for a share (see [`ShareWait`]).
-    share_waiters: usize,
+    /// Autocommit statements waiting for a share (pipelined mode), oldest
+    /// first, each with its ticket and its wake-up (see [`ShareTurn`]).
+    share_queue: VecDeque<(u64, Arc<tokio::sync::Notify>)>,
     /// Checkouts waiting for a connection to come back, oldest first, each
     /// with its ticket (see [`Queued`]).
     queue: VecDeque<(u64, oneshot::Sender<Handoff>)>,
@@ -139,11 +140,10 @@ impl PoolSlot {
                 lent: Vec::new(),
                 epoch: 0,
                 out: 0,
-                share_waiters: 0,
+                share_queue: VecDeque::new(),
                 queue: VecDeque::new(),
                 tickets: 0,
             }),
-            share_free: tokio::sync::Notify::new(),
         });
         // Without an idle timeout or a max lifetime there is nothing for bb8
         // to enforce, and no timer is needed (each pending timer costs the
@@ -256,12 +256,14 @@ impl PoolSlot {
     }
 
     /// Releases the lock after a change that may let a statement waiting
-    /// for a share go on, and wakes those waiting.
+    /// for a share go on, and wakes the oldest one waiting: only it may
+    /// take a share, and it wakes the next once it has (see [`ShareTurn`]).
     fn unlock(&self, ready: MutexGuard<'_, Ready>) {
-        let wake = ready.share_waiters > 0;
+        let front = ready.share_queue.front().map(|(_, wake)| wake.clone());
         drop(ready);
-        if wake {
-            self.share_free.notify_waiters();
+        if let Some(wake) = front {
+            // Stored as a permit if it is not parked yet: no wake-up is lost.
+            wake.notify_one();
         }
     }
 
@@ -269,21 +271,69 @@ impl PoolSlot {
     /// pool is saturated (every connection bb8 may open is out here) and
     /// nobody waits in bb8, a share of the least busy lent connection with
     /// fewer than `max_in_flight` users. While saturated with connections
-    /// lent but none to join, the caller waits for a share ([`ShareWait`]):
-    /// joins stop while a checkout waits in bb8, so lent connections drain
-    /// to it. Otherwise it takes a connection of its own from bb8.
-    pub(crate) fn take_shared(self: &Arc<Self>, max_in_flight: u32) -> SharedTake<'_> {
+    /// lent but none to join, the caller waits for a share: it gets a
+    /// [`ShareTurn`] in `turn`, and only the oldest turn may take a share
+    /// (first come, first served), so a statement that just arrived never
+    /// takes the place of one that waits. Joins stop while a checkout
+    /// waits in bb8, so lent connections drain to it. Otherwise it takes a
+    /// connection of its own from bb8.
+    pub(crate) fn take_shared<'a>(
+        self: &'a Arc<Self>,
+        max_in_flight: u32,
+        turn: &mut Option<ShareTurn<'a>>,
+    ) -> SharedTake {
         let mut ready = self.ready();
-        if let Some(pooled) = ready.stack.pop() {
-            return SharedTake::Got(self.lend(&mut ready, pooled), false);
+        let first = match turn {
+            None => ready.share_queue.is_empty(),
+            Some(t) => ready
+                .share_queue
+                .front()
+                .is_some_and(|(f, _)| *f == t.ticket),
+        };
+        let taken = self.try_share(&mut ready, max_in_flight, first);
+        if matches!(taken, SharedTake::Wait) {
+            if turn.is_none() {
+                let wake = Arc::new(tokio::sync::Notify::new());
+                let ticket = ready.tickets;
+                ready.tickets += 1;
+                ready.share_queue.push_back((ticket, wake.clone()));
+                *turn = Some(ShareTurn {
+                    slot: self,
+                    ticket,
+                    wake,
+                });
+            }
+            return taken;
+        }
+        // Served: out of the line, and the next in line looks whether
+        // there is something for it too.
+        if let Some(t) = turn.take() {
+            ready.share_queue.retain(|(f, _)| *f != t.ticket);
+            self.unlock(ready);
+            drop(t); // no longer in line: its drop finds nothing to do
+        }
+        taken
+    }
+
+    /// What [`PoolSlot::take_shared`] can get now; a share only for the
+    /// `first` in line.
+    fn try_share(
+        self: &Arc<Self>,
+        ready: &mut Ready,
+        max_in_flight: u32,
+        first: bool,
+    ) -> SharedTake {
+        if first {
+            if let Some(pooled) = ready.stack.pop() {
+                return SharedTake::Got(self.lend(ready, pooled), false);
+            }
         }
         // Saturated: every connection bb8 may open is out here or promised
         // to a checkout waiting there.
-        let saturated = ready.out as usize + ready.waiting >= self.max_size as usize;
-        if !saturated || ready.retired || ready.lent.is_empty() {
+        if !ready.saturated(self.max_size) || ready.retired || ready.lent.is_empty() {
             return SharedTake::Bb8;
         }
-        if ready.waiting == 0 && ready.queue.is_empty() {
+        if first && ready.waiting == 0 && ready.queue.is_empty() {
             let epoch = ready.epoch;
             let joinable = ready
                 .lent
@@ -304,15 +354,7 @@ impl PoolSlot {
                 return SharedTake::Got(shared, true);
             }
         }
-        ready.share_waiters += 1;
-        SharedTake::Wait(ShareWait(self))
-    }
-
-    /// Registers interest in the next change that may free a share; to be
-    /// enabled before [`PoolSlot::take_shared`] is asked again, so that no
-    /// wake-up is lost in between.
-    pub(crate) fn share_freed(&self) -> tokio::sync::futures::Notified<'_> {
-        self.share_free.notified()
+        SharedTake::Wait
     }
 
     fn lend(self: &Arc<Self>, ready: &mut Ready, pooled: Pooled) -> Shared {
@@ -352,10 +394,10 @@ impl PoolSlot {
         self.ready().stack.len() as u32
     }
 
-    /// Checkouts waiting now, in the queue or in bb8.
+    /// Checkouts waiting now: in the queue, in bb8, or for a share.
     pub(crate) fn waiters(&self) -> u32 {
         let ready = self.ready();
-        (ready.queue.len() + ready.waiting) as u32
+        (ready.queue.len() + ready.waiting + ready.share_queue.len()) as u32
     }
 
     /// Counts the caller as waiting in bb8.
@@ -444,22 +486,49 @@ impl Drop for Queued<'_> {
 }
 
 /// What [`PoolSlot::take_shared`] found.
-pub(crate) enum SharedTake<'a> {
+pub(crate) enum SharedTake {
     /// A hold on a connection; `true` if others were using it.
     Got(Shared, bool),
-    /// Saturated, but no share now: wait for one.
-    Wait(ShareWait<'a>),
+    /// Saturated, but no share now (or others are first in line): wait on
+    /// the [`ShareTurn`] for a wake-up, then ask again.
+    Wait,
     /// Not saturated (or nothing lent): take a connection from bb8.
     Bb8,
 }
 
-/// An autocommit statement counted as waiting for a share; uncounted when
-/// dropped.
-pub(crate) struct ShareWait<'a>(&'a PoolSlot);
+/// An autocommit statement's place in the line for a share (pipelined
+/// mode). Only the oldest is woken when a share may have come free; once
+/// served it wakes the next. Dropped (served, timed out or its future
+/// dropped), it leaves the line, passing its wake-up on if it was first.
+pub(crate) struct ShareTurn<'a> {
+    slot: &'a PoolSlot,
+    ticket: u64,
+    wake: Arc<tokio::sync::Notify>,
+}
 
-impl Drop for ShareWait<'_> {
+impl ShareTurn<'_> {
+    /// Waits until it may be first in line (a permit stored before this
+    /// is awaited counts).
+    pub(crate) async fn woken(&self) {
+        self.wake.notified().await;
+    }
+}
+
+impl Drop for ShareTurn<'_> {
     fn drop(&mut self) {
-        self.0.ready().share_waiters -= 1;
+        let mut ready = self.slot.ready();
+        let Some(i) = ready
+            .share_queue
+            .iter()
+            .position(|(t, _)| *t == self.ticket)
+        else {
+            return;
+        };
+        ready.share_queue.remove(i);
+        if i == 0 {
+            // It may have been woken for a share it will not take now.
+            self.slot.unlock(ready);
+        }
     }
 }
 
