@@ -17,11 +17,8 @@
 //! SQL the text check could not see is caught by the server-side probe and
 //! its connection discarded.
 
-use std::marker::PhantomData;
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::Arc;
 
-use futures::Stream;
 use tokio_postgres::types::{BorrowToSql, ToSql, Type};
 use tokio_postgres::{CopyInSink, CopyOutStream, Row, SimpleQueryMessage, Statement};
 
@@ -29,9 +26,12 @@ use super::engine::Engine;
 use crate::error::{Error, Result};
 use crate::pool::Conn;
 use crate::pool::manager::{ConnParts, Execute, Op, Opt, Query};
-use crate::pool::state::Event;
+use crate::pool::state::{ConnState, Event};
+use crate::pool::stream::RowStream;
 use crate::sql::control::{reject_control_in_batch, reject_transaction_control};
+use crate::tx::options::TxOptions;
 use crate::tx::sql;
+use crate::tx::transaction::{Transaction, TxConn};
 
 /// One pooled connection held for session-scoped work, in autocommit.
 ///
@@ -60,6 +60,11 @@ use crate::tx::sql;
 pub struct Pinned {
     conn: Conn,
     engine: Engine,
+    /// Held by a transaction begun on this connection until it is done
+    /// with it (its drop-path ROLLBACK answered included): every use of
+    /// the connection waits for it first, so nothing of ours goes out
+    /// while the server may still be inside that transaction.
+    lent: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Pinned {
@@ -74,7 +79,69 @@ impl Pinned {
             )));
         }
         let _ = conn.state.apply(Event::SessionChanged);
-        Ok(Pinned { conn, engine })
+        Ok(Pinned {
+            conn,
+            engine,
+            lent: Arc::default(),
+        })
+    }
+
+    /// Waits until a transaction begun on this connection is done with it,
+    /// and checks that the connection is in autocommit: a transaction whose
+    /// end the server did not confirm leaves it unusable (and it is
+    /// discarded when this `Pinned` is dropped).
+    async fn settle(&self) -> Result<()> {
+        if self.lent.try_lock().is_err() {
+            drop(self.lent.lock().await);
+        }
+        match self.conn.state.get() {
+            ConnState::Idle => Ok(()),
+            state => Err(Error::Closed {
+                engine: self.engine.name().to_owned(),
+                reason: format!(
+                    "the pinned connection is unusable ({state:?}): a transaction on it did \
+                     not end cleanly, or the connection broke; drop it and pin another"
+                ),
+            }),
+        }
+    }
+
+    /// Begins a transaction on this connection, with the server's default
+    /// options: see [`Pinned::begin_with`].
+    pub async fn begin(&mut self) -> Result<Transaction<'_>> {
+        self.begin_with(TxOptions::new()).await
+    }
+
+    /// Begins a transaction on this connection. It is an ordinary
+    /// [`Transaction`] — lazy BEGIN, savepoints, the same end path and
+    /// state machine as one begun by [`Session::begin`](crate::Session::begin)
+    /// — that borrows this `Pinned` mutably, so the connection cannot be
+    /// used beside it. After `commit()`, `rollback()` or a drop, the
+    /// connection is back in autocommit and still pinned: session state
+    /// (temporary tables, advisory locks, settings) is kept. A transaction
+    /// dropped unfinished is rolled back at once on a spawned task, and
+    /// this `Pinned` waits for that ROLLBACK's answer before its next use.
+    ///
+    /// ```no_run
+    /// # async fn demo(session: pgassist::Session) -> Result<(), pgassist::Error> {
+    /// let mut pinned = session.pin().await?;
+    /// pinned.batch_execute("CREATE TEMP TABLE staging (id int)").await?;
+    /// let tx = pinned.begin().await?;
+    /// tx.execute("INSERT INTO staging VALUES (1)", &[]).await?;
+    /// tx.commit().await?;
+    /// pinned.query("SELECT * FROM staging", &[]).await?; // same session
+    /// # Ok(()) }
+    /// ```
+    pub async fn begin_with(&mut self, options: TxOptions) -> Result<Transaction<'_>> {
+        self.settle().await?;
+        let until_ended = self.lent.clone().lock_owned().await;
+        Transaction::start(
+            self.engine.env(),
+            TxConn::lent(self.conn.share(), until_ended),
+            options,
+            1,
+            None,
+        )
     }
 
     /// The engine this connection belongs to.
@@ -94,6 +161,7 @@ impl Pinned {
 
     async fn run<O: Op>(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<O::Out> {
         reject_transaction_control(sql)?;
+        self.settle().await?;
         self.engine.pool().counters().inc(|c| &c.statements);
         let out = self.conn.run::<O>(sql, params, true).await;
         self.conn.after_session_statement(sql);
@@ -134,6 +202,7 @@ impl Pinned {
     /// in a session's batch, and backed by the same server-side probe.
     pub async fn simple_query(&self, sql: &str) -> Result<Vec<SimpleQueryMessage>> {
         reject_control_in_batch(sql)?;
+        self.settle().await?;
         self.engine.pool().counters().inc(|c| &c.statements);
         let out = probed_simple_query(self.engine.name(), &self.conn, sql).await;
         self.conn.after_session_statement(sql);
@@ -145,6 +214,7 @@ impl Pinned {
     /// [`Pinned::query_raw_prepared`] on this connection.
     pub async fn prepare_typed(&self, sql: &str, types: &[Type]) -> Result<Statement> {
         reject_transaction_control(sql)?;
+        self.settle().await?;
         self.conn
             .client
             .prepare_typed(sql, types)
@@ -158,6 +228,7 @@ impl Pinned {
         statement: &Statement,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>> {
+        self.settle().await?;
         self.engine.pool().counters().inc(|c| &c.statements);
         self.conn
             .client
@@ -176,6 +247,7 @@ impl Pinned {
         I::IntoIter: ExactSizeIterator,
     {
         reject_transaction_control(sql)?;
+        self.settle().await?;
         let statement = self.conn.statement(sql).await.map_err(|e| self.error(e))?;
         self.query_raw_prepared(&statement, params).await
     }
@@ -191,6 +263,7 @@ impl Pinned {
         I: IntoIterator<Item = P>,
         I::IntoIter: ExactSizeIterator,
     {
+        self.settle().await?;
         self.engine.pool().counters().inc(|c| &c.statements);
         let rows = self
             .conn
@@ -198,7 +271,12 @@ impl Pinned {
             .query_raw(statement, params)
             .await
             .map_err(|e| self.error(e))?;
-        Ok(RowStream::borrowed(rows, self.engine.name()))
+        let conn = &self.conn;
+        Ok(RowStream::borrowed(
+            rows,
+            self.engine.name(),
+            Box::new(move |e| conn.vet(e)),
+        ))
     }
 
     /// Starts `COPY … FROM STDIN` (text, CSV or binary, as `sql` says):
@@ -210,6 +288,7 @@ impl Pinned {
         T: bytes::Buf + 'static + Send,
     {
         reject_transaction_control(sql)?;
+        self.settle().await?;
         self.engine.pool().counters().inc(|c| &c.statements);
         self.conn
             .client
@@ -222,6 +301,7 @@ impl Pinned {
     /// chunks. Dropping it early is safe (the rest is discarded).
     pub async fn copy_out(&self, sql: &str) -> Result<CopyOutStream> {
         reject_transaction_control(sql)?;
+        self.settle().await?;
         self.engine.pool().counters().inc(|c| &c.statements);
         self.conn
             .client
@@ -275,80 +355,4 @@ pub(crate) async fn probed_simple_query(
         )));
     }
     Ok(messages)
-}
-
-/// Rows streamed as the server sends them ([`Pinned::query_raw`],
-/// [`Session::query_raw`](crate::Session::query_raw)). Holds its connection
-/// — borrowed from a [`Pinned`], or checked out for the stream alone —
-/// until it ends or is dropped.
-pub struct RowStream<'a> {
-    /// Boxed, so that the stream is `Unpin` (`next()` works on it as is).
-    rows: Pin<Box<tokio_postgres::RowStream>>,
-    /// The connection the stream checked out for itself, returned when it
-    /// is dropped.
-    conn: Option<Conn>,
-    engine: std::sync::Arc<str>,
-    borrow: PhantomData<&'a Pinned>,
-}
-
-impl std::fmt::Debug for RowStream<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RowStream")
-            .field("engine", &self.engine)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<'a> RowStream<'a> {
-    fn borrowed(rows: tokio_postgres::RowStream, engine: &str) -> RowStream<'a> {
-        RowStream {
-            rows: Box::pin(rows),
-            conn: None,
-            engine: engine.into(),
-            borrow: PhantomData,
-        }
-    }
-
-    /// A stream that owns the connection it runs on.
-    pub(crate) fn owning(
-        rows: tokio_postgres::RowStream,
-        conn: Conn,
-        engine: &str,
-    ) -> RowStream<'static> {
-        RowStream {
-            rows: Box::pin(rows),
-            conn: Some(conn),
-            engine: engine.into(),
-            borrow: PhantomData,
-        }
-    }
-
-    /// The number of rows the statement affected, once the stream has ended.
-    pub fn rows_affected(&self) -> Option<u64> {
-        self.rows.rows_affected()
-    }
-}
-
-impl Stream for RowStream<'_> {
-    type Item = Result<Row>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Row>>> {
-        let this = self.get_mut();
-        match this.rows.as_mut().poll_next(cx) {
-            Poll::Ready(Some(Err(e))) => {
-                if let Some(conn) = this.conn.as_ref() {
-                    conn.vet(&e);
-                }
-                Poll::Ready(Some(Err(Error::from_pg(&this.engine, e))))
-            }
-            Poll::Ready(None) => {
-                // Ended: the connection goes back at once, not when the
-                // caller gets round to dropping the stream.
-                this.conn.take();
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(Ok(row))) => Poll::Ready(Some(Ok(row))),
-            Poll::Pending => Poll::Pending,
-        }
-    }
 }

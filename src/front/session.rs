@@ -6,12 +6,13 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use super::engine::Engine;
-use super::pinned::{Pinned, RowStream, probed_simple_query};
+use super::pinned::{Pinned, probed_simple_query};
 use super::replica::Target;
 use super::sessions::ScopeRef;
 use crate::error::{Error, Result};
 use crate::pool::Lease;
 use crate::pool::manager::{ConnParts, Execute, Op, Opt, Params, Query};
+use crate::pool::stream::RowStream;
 use crate::sql::control::{
     check_autocommit_session, check_autocommit_session_in_batch, reject_control_in_batch,
     reject_transaction_control,
@@ -368,7 +369,7 @@ impl Session {
         }
         self.engine.pool().counters().inc(|c| &c.statements);
         let name = self.engine.name();
-        let rows = conn.query_raw(sql, params).await.map_err(|e| {
+        let rows = conn.query_raw(sql, params, false).await.map_err(|e| {
             conn.vet(&e);
             Error::from_pg(name, e)
         })?;
@@ -430,7 +431,7 @@ impl Session {
         let observer = self.scope.as_ref().map(|scope| {
             Box::new(scope.reporter(self.engine.inner.has_replicas)) as Box<dyn Observer>
         });
-        Transaction::start(self.engine.env(), conn, options, attempt, observer)
+        Transaction::start(self.engine.env(), conn.into(), options, attempt, observer)
     }
 
     /// Runs `f` in a transaction: commit on `Ok`, roll back on `Err`.

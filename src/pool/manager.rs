@@ -288,11 +288,14 @@ impl ConnParts {
     /// Runs `sql` for a stream of rows ([`Client::query_raw`]): through the
     /// statement cache, or in unnamed-statement mode as one unnamed
     /// statement with its learnt parameter types, so that no named
-    /// statement is left behind on any path (PgBouncer).
+    /// statement is left behind on any path (PgBouncer). `in_transaction`:
+    /// the connection is inside the caller's transaction (its statements
+    /// go there, none of their own).
     pub(crate) async fn query_raw<P, I>(
         &self,
         sql: &str,
         params: I,
+        in_transaction: bool,
     ) -> Result<tokio_postgres::RowStream, tokio_postgres::Error>
     where
         P: tokio_postgres::types::BorrowToSql,
@@ -304,11 +307,11 @@ impl ConnParts {
             return self.client.query_raw(&stmt, params).await;
         };
         let params = params.into_iter();
-        let tys = self.unnamed_types(types, sql, false).await?;
+        let tys = self.unnamed_types(types, sql, in_transaction).await?;
         if tys.len() != params.len() {
             // The driver's error, as in `run_unnamed`.
             return self
-                .with_transient_statement(sql, false, |stmt| async move {
+                .with_transient_statement(sql, in_transaction, |stmt| async move {
                     self.client.query_raw(&stmt, params).await
                 })
                 .await;
