@@ -256,6 +256,14 @@ impl ConnParts {
     /// pooling the Parse and the Close reach the same server and no named
     /// statement outlives it there. The Close is queued when `use_it`'s
     /// future ends (it owns the statement), before the COMMIT.
+    ///
+    /// Why a named statement at all: tokio-postgres (0.7.18) describes a
+    /// statement's parameters only through `Client::prepare`, which always
+    /// names it (`s<N>`); its unnamed path (`query_typed`) needs the types
+    /// up front; and the parameter-count error can only come from a
+    /// `Statement` (`Statement::unnamed` and `Error::parameters` are
+    /// private to the driver). COPY (`Client::copy_in` / `copy_out`) is
+    /// prepared the same way by the driver, inside the caller's transaction.
     async fn with_transient_statement<T, F, Fut>(
         &self,
         sql: &str,

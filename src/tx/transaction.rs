@@ -664,6 +664,10 @@ impl<'a> Transaction<'a> {
     /// transaction commits, and gone if it rolls back. A sink dropped
     /// unfinished aborts the COPY and the transaction (see [`CopyIn`]).
     ///
+    /// In PgBouncer mode ([`crate::EngineConfig::pgbouncer`]) this works
+    /// too: the driver prepares the COPY as a named statement and closes it
+    /// inside this transaction, so nothing outlives it on the server.
+    ///
     /// ```no_run
     /// # async fn demo(mut tx: pgassist::Transaction<'static>) -> Result<(), pgassist::Error> {
     /// use futures::SinkExt;
