@@ -436,3 +436,60 @@ async fn a_copy_sink_dropped_unfinished_aborts_the_transaction() {
     assert_eq!(db.plain_count("SELECT count(*) FROM items").await, 0);
     assert_pool_clean(&db, &registry, 1).await;
 }
+
+/// The closure form on a pinned connection: a serialization failure in the
+/// first attempt is rolled back and retried; the second commits, once; the
+/// session (a temporary table) survives both attempts.
+#[tokio::test]
+async fn the_closure_form_on_a_pinned_connection_retries_and_keeps_the_session() {
+    let db = Db::new().await;
+    let registry = db.registry(|c| c.max_size(1)).await;
+    let session = registry.session("writer").unwrap();
+    let mut pinned = session.pin().await.unwrap();
+    pinned
+        .batch_execute("CREATE TEMP TABLE attempts (n int)")
+        .await
+        .unwrap();
+    let attempts = pinned
+        .transaction(pgassist::TxOptions::new().retries(2), |tx| {
+            Box::pin(async move {
+                let attempt = tx.attempt() as i32;
+                tx.execute("INSERT INTO attempts VALUES ($1)", &[&attempt])
+                    .await?;
+                tx.execute("INSERT INTO items(name) VALUES ('once')", &[])
+                    .await?;
+                if attempt == 1 {
+                    tx.batch_execute(
+                        "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$",
+                    )
+                    .await?;
+                }
+                Ok::<_, Error>(attempt)
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(attempts, 2);
+    assert_eq!(names(&db).await, ["once"]);
+    // The first attempt's insert was rolled back, the table itself kept.
+    let row = pinned
+        .query_one("SELECT array_agg(n)::text FROM attempts", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "{2}");
+    // An error without retries: rolled back, returned, connection usable.
+    let err = pinned
+        .transaction(pgassist::TxOptions::new(), |tx| {
+            Box::pin(async move {
+                tx.execute("INSERT INTO items(name) VALUES ('never')", &[])
+                    .await?;
+                Err::<(), _>(Error::Usage("changed my mind".into()))
+            })
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Usage(_)));
+    assert_eq!(names(&db).await, ["once"]);
+    drop(pinned);
+    assert_pool_clean(&db, &registry, 1).await;
+}

@@ -19,6 +19,8 @@
 
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
+
 use tokio_postgres::types::{BorrowToSql, ToSql, Type};
 use tokio_postgres::{CopyInSink, CopyOutStream, Row, SimpleQueryMessage, Statement};
 
@@ -30,6 +32,7 @@ use crate::pool::state::{ConnState, Event};
 use crate::pool::stream::RowStream;
 use crate::sql::control::{reject_control_in_batch, reject_transaction_control};
 use crate::tx::options::TxOptions;
+use crate::tx::retry;
 use crate::tx::sql;
 use crate::tx::transaction::{Transaction, TxConn};
 
@@ -133,15 +136,51 @@ impl Pinned {
     /// # Ok(()) }
     /// ```
     pub async fn begin_with(&mut self, options: TxOptions) -> Result<Transaction<'_>> {
+        self.begin_lent(options, 1).await
+    }
+
+    async fn begin_lent(&mut self, options: TxOptions, attempt: u32) -> Result<Transaction<'_>> {
         self.settle().await?;
         let until_ended = self.lent.clone().lock_owned().await;
         Transaction::start(
             self.engine.env(),
             TxConn::lent(self.conn.share(), until_ended),
             options,
-            1,
+            attempt,
             None,
         )
+    }
+
+    /// Runs `f` in a transaction on this connection: commit on `Ok`, roll
+    /// back on `Err`, retrying serialization failures and deadlocks as
+    /// [`TxOptions::retries`] allows — the closure form of
+    /// [`Pinned::begin_with`], as [`Session::transaction`](crate::Session::transaction)
+    /// is of `Session::begin_with`. Session state survives every attempt.
+    ///
+    /// ```no_run
+    /// # async fn demo(session: pgassist::Session) -> Result<(), pgassist::Error> {
+    /// use pgassist::TxOptions;
+    /// let mut pinned = session.pin().await?;
+    /// let n: i64 = pinned
+    ///     .transaction(TxOptions::new().retries(3), |tx| {
+    ///         Box::pin(async move {
+    ///             tx.execute("INSERT INTO items(name) VALUES ('x')", &[]).await?;
+    ///             Ok::<_, pgassist::Error>(tx.query_one("SELECT count(*) FROM items", &[]).await?.get(0))
+    ///         })
+    ///     })
+    ///     .await?;
+    /// # let _ = n; Ok(()) }
+    /// ```
+    pub async fn transaction<T, E, F>(
+        &mut self,
+        options: TxOptions,
+        f: F,
+    ) -> std::result::Result<T, E>
+    where
+        F: for<'t> FnMut(&'t mut Transaction<'_>) -> BoxFuture<'t, std::result::Result<T, E>>,
+        E: From<Error>,
+    {
+        retry::transaction(self, options, f).await
     }
 
     /// The engine this connection belongs to.
@@ -308,6 +347,17 @@ impl Pinned {
             .copy_out(sql)
             .await
             .map_err(|e| self.error(e))
+    }
+}
+
+/// Each attempt of [`Pinned::transaction`] begins on the pinned connection.
+impl retry::Begin for Pinned {
+    fn begin_attempt(
+        &mut self,
+        options: TxOptions,
+        attempt: u32,
+    ) -> impl std::future::Future<Output = Result<Transaction<'_>>> + Send {
+        self.begin_lent(options, attempt)
     }
 }
 

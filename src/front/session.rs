@@ -455,37 +455,26 @@ impl Session {
     ///     .await?;
     /// # Ok(()) }
     /// ```
-    pub async fn transaction<T, E, F>(
-        &self,
-        options: TxOptions,
-        mut f: F,
-    ) -> std::result::Result<T, E>
+    pub async fn transaction<T, E, F>(&self, options: TxOptions, f: F) -> std::result::Result<T, E>
     where
         F: for<'t> FnMut(&'t mut Transaction<'_>) -> BoxFuture<'t, std::result::Result<T, E>>,
         E: From<Error>,
     {
-        let mut attempt = 1;
-        loop {
-            let mut tx = self.begin_attempt(options.clone(), attempt).await?;
-            let result = f(&mut tx).await;
-            match result {
-                Ok(value) => match tx.commit().await {
-                    Ok(()) => return Ok(value),
-                    Err(e) if e.is_retryable() && attempt <= options.retries => {}
-                    Err(e) => return Err(e.into()),
-                },
-                Err(e) => {
-                    let retryable = tx.saw_retryable();
-                    let _ = tx.rollback().await;
-                    if !(retryable && attempt <= options.retries) {
-                        return Err(e);
-                    }
-                }
-            }
-            attempt += 1;
-            tokio::time::sleep(retry::backoff(attempt)).await;
-        }
+        retry::transaction(&mut &*self, options, f).await
     }
 }
 
 crate::sql::queryable::delegate_queryable!(Session);
+
+/// Each attempt of [`Session::transaction`] begins on a connection of its own.
+impl<'a> retry::Begin for &'a Session {
+    fn begin_attempt(
+        &mut self,
+        options: TxOptions,
+        attempt: u32,
+    ) -> impl Future<Output = Result<Transaction<'_>>> + Send {
+        let session: &'a Session = self;
+        // A `Transaction<'static>`, handed out as one borrowing `self`.
+        async move { session.begin_attempt(options, attempt).await }
+    }
+}
