@@ -61,7 +61,8 @@ use crate::tx::transaction::{Transaction, TxConn};
 /// ```
 #[derive(Debug)]
 pub struct Pinned {
-    conn: Conn,
+    /// `Some` until dropped (see the `Drop` impl).
+    conn: Option<Conn>,
     engine: Engine,
     /// Held by a transaction begun on this connection until it is done
     /// with it (its drop-path ROLLBACK answered included): every use of
@@ -83,7 +84,7 @@ impl Pinned {
         }
         let _ = conn.state.apply(Event::SessionChanged);
         Ok(Pinned {
-            conn,
+            conn: Some(conn),
             engine,
             lent: Arc::default(),
         })
@@ -97,7 +98,7 @@ impl Pinned {
         if self.lent.try_lock().is_err() {
             drop(self.lent.lock().await);
         }
-        match self.conn.state.get() {
+        match self.conn().state.get() {
             ConnState::Idle => Ok(()),
             state => Err(Error::Closed {
                 engine: self.engine.name().to_owned(),
@@ -123,7 +124,9 @@ impl Pinned {
     /// connection is back in autocommit and still pinned: session state
     /// (temporary tables, advisory locks, settings) is kept. A transaction
     /// dropped unfinished is rolled back at once on a spawned task, and
-    /// this `Pinned` waits for that ROLLBACK's answer before its next use.
+    /// this `Pinned` waits for that ROLLBACK's answer before its next use
+    /// (dropped itself, it returns the connection once the answer came, so
+    /// the pool keeps it rather than discarding it).
     ///
     /// ```no_run
     /// # async fn demo(session: pgassist::Session) -> Result<(), pgassist::Error> {
@@ -144,7 +147,7 @@ impl Pinned {
         let until_ended = self.lent.clone().lock_owned().await;
         Transaction::start(
             self.engine.env(),
-            TxConn::lent(self.conn.share(), until_ended),
+            TxConn::lent(self.conn().share(), until_ended),
             options,
             attempt,
             None,
@@ -183,6 +186,12 @@ impl Pinned {
         retry::transaction(self, options, f).await
     }
 
+    fn conn(&self) -> &Conn {
+        self.conn
+            .as_ref()
+            .expect("a pinned connection until dropped")
+    }
+
     /// The engine this connection belongs to.
     pub fn engine_name(&self) -> &str {
         self.engine.name()
@@ -190,11 +199,11 @@ impl Pinned {
 
     /// The server process serving this connection (`pg_backend_pid()`).
     pub fn backend_pid(&self) -> i32 {
-        self.conn.backend_pid
+        self.conn().backend_pid
     }
 
     fn error(&self, e: tokio_postgres::Error) -> Error {
-        self.conn.vet(&e);
+        self.conn().vet(&e);
         Error::from_pg(self.engine.name(), e)
     }
 
@@ -202,8 +211,8 @@ impl Pinned {
         reject_transaction_control(sql)?;
         self.settle().await?;
         self.engine.pool().counters().inc(|c| &c.statements);
-        let out = self.conn.run::<O>(sql, params, true).await;
-        self.conn.after_session_statement(sql);
+        let out = self.conn().run::<O>(sql, params, true).await;
+        self.conn().after_session_statement(sql);
         out.map_err(|e| Error::from_pg(self.engine.name(), e))
     }
 
@@ -243,8 +252,8 @@ impl Pinned {
         reject_control_in_batch(sql)?;
         self.settle().await?;
         self.engine.pool().counters().inc(|c| &c.statements);
-        let out = probed_simple_query(self.engine.name(), &self.conn, sql).await;
-        self.conn.after_session_statement(sql);
+        let out = probed_simple_query(self.engine.name(), self.conn(), sql).await;
+        self.conn().after_session_statement(sql);
         out
     }
 
@@ -254,7 +263,7 @@ impl Pinned {
     pub async fn prepare_typed(&self, sql: &str, types: &[Type]) -> Result<Statement> {
         reject_transaction_control(sql)?;
         self.settle().await?;
-        self.conn
+        self.conn()
             .client
             .prepare_typed(sql, types)
             .await
@@ -269,7 +278,7 @@ impl Pinned {
     ) -> Result<Vec<Row>> {
         self.settle().await?;
         self.engine.pool().counters().inc(|c| &c.statements);
-        self.conn
+        self.conn()
             .client
             .query(statement, params)
             .await
@@ -287,7 +296,11 @@ impl Pinned {
     {
         reject_transaction_control(sql)?;
         self.settle().await?;
-        let statement = self.conn.statement(sql).await.map_err(|e| self.error(e))?;
+        let statement = self
+            .conn()
+            .statement(sql)
+            .await
+            .map_err(|e| self.error(e))?;
         self.query_raw_prepared(&statement, params).await
     }
 
@@ -305,12 +318,12 @@ impl Pinned {
         self.settle().await?;
         self.engine.pool().counters().inc(|c| &c.statements);
         let rows = self
-            .conn
+            .conn()
             .client
             .query_raw(statement, params)
             .await
             .map_err(|e| self.error(e))?;
-        let conn = &self.conn;
+        let conn = self.conn();
         Ok(RowStream::borrowed(
             rows,
             self.engine.name(),
@@ -329,7 +342,7 @@ impl Pinned {
         reject_transaction_control(sql)?;
         self.settle().await?;
         self.engine.pool().counters().inc(|c| &c.statements);
-        self.conn
+        self.conn()
             .client
             .copy_in(sql)
             .await
@@ -342,11 +355,35 @@ impl Pinned {
         reject_transaction_control(sql)?;
         self.settle().await?;
         self.engine.pool().counters().inc(|c| &c.statements);
-        self.conn
+        self.conn()
             .client
             .copy_out(sql)
             .await
             .map_err(|e| self.error(e))
+    }
+}
+
+impl Drop for Pinned {
+    /// Returns the connection to the pool (which resets it) — once a
+    /// transaction begun on it is done with it: a `Pinned` dropped right
+    /// after its transaction (a cancelled request) would otherwise hand
+    /// back a connection whose drop-path ROLLBACK is still in flight, and
+    /// the pool would discard it.
+    fn drop(&mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        if self.lent.try_lock().is_ok() {
+            return drop(conn);
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return drop(conn);
+        };
+        let lent = self.lent.clone();
+        runtime.spawn(async move {
+            drop(lent.lock().await);
+            drop(conn);
+        });
     }
 }
 
