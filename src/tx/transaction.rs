@@ -630,9 +630,12 @@ impl<'a> Transaction<'a> {
     /// a result of any size runs in bounded memory. The stream borrows the
     /// transaction mutably: nothing else runs on it until the stream is
     /// dropped (a statement awaited beside it would wait behind the unread
-    /// rows). Dropping the stream early is safe: the rest of the rows is
-    /// discarded and the transaction goes on. An error met while streaming
-    /// aborts the transaction, as any failed statement does.
+    /// rows). Dropping the stream early is safe: the transaction goes on,
+    /// and its next statement runs once the server has sent the rest of
+    /// the rows, which are read and discarded (no cancel request: inside a
+    /// transaction it would abort it) — for a long result, bound it with
+    /// `LIMIT` or a cursor. An error met while streaming aborts the
+    /// transaction, as any failed statement does.
     ///
     /// ```no_run
     /// # async fn demo(mut tx: pgassist::Transaction<'static>) -> Result<(), pgassist::Error> {
