@@ -138,6 +138,17 @@ impl Pinned {
     /// pinned.query("SELECT * FROM staging", &[]).await?; // same session
     /// # Ok(()) }
     /// ```
+    ///
+    /// While the transaction is open, the pinned connection cannot be used:
+    ///
+    /// ```compile_fail,E0502
+    /// # async fn demo(session: pgassist::Session) -> Result<(), pgassist::Error> {
+    /// let mut pinned = session.pin().await?;
+    /// let tx = pinned.begin().await?;
+    /// pinned.query("SELECT 1", &[]).await?; // error: `pinned` is borrowed by `tx`
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn begin_with(&mut self, options: TxOptions) -> Result<Transaction<'_>> {
         self.begin_lent(options, 1).await
     }

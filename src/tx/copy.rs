@@ -18,7 +18,15 @@ use crate::pool::state::Event;
 ///
 /// It borrows the transaction mutably: while the COPY runs, the server
 /// takes nothing else on the connection, so a statement awaited beside an
-/// open sink would wait for ever — the borrow makes that a compile error.
+/// open sink would wait for ever — the borrow makes that a compile error:
+///
+/// ```compile_fail,E0502
+/// # async fn demo(mut tx: pgassist::Transaction<'static>) -> Result<(), pgassist::Error> {
+/// let sink = tx.copy_in::<bytes::Bytes>("COPY items (name) FROM STDIN").await?;
+/// tx.execute("SELECT 1", &[]).await?; // error: `tx` is borrowed by the sink
+/// sink.finish().await?;
+/// # Ok(()) }
+/// ```
 ///
 /// Dropped without `finish()` (an early return, a cancelled future), the
 /// COPY is aborted (the driver sends `CopyFail`), which aborts the
