@@ -102,3 +102,91 @@ async fn notifications_arrive_in_order_and_survive_a_terminated_backend() {
     assert!(engine.listener(&["a\0b"]).await.is_err());
     assert!(engine.listener(&[]).await.is_err());
 }
+
+/// The listener's connection gets the engine's connect-time settings and
+/// `after_connect` hook, like a pooled connection, and again after a
+/// reconnect: the hook records each backend it ran on with the setting it
+/// saw, and sets `application_name`, seen in `pg_stat_activity`.
+#[tokio::test]
+async fn the_listener_runs_the_engines_settings_and_after_connect_hook() {
+    let db = Db::new().await;
+    let hooked_app = format!("{}-hooked", db.app);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(i32, String)>::new()));
+    let record = seen.clone();
+    let set_app = format!("SET application_name = '{hooked_app}'");
+    let registry = db
+        .registry(move |c| {
+            c.setting("statement_timeout", "4321ms")
+                .after_connect(move |client| {
+                    let (record, set_app) = (record.clone(), set_app.clone());
+                    Box::pin(async move {
+                        let row = client
+                            .query_one(
+                                "SELECT pg_backend_pid(), current_setting('statement_timeout')",
+                                &[],
+                            )
+                            .await?;
+                        record.lock().unwrap().push((row.get(0), row.get(1)));
+                        client.batch_execute(&set_app).await
+                    })
+                })
+        })
+        .await;
+    let engine = registry.engine("writer").unwrap();
+    let mut listener = engine.listener(&["jobs"]).await.unwrap();
+    let plain = db.plain().await;
+    let listening = || async {
+        plain
+            .query(
+                "SELECT pid, application_name FROM pg_stat_activity \
+                 WHERE datname = $1 AND query LIKE 'LISTEN %'",
+                &[&db.db.name],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<_, i32>(0), r.get::<_, String>(1)))
+            .collect::<Vec<_>>()
+    };
+    let first = listening().await;
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0].1, hooked_app);
+    assert!(
+        seen.lock()
+            .unwrap()
+            .contains(&(first[0].0, "4321ms".to_owned())),
+        "{first:?} not in {:?}",
+        seen.lock().unwrap()
+    );
+
+    plain
+        .query("SELECT pg_terminate_backend($1)", &[&first[0].0])
+        .await
+        .unwrap();
+    let back = common::eventually(Duration::from_secs(10), || async {
+        let now = listening().await;
+        now.len() == 1 && now[0].0 != first[0].0
+    })
+    .await;
+    assert!(back, "the listener did not come back");
+    let second = listening().await;
+    assert_eq!(second[0].1, hooked_app);
+    assert!(
+        seen.lock()
+            .unwrap()
+            .contains(&(second[0].0, "4321ms".to_owned())),
+        "{second:?} not in {:?}",
+        seen.lock().unwrap()
+    );
+    // And it still delivers.
+    registry
+        .session("writer")
+        .unwrap()
+        .notify("jobs", "after")
+        .await
+        .unwrap();
+    let n = within(Duration::from_secs(10), "a notification", listener.next())
+        .await
+        .unwrap();
+    assert_eq!(n.payload(), "after");
+}

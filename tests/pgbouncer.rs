@@ -127,10 +127,42 @@ async fn everything_works_through_pgbouncer_transaction_pooling() {
     bouncer.stop();
 }
 
+/// A transaction's stream (right and wrong parameter counts), COPY in and
+/// COPY out, committed.
+async fn in_transaction(s: &pgassist::Session, sql: &str, name: &str) {
+    use futures::{SinkExt, TryStreamExt};
+    let mut tx = s.begin().await.unwrap();
+    let rows: Vec<_> = tx
+        .query_raw(sql, [3i32, 3])
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(rows[0].get::<_, i32>(0), 6);
+    let err = tx.query_raw(sql, [3i32]).await.map(drop).unwrap_err();
+    assert!(err.to_string().contains("parameters"), "{err:?}");
+    let mut sink = tx.copy_in("COPY items (name) FROM STDIN").await.unwrap();
+    sink.send(bytes::Bytes::from(format!("{name}\n")))
+        .await
+        .unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 1);
+    let out: Vec<bytes::Bytes> = tx
+        .copy_out("COPY (SELECT count(*) FROM items) TO STDOUT")
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(!out.is_empty());
+    tx.commit().await.unwrap();
+}
+
 /// PgBouncer mode prepares no named statement that outlives its
 /// transaction, on any path: many statements with the wrong number of
 /// parameters (which take the driver's own error path), through every
-/// method and a streamed query, concurrently; then each of PgBouncer's
+/// method and a streamed query, and streams and COPY inside transactions,
+/// concurrently; then each of PgBouncer's
 /// server connections — all held at once through PgBouncer, so every one
 /// is reached — shows no prepared statement in `pg_prepared_statements`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,6 +207,10 @@ async fn pgbouncer_mode_leaves_no_prepared_statement_behind() {
                 assert_eq!(n, 3);
                 let rows: Vec<_> = s.query_raw(&sql, [2i32, 2]).await.unwrap().collect().await;
                 assert_eq!(rows[0].as_ref().unwrap().get::<_, i32>(0), 4);
+                if i % 8 == t % 8 {
+                    // Streaming and COPY inside a transaction.
+                    in_transaction(&s, &sql, &format!("copied {t}-{i}")).await;
+                }
             }
         }));
     }

@@ -7,19 +7,9 @@ mod common;
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use common::Db;
+use common::{Db, advisory_locks};
 use futures::{SinkExt, StreamExt};
 use pgassist::{Error, Queryable};
-
-/// Advisory locks held by anyone on this test's database, seen from a
-/// second plain connection.
-async fn advisory_locks(db: &Db) -> i64 {
-    db.plain_count(
-        "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
-         WHERE l.locktype = 'advisory' AND d.datname = current_database()",
-    )
-    .await
-}
 
 /// Session work is allowed on a pinned connection and ends with it: the
 /// advisory lock is released when the pin is dropped (pg_locks from a second

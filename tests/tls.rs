@@ -83,6 +83,19 @@ async fn verify_full_accepts_the_right_host_and_rejects_a_wrong_one() {
     let wrong_ca = format!("sslmode=verify-full&sslrootcert={}", other_ca.display());
     let err = ssl_in_use(&url("localhost", &wrong_ca)).await.unwrap_err();
     assert!(matches!(err, Error::Connect { .. }), "{err:?}");
+    // … at once, not after a 30 s connection_timeout of retries.
+    let started = std::time::Instant::now();
+    let slow = EngineConfig::from_url(&url("localhost", &wrong_ca))
+        .unwrap()
+        .connection_timeout(Duration::from_secs(30));
+    let err = Registry::builder()
+        .engine("db", slow)
+        .build()
+        .await
+        .unwrap_err();
+    println!("untrusted certificate: {:?}: {err}", started.elapsed());
+    assert!(matches!(err, Error::Connect { .. }), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
     // require encrypts without checking; disable does not encrypt.
     assert!(
         ssl_in_use(&url("127.0.0.1", "sslmode=require"))
@@ -106,4 +119,40 @@ async fn verify_full_accepts_the_right_host_and_rejects_a_wrong_one() {
         .unwrap_err();
     assert!(matches!(err, Error::Config(_)), "{err:?}");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `sslmode=require` against a server without TLS is refused at once, with
+/// a typed `Error::Connect`, not after `connection_timeout` (30 s here) of
+/// retries: the server's "no TLS" answer cannot change by trying again.
+/// Both at build time (checked) and at the first statement (lazy).
+#[tokio::test]
+async fn tls_refused_by_the_server_fails_at_once() {
+    let cluster = TestCluster::start(ClusterOptions::default()).unwrap();
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{}/postgres?sslmode=require",
+        cluster.port()
+    );
+    for lazy in [false, true] {
+        let started = std::time::Instant::now();
+        let config = EngineConfig::from_url(&url)
+            .unwrap()
+            .connection_timeout(Duration::from_secs(30));
+        let builder = Registry::builder().engine("db", config);
+        let err = if lazy {
+            let registry = builder.lazy().build().await.unwrap();
+            registry
+                .session("db")
+                .unwrap()
+                .query("SELECT 1", &[])
+                .await
+                .unwrap_err()
+        } else {
+            builder.build().await.unwrap_err()
+        };
+        let took = started.elapsed();
+        println!("TLS refused (lazy: {lazy}): {took:?}: {err}");
+        assert!(matches!(err, Error::Connect { .. }), "{err:?}");
+        assert!(err.to_string().contains("TLS"), "{err}");
+        assert!(took < Duration::from_secs(5), "took {took:?}");
+    }
 }

@@ -7,7 +7,12 @@
 //! notifications as a [`Stream`]. When that connection is lost (server
 //! restart, `pg_terminate_backend`, network), the listener reconnects by
 //! itself — at once, then after 50 ms, backing off to one attempt a second
-//! — and runs `LISTEN` again.
+//! — and runs `LISTEN` again. Each of its connections gets what a pooled
+//! connection gets: the engine's connect-time settings
+//! ([`EngineConfig::setting`](crate::EngineConfig::setting), TLS,
+//! `application_name`) and its
+//! [`after_connect`](crate::EngineConfig::after_connect) hook, run before
+//! `LISTEN` (a hook that fails counts as a failed connect).
 //!
 //! What can be missed: PostgreSQL keeps no notification for a session that
 //! is not listening, so a notification committed between the loss of the
@@ -122,8 +127,9 @@ impl Drop for Listener {
     }
 }
 
-/// Connects, runs the LISTEN statements while reading the connection, and
-/// returns the client, its messages and any notification that came in
+/// Connects with the engine's connect-time settings, runs its
+/// `after_connect` hook and the LISTEN statements while reading the
+/// connection, and returns the client, its messages and any notification that came in
 /// before `LISTEN` was answered.
 async fn establish(
     engine: &str,
@@ -133,7 +139,15 @@ async fn establish(
     let (client, mut messages) = connect(engine, config).await?;
     let mut early = Vec::new();
     {
-        let listen = client.batch_execute(sql);
+        // The engine's hook runs first, as on every pooled connection (the
+        // connect-time settings came with the startup packet). The
+        // connection's messages are read meanwhile: nothing moves without.
+        let listen = async {
+            if let Some(hook) = &config.after_connect {
+                hook(&client).await?;
+            }
+            client.batch_execute(sql).await
+        };
         tokio::pin!(listen);
         loop {
             tokio::select! {

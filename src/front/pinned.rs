@@ -17,11 +17,10 @@
 //! SQL the text check could not see is caught by the server-side probe and
 //! its connection discarded.
 
-use std::marker::PhantomData;
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::Arc;
 
-use futures::Stream;
+use futures::future::BoxFuture;
+
 use tokio_postgres::types::{BorrowToSql, ToSql, Type};
 use tokio_postgres::{CopyInSink, CopyOutStream, Row, SimpleQueryMessage, Statement};
 
@@ -29,9 +28,13 @@ use super::engine::Engine;
 use crate::error::{Error, Result};
 use crate::pool::Conn;
 use crate::pool::manager::{ConnParts, Execute, Op, Opt, Query};
-use crate::pool::state::Event;
+use crate::pool::state::{ConnState, Event};
+use crate::pool::stream::RowStream;
 use crate::sql::control::{reject_control_in_batch, reject_transaction_control};
+use crate::tx::options::TxOptions;
+use crate::tx::retry;
 use crate::tx::sql;
+use crate::tx::transaction::{Transaction, TxConn};
 
 /// One pooled connection held for session-scoped work, in autocommit.
 ///
@@ -58,8 +61,14 @@ use crate::tx::sql;
 /// ```
 #[derive(Debug)]
 pub struct Pinned {
-    conn: Conn,
+    /// `Some` until dropped (see the `Drop` impl).
+    conn: Option<Conn>,
     engine: Engine,
+    /// Held by a transaction begun on this connection until it is done
+    /// with it (its drop-path ROLLBACK answered included): every use of
+    /// the connection waits for it first, so nothing of ours goes out
+    /// while the server may still be inside that transaction.
+    lent: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Pinned {
@@ -74,7 +83,124 @@ impl Pinned {
             )));
         }
         let _ = conn.state.apply(Event::SessionChanged);
-        Ok(Pinned { conn, engine })
+        Ok(Pinned {
+            conn: Some(conn),
+            engine,
+            lent: Arc::default(),
+        })
+    }
+
+    /// Waits until a transaction begun on this connection is done with it,
+    /// and checks that the connection is in autocommit: a transaction whose
+    /// end the server did not confirm leaves it unusable (and it is
+    /// discarded when this `Pinned` is dropped).
+    async fn settle(&self) -> Result<()> {
+        if self.lent.try_lock().is_err() {
+            drop(self.lent.lock().await);
+        }
+        match self.conn().state.get() {
+            ConnState::Idle => Ok(()),
+            state => Err(Error::Closed {
+                engine: self.engine.name().to_owned(),
+                reason: format!(
+                    "the pinned connection is unusable ({state:?}): a transaction on it did \
+                     not end cleanly, or the connection broke; drop it and pin another"
+                ),
+            }),
+        }
+    }
+
+    /// Begins a transaction on this connection, with the server's default
+    /// options: see [`Pinned::begin_with`].
+    pub async fn begin(&mut self) -> Result<Transaction<'_>> {
+        self.begin_with(TxOptions::new()).await
+    }
+
+    /// Begins a transaction on this connection. It is an ordinary
+    /// [`Transaction`] — lazy BEGIN, savepoints, the same end path and
+    /// state machine as one begun by [`Session::begin`](crate::Session::begin)
+    /// — that borrows this `Pinned` mutably, so the connection cannot be
+    /// used beside it. After `commit()`, `rollback()` or a drop, the
+    /// connection is back in autocommit and still pinned: session state
+    /// (temporary tables, advisory locks, settings) is kept. A transaction
+    /// dropped unfinished is rolled back at once on a spawned task, and
+    /// this `Pinned` waits for that ROLLBACK's answer before its next use
+    /// (dropped itself, it returns the connection once the answer came, so
+    /// the pool keeps it rather than discarding it).
+    ///
+    /// ```no_run
+    /// # async fn demo(session: pgassist::Session) -> Result<(), pgassist::Error> {
+    /// let mut pinned = session.pin().await?;
+    /// pinned.batch_execute("CREATE TEMP TABLE staging (id int)").await?;
+    /// let tx = pinned.begin().await?;
+    /// tx.execute("INSERT INTO staging VALUES (1)", &[]).await?;
+    /// tx.commit().await?;
+    /// pinned.query("SELECT * FROM staging", &[]).await?; // same session
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// While the transaction is open, the pinned connection cannot be used:
+    ///
+    /// ```compile_fail,E0502
+    /// # async fn demo(session: pgassist::Session) -> Result<(), pgassist::Error> {
+    /// let mut pinned = session.pin().await?;
+    /// let tx = pinned.begin().await?;
+    /// pinned.query("SELECT 1", &[]).await?; // error: `pinned` is borrowed by `tx`
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn begin_with(&mut self, options: TxOptions) -> Result<Transaction<'_>> {
+        self.begin_lent(options, 1).await
+    }
+
+    async fn begin_lent(&mut self, options: TxOptions, attempt: u32) -> Result<Transaction<'_>> {
+        self.settle().await?;
+        let until_ended = self.lent.clone().lock_owned().await;
+        Transaction::start(
+            self.engine.env(),
+            TxConn::lent(self.conn().share(), until_ended),
+            options,
+            attempt,
+            None,
+        )
+    }
+
+    /// Runs `f` in a transaction on this connection: commit on `Ok`, roll
+    /// back on `Err`, retrying serialization failures and deadlocks as
+    /// [`TxOptions::retries`] allows — the closure form of
+    /// [`Pinned::begin_with`], as [`Session::transaction`](crate::Session::transaction)
+    /// is of `Session::begin_with`. Session state survives every attempt.
+    ///
+    /// ```no_run
+    /// # async fn demo(session: pgassist::Session) -> Result<(), pgassist::Error> {
+    /// use pgassist::TxOptions;
+    /// let mut pinned = session.pin().await?;
+    /// let n: i64 = pinned
+    ///     .transaction(TxOptions::new().retries(3), |tx| {
+    ///         Box::pin(async move {
+    ///             tx.execute("INSERT INTO items(name) VALUES ('x')", &[]).await?;
+    ///             Ok::<_, pgassist::Error>(tx.query_one("SELECT count(*) FROM items", &[]).await?.get(0))
+    ///         })
+    ///     })
+    ///     .await?;
+    /// # let _ = n; Ok(()) }
+    /// ```
+    pub async fn transaction<T, E, F>(
+        &mut self,
+        options: TxOptions,
+        f: F,
+    ) -> std::result::Result<T, E>
+    where
+        F: for<'t> FnMut(&'t mut Transaction<'_>) -> BoxFuture<'t, std::result::Result<T, E>>,
+        E: From<Error>,
+    {
+        retry::transaction(self, options, f).await
+    }
+
+    fn conn(&self) -> &Conn {
+        self.conn
+            .as_ref()
+            .expect("a pinned connection until dropped")
     }
 
     /// The engine this connection belongs to.
@@ -84,19 +210,20 @@ impl Pinned {
 
     /// The server process serving this connection (`pg_backend_pid()`).
     pub fn backend_pid(&self) -> i32 {
-        self.conn.backend_pid
+        self.conn().backend_pid
     }
 
     fn error(&self, e: tokio_postgres::Error) -> Error {
-        self.conn.vet(&e);
+        self.conn().vet(&e);
         Error::from_pg(self.engine.name(), e)
     }
 
     async fn run<O: Op>(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<O::Out> {
         reject_transaction_control(sql)?;
+        self.settle().await?;
         self.engine.pool().counters().inc(|c| &c.statements);
-        let out = self.conn.run::<O>(sql, params, true).await;
-        self.conn.after_session_statement(sql);
+        let out = self.conn().run::<O>(sql, params, true).await;
+        self.conn().after_session_statement(sql);
         out.map_err(|e| Error::from_pg(self.engine.name(), e))
     }
 
@@ -134,9 +261,10 @@ impl Pinned {
     /// in a session's batch, and backed by the same server-side probe.
     pub async fn simple_query(&self, sql: &str) -> Result<Vec<SimpleQueryMessage>> {
         reject_control_in_batch(sql)?;
+        self.settle().await?;
         self.engine.pool().counters().inc(|c| &c.statements);
-        let out = probed_simple_query(self.engine.name(), &self.conn, sql).await;
-        self.conn.after_session_statement(sql);
+        let out = probed_simple_query(self.engine.name(), self.conn(), sql).await;
+        self.conn().after_session_statement(sql);
         out
     }
 
@@ -145,7 +273,8 @@ impl Pinned {
     /// [`Pinned::query_raw_prepared`] on this connection.
     pub async fn prepare_typed(&self, sql: &str, types: &[Type]) -> Result<Statement> {
         reject_transaction_control(sql)?;
-        self.conn
+        self.settle().await?;
+        self.conn()
             .client
             .prepare_typed(sql, types)
             .await
@@ -158,8 +287,9 @@ impl Pinned {
         statement: &Statement,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>> {
+        self.settle().await?;
         self.engine.pool().counters().inc(|c| &c.statements);
-        self.conn
+        self.conn()
             .client
             .query(statement, params)
             .await
@@ -176,7 +306,12 @@ impl Pinned {
         I::IntoIter: ExactSizeIterator,
     {
         reject_transaction_control(sql)?;
-        let statement = self.conn.statement(sql).await.map_err(|e| self.error(e))?;
+        self.settle().await?;
+        let statement = self
+            .conn()
+            .statement(sql)
+            .await
+            .map_err(|e| self.error(e))?;
         self.query_raw_prepared(&statement, params).await
     }
 
@@ -191,14 +326,20 @@ impl Pinned {
         I: IntoIterator<Item = P>,
         I::IntoIter: ExactSizeIterator,
     {
+        self.settle().await?;
         self.engine.pool().counters().inc(|c| &c.statements);
         let rows = self
-            .conn
+            .conn()
             .client
             .query_raw(statement, params)
             .await
             .map_err(|e| self.error(e))?;
-        Ok(RowStream::borrowed(rows, self.engine.name()))
+        let conn = self.conn();
+        Ok(RowStream::borrowed(
+            rows,
+            self.engine.name(),
+            Box::new(move |e| conn.vet(e)),
+        ))
     }
 
     /// Starts `COPY … FROM STDIN` (text, CSV or binary, as `sql` says):
@@ -210,8 +351,9 @@ impl Pinned {
         T: bytes::Buf + 'static + Send,
     {
         reject_transaction_control(sql)?;
+        self.settle().await?;
         self.engine.pool().counters().inc(|c| &c.statements);
-        self.conn
+        self.conn()
             .client
             .copy_in(sql)
             .await
@@ -222,12 +364,48 @@ impl Pinned {
     /// chunks. Dropping it early is safe (the rest is discarded).
     pub async fn copy_out(&self, sql: &str) -> Result<CopyOutStream> {
         reject_transaction_control(sql)?;
+        self.settle().await?;
         self.engine.pool().counters().inc(|c| &c.statements);
-        self.conn
+        self.conn()
             .client
             .copy_out(sql)
             .await
             .map_err(|e| self.error(e))
+    }
+}
+
+impl Drop for Pinned {
+    /// Returns the connection to the pool (which resets it) — once a
+    /// transaction begun on it is done with it: a `Pinned` dropped right
+    /// after its transaction (a cancelled request) would otherwise hand
+    /// back a connection whose drop-path ROLLBACK is still in flight, and
+    /// the pool would discard it.
+    fn drop(&mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        if self.lent.try_lock().is_ok() {
+            return drop(conn);
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return drop(conn);
+        };
+        let lent = self.lent.clone();
+        runtime.spawn(async move {
+            drop(lent.lock().await);
+            drop(conn);
+        });
+    }
+}
+
+/// Each attempt of [`Pinned::transaction`] begins on the pinned connection.
+impl retry::Begin for Pinned {
+    fn begin_attempt(
+        &mut self,
+        options: TxOptions,
+        attempt: u32,
+    ) -> impl std::future::Future<Output = Result<Transaction<'_>>> + Send {
+        self.begin_lent(options, attempt)
     }
 }
 
@@ -275,80 +453,4 @@ pub(crate) async fn probed_simple_query(
         )));
     }
     Ok(messages)
-}
-
-/// Rows streamed as the server sends them ([`Pinned::query_raw`],
-/// [`Session::query_raw`](crate::Session::query_raw)). Holds its connection
-/// — borrowed from a [`Pinned`], or checked out for the stream alone —
-/// until it ends or is dropped.
-pub struct RowStream<'a> {
-    /// Boxed, so that the stream is `Unpin` (`next()` works on it as is).
-    rows: Pin<Box<tokio_postgres::RowStream>>,
-    /// The connection the stream checked out for itself, returned when it
-    /// is dropped.
-    conn: Option<Conn>,
-    engine: std::sync::Arc<str>,
-    borrow: PhantomData<&'a Pinned>,
-}
-
-impl std::fmt::Debug for RowStream<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RowStream")
-            .field("engine", &self.engine)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<'a> RowStream<'a> {
-    fn borrowed(rows: tokio_postgres::RowStream, engine: &str) -> RowStream<'a> {
-        RowStream {
-            rows: Box::pin(rows),
-            conn: None,
-            engine: engine.into(),
-            borrow: PhantomData,
-        }
-    }
-
-    /// A stream that owns the connection it runs on.
-    pub(crate) fn owning(
-        rows: tokio_postgres::RowStream,
-        conn: Conn,
-        engine: &str,
-    ) -> RowStream<'static> {
-        RowStream {
-            rows: Box::pin(rows),
-            conn: Some(conn),
-            engine: engine.into(),
-            borrow: PhantomData,
-        }
-    }
-
-    /// The number of rows the statement affected, once the stream has ended.
-    pub fn rows_affected(&self) -> Option<u64> {
-        self.rows.rows_affected()
-    }
-}
-
-impl Stream for RowStream<'_> {
-    type Item = Result<Row>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Row>>> {
-        let this = self.get_mut();
-        match this.rows.as_mut().poll_next(cx) {
-            Poll::Ready(Some(Err(e))) => {
-                if let Some(conn) = this.conn.as_ref() {
-                    conn.vet(&e);
-                }
-                Poll::Ready(Some(Err(Error::from_pg(&this.engine, e))))
-            }
-            Poll::Ready(None) => {
-                // Ended: the connection goes back at once, not when the
-                // caller gets round to dropping the stream.
-                this.conn.take();
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(Ok(row))) => Poll::Ready(Some(Ok(row))),
-            Poll::Pending => Poll::Pending,
-        }
-    }
 }

@@ -6,12 +6,13 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use super::engine::Engine;
-use super::pinned::{Pinned, RowStream, probed_simple_query};
+use super::pinned::{Pinned, probed_simple_query};
 use super::replica::Target;
 use super::sessions::ScopeRef;
 use crate::error::{Error, Result};
 use crate::pool::Lease;
 use crate::pool::manager::{ConnParts, Execute, Op, Opt, Params, Query};
+use crate::pool::stream::RowStream;
 use crate::sql::control::{
     check_autocommit_session, check_autocommit_session_in_batch, reject_control_in_batch,
     reject_transaction_control,
@@ -368,7 +369,7 @@ impl Session {
         }
         self.engine.pool().counters().inc(|c| &c.statements);
         let name = self.engine.name();
-        let rows = conn.query_raw(sql, params).await.map_err(|e| {
+        let rows = conn.query_raw(sql, params, false).await.map_err(|e| {
             conn.vet(&e);
             Error::from_pg(name, e)
         })?;
@@ -430,7 +431,7 @@ impl Session {
         let observer = self.scope.as_ref().map(|scope| {
             Box::new(scope.reporter(self.engine.inner.has_replicas)) as Box<dyn Observer>
         });
-        Transaction::start(self.engine.env(), conn, options, attempt, observer)
+        Transaction::start(self.engine.env(), conn.into(), options, attempt, observer)
     }
 
     /// Runs `f` in a transaction: commit on `Ok`, roll back on `Err`.
@@ -454,37 +455,26 @@ impl Session {
     ///     .await?;
     /// # Ok(()) }
     /// ```
-    pub async fn transaction<T, E, F>(
-        &self,
-        options: TxOptions,
-        mut f: F,
-    ) -> std::result::Result<T, E>
+    pub async fn transaction<T, E, F>(&self, options: TxOptions, f: F) -> std::result::Result<T, E>
     where
         F: for<'t> FnMut(&'t mut Transaction<'_>) -> BoxFuture<'t, std::result::Result<T, E>>,
         E: From<Error>,
     {
-        let mut attempt = 1;
-        loop {
-            let mut tx = self.begin_attempt(options.clone(), attempt).await?;
-            let result = f(&mut tx).await;
-            match result {
-                Ok(value) => match tx.commit().await {
-                    Ok(()) => return Ok(value),
-                    Err(e) if e.is_retryable() && attempt <= options.retries => {}
-                    Err(e) => return Err(e.into()),
-                },
-                Err(e) => {
-                    let retryable = tx.saw_retryable();
-                    let _ = tx.rollback().await;
-                    if !(retryable && attempt <= options.retries) {
-                        return Err(e);
-                    }
-                }
-            }
-            attempt += 1;
-            tokio::time::sleep(retry::backoff(attempt)).await;
-        }
+        retry::transaction(&mut &*self, options, f).await
     }
 }
 
 crate::sql::queryable::delegate_queryable!(Session);
+
+/// Each attempt of [`Session::transaction`] begins on a connection of its own.
+impl<'a> retry::Begin for &'a Session {
+    fn begin_attempt(
+        &mut self,
+        options: TxOptions,
+        attempt: u32,
+    ) -> impl Future<Output = Result<Transaction<'_>>> + Send {
+        let session: &'a Session = self;
+        // A `Transaction<'static>`, handed out as one borrowing `self`.
+        async move { session.begin_attempt(options, attempt).await }
+    }
+}

@@ -256,6 +256,14 @@ impl ConnParts {
     /// pooling the Parse and the Close reach the same server and no named
     /// statement outlives it there. The Close is queued when `use_it`'s
     /// future ends (it owns the statement), before the COMMIT.
+    ///
+    /// Why a named statement at all: tokio-postgres (0.7.18) describes a
+    /// statement's parameters only through `Client::prepare`, which always
+    /// names it (`s<N>`); its unnamed path (`query_typed`) needs the types
+    /// up front; and the parameter-count error can only come from a
+    /// `Statement` (`Statement::unnamed` and `Error::parameters` are
+    /// private to the driver). COPY (`Client::copy_in` / `copy_out`) is
+    /// prepared the same way by the driver, inside the caller's transaction.
     async fn with_transient_statement<T, F, Fut>(
         &self,
         sql: &str,
@@ -288,11 +296,14 @@ impl ConnParts {
     /// Runs `sql` for a stream of rows ([`Client::query_raw`]): through the
     /// statement cache, or in unnamed-statement mode as one unnamed
     /// statement with its learnt parameter types, so that no named
-    /// statement is left behind on any path (PgBouncer).
+    /// statement is left behind on any path (PgBouncer). `in_transaction`:
+    /// the connection is inside the caller's transaction (its statements
+    /// go there, none of their own).
     pub(crate) async fn query_raw<P, I>(
         &self,
         sql: &str,
         params: I,
+        in_transaction: bool,
     ) -> Result<tokio_postgres::RowStream, tokio_postgres::Error>
     where
         P: tokio_postgres::types::BorrowToSql,
@@ -304,11 +315,11 @@ impl ConnParts {
             return self.client.query_raw(&stmt, params).await;
         };
         let params = params.into_iter();
-        let tys = self.unnamed_types(types, sql, false).await?;
+        let tys = self.unnamed_types(types, sql, in_transaction).await?;
         if tys.len() != params.len() {
             // The driver's error, as in `run_unnamed`.
             return self
-                .with_transient_statement(sql, false, |stmt| async move {
+                .with_transient_statement(sql, in_transaction, |stmt| async move {
                     self.client.query_raw(&stmt, params).await
                 })
                 .await;

@@ -12,6 +12,7 @@ pub(crate) mod manager;
 pub(crate) mod ready;
 pub(crate) mod state;
 pub(crate) mod stats;
+pub(crate) mod stream;
 
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};

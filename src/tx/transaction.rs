@@ -14,18 +14,65 @@ use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
+use super::copy::CopyIn;
 use super::hooks::{Callback, Outcome, TxEvent, run_after_commit, run_after_rollback};
 use super::options::TxOptions;
 use super::{Env, Observer, sql};
 use crate::error::{Error, Result, ends_session, is_connection_loss};
 use crate::guard::DropGuard;
 use crate::pool::Conn;
-use crate::pool::manager::{Execute, Op, Opt, Params, Query};
+use crate::pool::manager::{ConnParts, Execute, Op, Opt, Params, Query};
 use crate::pool::state::{ConnState, Event, Refusal};
+use crate::pool::stream::{CopyOut, RowStream};
+
+/// The connection a transaction runs on.
+pub(crate) enum TxConn {
+    /// Checked out for this transaction alone: back to the pool when the
+    /// transaction (and its drop-path ROLLBACK) is done with it.
+    Own(Conn),
+    /// Lent by a pinned connection, which keeps it checked out. The lock
+    /// is held until the transaction is done with the connection — its
+    /// COMMIT or ROLLBACK answered, a spawned drop-path ROLLBACK included —
+    /// so that the pinned connection sends nothing before that.
+    Lent {
+        parts: Arc<ConnParts>,
+        _until_ended: tokio::sync::OwnedMutexGuard<()>,
+    },
+}
+
+impl TxConn {
+    /// A connection lent by its holder, which waits on `until_ended`'s
+    /// mutex before using it again.
+    pub(crate) fn lent(
+        parts: Arc<ConnParts>,
+        until_ended: tokio::sync::OwnedMutexGuard<()>,
+    ) -> TxConn {
+        TxConn::Lent {
+            parts,
+            _until_ended: until_ended,
+        }
+    }
+}
+
+impl From<Conn> for TxConn {
+    fn from(conn: Conn) -> TxConn {
+        TxConn::Own(conn)
+    }
+}
+
+impl std::ops::Deref for TxConn {
+    type Target = ConnParts;
+    fn deref(&self) -> &ConnParts {
+        match self {
+            TxConn::Own(conn) => conn,
+            TxConn::Lent { parts, .. } => parts,
+        }
+    }
+}
 
 /// What one outermost transaction shares with its savepoints.
 pub(crate) struct TxCore {
-    conn: Conn,
+    conn: TxConn,
     env: Arc<Env>,
     event: TxEvent,
     begin_sql: Cow<'static, str>,
@@ -186,8 +233,21 @@ impl TxCore {
             .then(|| self.conn.cancel_if_dropped())
     }
 
+    /// The connection's state machine.
+    pub(crate) fn conn_state(&self) -> &crate::pool::state::StateCell {
+        &self.conn.state
+    }
+
     /// Classifies a statement error and moves the machine.
-    fn statement_error(&self, e: tokio_postgres::Error) -> Error {
+    pub(crate) fn statement_error(&self, e: tokio_postgres::Error) -> Error {
+        self.note_error(&e);
+        Error::from_pg(self.name(), e)
+    }
+
+    /// Moves the machine for a statement error (a server error aborts the
+    /// transaction); also for errors met by a stream or a COPY after their
+    /// statement returned.
+    pub(crate) fn note_error(&self, e: &tokio_postgres::Error) {
         if let Some(code) = e.code() {
             let _ = self.conn.state.apply(Event::Failed);
             if *code == SqlState::T_R_SERIALIZATION_FAILURE
@@ -195,12 +255,11 @@ impl TxCore {
             {
                 self.book().saw_retryable = true;
             }
-        } else if is_connection_loss(&e) {
+        } else if is_connection_loss(e) {
             self.lost();
         } else {
-            self.conn.vet(&e);
+            self.conn.vet(e);
         }
-        Error::from_pg(self.name(), e)
     }
 
     /// Checks that the transaction can run something, first rolling back a
@@ -246,6 +305,31 @@ impl TxCore {
     }
 
     async fn run<O: Op>(&self, sql: &str, params: Params<'_>) -> Result<O::Out> {
+        self.statement(sql, self.conn.run::<O>(sql, params, false))
+            .await
+    }
+
+    /// Runs `sql` for a stream of rows ([`Transaction::query_raw`]).
+    async fn query_raw<P, I>(&self, sql: &str, params: I) -> Result<tokio_postgres::RowStream>
+    where
+        P: tokio_postgres::types::BorrowToSql,
+        I: IntoIterator<Item = P>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        self.statement(sql, self.conn.query_raw(sql, params, true))
+            .await
+    }
+
+    /// Runs the (not yet polled) future `statement`, which sends `sql`, as
+    /// a statement of the transaction: refused if it is transaction
+    /// control, flagged if it changes session state, after a dropped
+    /// savepoint's rollback, with the lazy BEGIN, cancelled if dropped
+    /// while the server runs it.
+    async fn statement<T>(
+        &self,
+        sql: &str,
+        statement: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+    ) -> Result<T> {
         self.refuse_control(crate::sql::control::reject_transaction_control(sql))?;
         let effect = crate::sql::control::session_effect(sql);
         self.note_session_effect(effect);
@@ -259,13 +343,11 @@ impl TxCore {
             self.env.pool.telemetry(),
             Some(&self.span),
             sql,
-            self.in_transaction(self.conn.run::<O>(sql, params, false)),
+            self.in_transaction(statement),
         )
         .await;
         #[cfg(not(feature = "tracing"))]
-        let out = self
-            .in_transaction(self.conn.run::<O>(sql, params, false))
-            .await;
+        let out = self.in_transaction(statement).await;
         cut_off.disarm();
         if let Some(cancel) = cancel {
             cancel.disarm();
@@ -379,7 +461,7 @@ impl<'a> Transaction<'a> {
     /// per-transaction connection map. Nothing is sent yet.
     pub(crate) fn start(
         env: &Arc<Env>,
-        conn: Conn,
+        conn: TxConn,
         options: TxOptions,
         attempt: u32,
         observer: Option<Box<dyn Observer>>,
@@ -542,6 +624,84 @@ impl<'a> Transaction<'a> {
     /// Runs one or more statements without parameters (simple protocol).
     pub async fn batch_execute(&self, sql: &str) -> Result<()> {
         self.core().batch(sql).await
+    }
+
+    /// Runs a statement and streams its rows as the server sends them, so
+    /// a result of any size runs in bounded memory. The stream borrows the
+    /// transaction mutably: nothing else runs on it until the stream is
+    /// dropped (a statement awaited beside it would wait behind the unread
+    /// rows). Dropping the stream early is safe: the transaction goes on,
+    /// and its next statement runs once the server has sent the rest of
+    /// the rows, which are read and discarded (no cancel request: inside a
+    /// transaction it would abort it) — for a long result, bound it with
+    /// `LIMIT` or a cursor. An error met while streaming aborts the
+    /// transaction, as any failed statement does.
+    ///
+    /// ```no_run
+    /// # async fn demo(mut tx: pgassist::Transaction<'static>) -> Result<(), pgassist::Error> {
+    /// use futures::TryStreamExt;
+    /// let mut rows = tx.query_raw("SELECT id FROM big WHERE id > $1", [&0_i64]).await?;
+    /// while let Some(row) = rows.try_next().await? {
+    ///     let _id: i64 = row.get(0);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn query_raw<P, I>(&mut self, sql: &str, params: I) -> Result<RowStream<'_>>
+    where
+        P: tokio_postgres::types::BorrowToSql,
+        I: IntoIterator<Item = P>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        let core = self.core();
+        let rows = core.query_raw(sql, params).await?;
+        Ok(RowStream::borrowed(
+            rows,
+            core.name(),
+            Box::new(move |e| core.note_error(e)),
+        ))
+    }
+
+    /// Starts `COPY … FROM STDIN` (text, CSV or binary, as `sql` says) in
+    /// this transaction: write the data into the returned [`CopyIn`] and
+    /// [`CopyIn::finish`] it. The rows are visible to others once the
+    /// transaction commits, and gone if it rolls back. A sink dropped
+    /// unfinished aborts the COPY and the transaction (see [`CopyIn`]).
+    ///
+    /// In PgBouncer mode ([`crate::EngineConfig::pgbouncer`]) this works
+    /// too: the driver prepares the COPY as a named statement and closes it
+    /// inside this transaction, so nothing outlives it on the server.
+    ///
+    /// ```no_run
+    /// # async fn demo(mut tx: pgassist::Transaction<'static>) -> Result<(), pgassist::Error> {
+    /// use futures::SinkExt;
+    /// let mut sink = tx.copy_in("COPY items (id, name) FROM STDIN").await?;
+    /// sink.send(bytes::Bytes::from_static(b"1\tone\n2\ttwo\n")).await?;
+    /// let rows = sink.finish().await?;
+    /// # let _ = rows;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn copy_in<T>(&mut self, sql: &str) -> Result<CopyIn<'_, T>>
+    where
+        T: bytes::Buf + 'static + Send,
+    {
+        let core = self.core();
+        let sink = core.statement(sql, core.conn.client.copy_in(sql)).await?;
+        Ok(CopyIn::new(sink, core))
+    }
+
+    /// Starts `COPY … TO STDOUT` (text, CSV or binary) in this transaction:
+    /// a stream of data chunks, which sees the transaction's own writes.
+    /// Borrows the transaction mutably, as [`Transaction::query_raw`] does;
+    /// dropping the stream early is safe.
+    pub async fn copy_out(&mut self, sql: &str) -> Result<CopyOut<'_>> {
+        let core = self.core();
+        let data = core.statement(sql, core.conn.client.copy_out(sql)).await?;
+        Ok(CopyOut::new(
+            data,
+            core.name(),
+            Box::new(move |e| core.note_error(e)),
+        ))
     }
 
     /// Opens a savepoint inside this transaction. The returned guard borrows

@@ -134,6 +134,16 @@ impl Db {
     }
 }
 
+/// Advisory locks held by anyone on this test's database, seen from a
+/// second plain connection.
+pub async fn advisory_locks(db: &Db) -> i64 {
+    db.plain_count(
+        "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+         WHERE l.locktype = 'advisory' AND d.datname = current_database()",
+    )
+    .await
+}
+
 /// Backends of ours that the server shows inside a transaction.
 pub async fn in_transaction_backends(db: &Db) -> usize {
     db.backends()
