@@ -413,6 +413,8 @@ pub(crate) struct ConnectFailure {
     pub(crate) code: Option<SqlState>,
     /// Trying again cannot succeed (see [`is_permanent_connect_error`]).
     pub(crate) permanent: bool,
+    /// The (last) host name does not exist.
+    unknown_host: bool,
 }
 
 impl ConnectFailure {
@@ -421,7 +423,22 @@ impl ConnectFailure {
             message: describe(e),
             code: e.code().cloned(),
             permanent: is_permanent_connect_error(e),
+            unknown_host: is_unknown_host(e),
         }
+    }
+
+    /// The failure of an engine that lists several hosts (`hosts`, from
+    /// [`crate::EngineConfig::host_list`], without password). The driver
+    /// tries them in order and reports only the last one's error, so the
+    /// message names them all; and an unknown host name is then not
+    /// permanent, since another host of the list may serve (a standby that
+    /// is promoted, a host that is back in DNS).
+    pub(crate) fn among_hosts(mut self, hosts: &str) -> ConnectFailure {
+        self.message = format!("{} (hosts tried, in order: {hosts})", self.message);
+        if self.unknown_host {
+            self.permanent = false;
+        }
+        self
     }
 
     /// The failure as the error of a checkout on `engine`.
@@ -476,9 +493,13 @@ pub(crate) fn is_permanent_connect_error(e: &tokio_postgres::Error) -> bool {
     if text.starts_with("invalid configuration") || text.starts_with("authentication error") {
         return true;
     }
-    // An unknown host: getaddrinfo's EAI_NONAME ("Name or service not
-    // known") or EAI_NODATA, but not EAI_AGAIN ("Temporary failure in name
-    // resolution"), which a DNS server that is down or slow also gives.
+    is_unknown_host(e)
+}
+
+/// An unknown host: getaddrinfo's EAI_NONAME ("Name or service not
+/// known") or EAI_NODATA, but not EAI_AGAIN ("Temporary failure in name
+/// resolution"), which a DNS server that is down or slow also gives.
+fn is_unknown_host(e: &tokio_postgres::Error) -> bool {
     let lookup = describe(e);
     lookup.contains("failed to lookup address information") && !lookup.contains("Temporary failure")
 }

@@ -17,6 +17,21 @@ pub const DEFAULT_STATEMENT_CACHE: usize = 256;
 
 /// How to reach one database, and how to pool its connections.
 ///
+/// **Several hosts.** A URL may list several hosts, as libpq allows
+/// (`postgres://app@db1:5432,db2:5432/shop` or
+/// `host=db1,db2 port=5432,5432 dbname=shop`); each connection goes to the
+/// first host, in order, that accepts it and matches `target_session_attrs`.
+/// A *writer* engine (neither [`EngineConfig::read_only`] nor
+/// [`EngineConfig::replica_of`]) with several hosts defaults to
+/// `target_session_attrs=read-write`, so that it connects only to the
+/// server that is the primary now: after a failover its new connections
+/// find the promoted standby without a restart or `reinit`. Set
+/// `target_session_attrs` in the URL (or with
+/// [`EngineConfig::target_session_attrs`]) to choose otherwise. A writer
+/// whose server stops being the primary while its connections stay open
+/// (they get SQLSTATE 25006) discards its pooled connections once, and
+/// dials anew. See `docs/failover.md`.
+///
 /// ```
 /// use std::time::Duration;
 /// let cfg = pgassist::EngineConfig::from_url("postgres://app:secret@db.internal:5432/shop")?
@@ -45,6 +60,10 @@ pub struct EngineConfig {
     pub(crate) pipeline: u32,
     /// Connect-time settings (`-c name=value` startup options).
     pub(crate) settings: Vec<(String, String)>,
+    /// The URL or the caller chose `target_session_attrs` (see
+    /// [`EngineConfig::target_session_attrs`]); otherwise a writer with
+    /// several hosts gets `read-write`.
+    pub(crate) session_attrs_chosen: bool,
     pub(crate) after_connect: Option<AfterConnect>,
 }
 
@@ -85,13 +104,16 @@ impl EngineConfig {
         })?;
         let mut cfg = Self::from_pg_config(pg);
         cfg.tls = tls;
+        cfg.session_attrs_chosen = names_target_session_attrs(&driver_url);
         Ok(cfg)
     }
 
-    /// Uses an already built `tokio_postgres::Config`.
+    /// Uses an already built `tokio_postgres::Config`. Its hosts may be
+    /// several (`.host("db1").host("db2")`); a `target_session_attrs`
+    /// other than `Any` counts as chosen (see [`EngineConfig`] for the
+    /// default of a writer with several hosts).
     pub fn from_pg_config(pg: tokio_postgres::Config) -> Self {
         EngineConfig {
-            pg,
             max_size: 10,
             min_idle: None,
             connection_timeout: Duration::from_secs(30),
@@ -106,6 +128,9 @@ impl EngineConfig {
             pgbouncer: false,
             pipeline: 1,
             settings: Vec::new(),
+            session_attrs_chosen: pg.get_target_session_attrs()
+                != tokio_postgres::config::TargetSessionAttrs::Any,
+            pg,
             after_connect: None,
         }
     }
@@ -198,6 +223,48 @@ impl EngineConfig {
     pub fn read_only(mut self, yes: bool) -> Self {
         self.read_only = yes;
         self
+    }
+
+    /// Which server of a host list a connection may go to (libpq's
+    /// `target_session_attrs`): `Any`, `ReadWrite` (a primary that is not
+    /// `default_transaction_read_only`) or `ReadOnly`. Overrides the default
+    /// of a writer with several hosts (`ReadWrite`, see [`EngineConfig`]).
+    pub fn target_session_attrs(
+        mut self,
+        attrs: tokio_postgres::config::TargetSessionAttrs,
+    ) -> Self {
+        self.pg.target_session_attrs(attrs);
+        self.session_attrs_chosen = true;
+        self
+    }
+
+    /// Whether the engine writes: neither declared read-only nor a replica.
+    /// A writer follows the primary among its hosts (see [`EngineConfig`]).
+    pub fn is_writer(&self) -> bool {
+        !self.read_only && self.replica_of.is_none()
+    }
+
+    /// Whether the engine lists more than one host.
+    pub(crate) fn has_several_hosts(&self) -> bool {
+        self.pg.get_hosts().len().max(self.pg.get_hostaddrs().len()) > 1
+    }
+
+    /// The hosts a connection may try, in order, as `host:port` (no user,
+    /// no password): for connect errors.
+    pub(crate) fn host_list(&self) -> String {
+        use tokio_postgres::config::Host;
+        let ports = self.pg.get_ports();
+        let port = |i: usize| ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+        let hosts = self
+            .pg
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, h)| match h {
+                Host::Tcp(h) => format!("{h}:{}", port(i)),
+                Host::Unix(p) => format!("[{}]:{}", p.display(), port(i)),
+            });
+        hosts.collect::<Vec<_>>().join(", ")
     }
 
     /// The `application_name` the server shows in `pg_stat_activity`.
@@ -409,6 +476,9 @@ impl EngineConfig {
         if !options.is_empty() {
             pg.options(options);
         }
+        if self.is_writer() && self.has_several_hosts() && !self.session_attrs_chosen {
+            pg.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
+        }
         pg
     }
 }
@@ -595,6 +665,23 @@ fn check_at_signs(url: &str) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Whether a URL (`postgres://…?target_session_attrs=…`) or a key=value
+/// string (`… target_session_attrs=…`) sets `target_session_attrs`.
+fn names_target_session_attrs(url: &str) -> bool {
+    const KEY: &str = "target_session_attrs";
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let query = url.split_once('?').map_or("", |(_, q)| q);
+        return query
+            .split('&')
+            .any(|pair| pair.split('=').next().is_some_and(|k| k.trim() == KEY));
+    }
+    // key=value: a key starts a word (values with spaces are quoted; a
+    // quoted value that contains the key is a rare false positive, which
+    // only keeps the driver's default).
+    url.split_whitespace()
+        .any(|word| word.split('=').next().is_some_and(|k| k == KEY))
 }
 
 /// Replaces every occurrence of the URL's password in `text` by `***`.
@@ -828,6 +915,29 @@ mod tests {
         for bad in ["", "s", "2 weeks", "-1s", "1e999"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn writer_with_several_hosts_targets_read_write() {
+        use tokio_postgres::config::TargetSessionAttrs::{Any, ReadOnly, ReadWrite};
+        let attrs = |cfg: EngineConfig| cfg.connect_config().get_target_session_attrs();
+        let url = |u: &str| EngineConfig::from_url(u).unwrap();
+        assert_eq!(attrs(url("postgres://a:1,b:2/app")), ReadWrite);
+        assert_eq!(attrs(url("host=a,b port=1,2 dbname=app")), ReadWrite);
+        // One host, a reader, a replica, or a choice in the URL: unchanged.
+        assert_eq!(attrs(url("postgres://a:1/app")), Any);
+        assert_eq!(attrs(url("postgres://a:1,b:2/app").read_only(true)), Any);
+        assert_eq!(attrs(url("postgres://a:1,b:2/app").replica_of("w")), Any);
+        let chosen = "postgres://a:1,b:2/app?target_session_attrs=any";
+        assert_eq!(attrs(url(chosen)), Any);
+        assert_eq!(attrs(url("host=a,b target_session_attrs=any")), Any);
+        let builder = url("postgres://a:1,b:2/app").target_session_attrs(ReadOnly);
+        assert_eq!(attrs(builder), ReadOnly);
+        let mut pg = tokio_postgres::Config::new();
+        pg.host("a").host("b");
+        assert_eq!(attrs(EngineConfig::from_pg_config(pg)), ReadWrite);
+        let hosts = url("postgres://u:hunter2@a:1,b:2/app").host_list();
+        assert_eq!(hosts, "a:1, b:2");
     }
 
     #[test]

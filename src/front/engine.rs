@@ -171,6 +171,7 @@ impl Engine {
             in_transaction: self.inner.env.tracker.in_transaction(self.name()),
             discarded_dirty: c.get(|c| &c.discarded_dirty),
             discarded_closed: c.get(|c| &c.discarded_closed),
+            primary_switches: c.get(|c| &c.primary_switches),
             checkout_wait: CheckoutWaits {
                 count: waited,
                 p50,
@@ -257,6 +258,11 @@ pub struct EngineStats {
     pub discarded_dirty: u64,
     /// Connections discarded at checkout because they were found closed.
     pub discarded_closed: u64,
+    /// Times a writer discarded all its connections because their server
+    /// stopped being the primary while they stayed open (a write refused
+    /// with SQLSTATE 25006 by a server that now reports itself read-only;
+    /// see `docs/failover.md`). One per switch, not one per refusal.
+    pub primary_switches: u64,
     /// The distribution of checkout waits.
     pub checkout_wait: CheckoutWaits,
 }

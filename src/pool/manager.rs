@@ -11,7 +11,6 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bb8_postgres::PostgresConnectionManager;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::types::Type;
 use tokio_postgres::{CancelToken, Client, NoTls, Row, Statement};
@@ -54,6 +53,48 @@ pub(crate) struct ConnParts {
     canceller: Canceller,
     /// The engine's `after_connect` hook, run again after a session reset.
     after_connect: Option<crate::config::AfterConnect>,
+    /// What the server reports about itself (read-only now or not).
+    server: Arc<ServerRole>,
+    /// For a writer engine: the pool generation this connection belongs to,
+    /// to discard the pool when its server stopped being the primary.
+    follower: Option<super::Follower>,
+}
+
+/// What the server says of its role, from the `ParameterStatus` messages
+/// it sends whenever a reported setting changes (PostgreSQL 14 and later
+/// report `in_hot_standby` and `default_transaction_read_only`): kept up
+/// to date by the task that drives the connection.
+#[derive(Debug, Default)]
+pub(crate) struct ServerRole {
+    read_only: std::sync::atomic::AtomicBool,
+}
+
+impl ServerRole {
+    /// Whether the server said it is a standby or refuses writes by default.
+    fn is_read_only(&self) -> bool {
+        self.read_only.load(Ordering::Relaxed)
+    }
+}
+
+/// Drives a connection on a task of its own (as bb8-postgres does), and
+/// after each step copies what the server reports of its role into the
+/// returned [`ServerRole`].
+fn spawn_connection<S, T>(connection: tokio_postgres::Connection<S, T>) -> Arc<ServerRole>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let role = Arc::new(ServerRole::default());
+    let seen = role.clone();
+    let mut connection = Box::pin(connection);
+    tokio::spawn(futures::future::poll_fn(move |cx| {
+        let step = connection.as_mut().poll(cx);
+        let on = |name| connection.parameter(name) == Some("on");
+        let read_only = on("in_hot_standby") || on("default_transaction_read_only");
+        seen.read_only.store(read_only, Ordering::Relaxed);
+        step.map(|_| ())
+    }));
+    role
 }
 
 /// Sends cancel requests for one connection (see [`ConnParts::cancel_if_dropped`]).
@@ -163,10 +204,14 @@ impl ConnParts {
         may_replan: bool,
     ) -> Result<O::Out, tokio_postgres::Error> {
         if let Some(types) = &self.types {
-            return self
+            let out = self
                 .run_unnamed::<O>(types, sql, params, !may_replan)
                 .await
                 .inspect_err(|e| self.vet(e));
+            if out.as_ref().is_err_and(is_read_only_refusal) && self.follower.is_some() {
+                Box::pin(self.after_refusal()).await;
+            }
+            return out;
         }
         let cached = self.cache.lock().expect("statement cache").get(sql);
         let stmt = match cached {
@@ -179,6 +224,11 @@ impl ConnParts {
         match O::prepared(&self.client, &stmt, params).await {
             Err(e) if !leaves_connection_usable(&e) => {
                 self.state.mark_broken();
+                Err(e)
+            }
+            Err(e) if self.follower.is_some() && is_read_only_refusal(&e) => {
+                // Rare: boxed, so the common path's future stays small.
+                Box::pin(self.after_refusal()).await;
                 Err(e)
             }
             Err(e) if is_stale_plan(&e) || is_missing_statement(&e) => {
@@ -356,11 +406,45 @@ impl ConnParts {
         self.types.is_none() && self.cache.lock().expect("statement cache").contains(sql)
     }
 
+    /// For a writer's connection, the pool generation it was opened in.
+    #[inline]
+    pub(crate) fn generation(&self) -> Option<u64> {
+        self.follower.as_ref().map(|f| f.generation)
+    }
+
     /// Marks the connection broken after an error that leaves the protocol
-    /// out of step (see [`leaves_connection_usable`]).
+    /// out of step (see [`leaves_connection_usable`]); on a writer, a
+    /// refusal to write from a server that says it is read-only now
+    /// discards the pool (see [`ConnParts::after_refusal`]).
     pub(crate) fn vet(&self, e: &tokio_postgres::Error) {
         if !leaves_connection_usable(e) {
             self.state.mark_broken();
+        } else if is_read_only_refusal(e) && self.server.is_read_only() {
+            if let Some(follower) = &self.follower {
+                follower.refused();
+            }
+        }
+    }
+
+    /// A writer's statement was refused with 25006. That is the server
+    /// no longer being the primary (promoted standby elsewhere, this one
+    /// demoted or set `default_transaction_read_only`) only if the server
+    /// says so; a `READ ONLY` transaction of the caller's gets 25006 too,
+    /// from a server that is still the primary. The server reports the
+    /// change just after the error, so one empty round trip (answered even
+    /// in an aborted transaction) makes sure it has arrived. Then the first
+    /// such refusal of the pool's current generation discards the pool;
+    /// later ones, from connections of that same old generation, do
+    /// nothing.
+    async fn after_refusal(&self) {
+        let Some(follower) = &self.follower else {
+            return;
+        };
+        if !self.server.is_read_only() {
+            let _ = self.client.simple_query("").await;
+        }
+        if self.server.is_read_only() {
+            follower.refused();
         }
     }
 
@@ -486,6 +570,11 @@ pub(crate) fn leaves_connection_usable(e: &tokio_postgres::Error) -> bool {
     .any(|prefix| text.starts_with(prefix))
 }
 
+/// SQLSTATE 25006 (`read_only_sql_transaction`): the server refused a write.
+pub(crate) fn is_read_only_refusal(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION)
+}
+
 /// A prepared statement the server does not have (26000): dropped by
 /// `DEALLOCATE` or `DISCARD ALL` behind the cache's back.
 fn is_missing_statement(e: &tokio_postgres::Error) -> bool {
@@ -521,38 +610,38 @@ const UNNAMED_TYPE_CACHE: usize = 256;
 /// How connections are made: plain, or TLS through rustls.
 #[derive(Clone)]
 pub(crate) enum Connector {
-    Plain(PostgresConnectionManager<NoTls>),
+    Plain(Arc<tokio_postgres::Config>),
     #[cfg(feature = "rustls")]
     Rustls(
-        PostgresConnectionManager<tokio_postgres_rustls::MakeRustlsConnect>,
-        /// The same TLS setup, for cancel requests.
+        Arc<tokio_postgres::Config>,
         tokio_postgres_rustls::MakeRustlsConnect,
     ),
 }
 
 impl std::fmt::Debug for Connector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // bb8-postgres' own Debug prints tokio-postgres' Config, which redacts the password.
+        // tokio-postgres' Config Debug redacts the password.
         match self {
-            Connector::Plain(m) => m.fmt(f),
+            Connector::Plain(pg) => pg.fmt(f),
             #[cfg(feature = "rustls")]
-            Connector::Rustls(m, _) => m.fmt(f),
+            Connector::Rustls(pg, _) => pg.fmt(f),
         }
     }
 }
 
-/// bb8 manager: connects through bb8-postgres and wraps the client.
+/// bb8 manager: connects with the engine's connector and wraps the client.
 pub(crate) struct Manager {
     inner: Connector,
     statement_cache: usize,
     after_connect: Option<crate::config::AfterConnect>,
     counters: Arc<Counters>,
     next_id: AtomicU64,
+    /// For a writer engine: the pool generation this manager connects for.
+    follower: Option<super::Follower>,
 }
 
 impl std::fmt::Debug for Manager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // bb8-postgres' own Debug prints tokio-postgres' Config, which redacts the password.
         f.debug_struct("Manager")
             .field("inner", &self.inner)
             .finish_non_exhaustive()
@@ -564,25 +653,29 @@ impl Connector {
     /// (or without the `rustls` feature), else rustls with the engine's
     /// verification mode. Built once per engine (roots are loaded here).
     pub(crate) fn new(engine: &str, config: &crate::EngineConfig) -> crate::Result<Connector> {
-        let pg = config.connect_config();
+        let pg = Arc::new(config.connect_config());
         #[cfg(feature = "rustls")]
         if config.tls.mode != crate::config::tls::SslMode::Disable {
             let tls = crate::config::tls::connector(engine, &config.tls)?;
-            return Ok(Connector::Rustls(
-                PostgresConnectionManager::new(pg, tls.clone()),
-                tls,
-            ));
+            return Ok(Connector::Rustls(pg, tls));
         }
         let _ = engine;
-        Ok(Connector::Plain(PostgresConnectionManager::new(pg, NoTls)))
+        Ok(Connector::Plain(pg))
     }
 
-    async fn connect(&self) -> Result<Client, tokio_postgres::Error> {
-        use bb8::ManageConnection;
+    /// Connects (to the first host of the list that accepts and matches
+    /// `target_session_attrs`) and drives the connection on a task.
+    async fn connect(&self) -> Result<(Client, Arc<ServerRole>), tokio_postgres::Error> {
         match self {
-            Connector::Plain(m) => m.connect().await,
+            Connector::Plain(pg) => {
+                let (client, connection) = pg.connect(NoTls).await?;
+                Ok((client, spawn_connection(connection)))
+            }
             #[cfg(feature = "rustls")]
-            Connector::Rustls(m, _) => m.connect().await,
+            Connector::Rustls(pg, tls) => {
+                let (client, connection) = pg.connect(tls.clone()).await?;
+                Ok((client, spawn_connection(connection)))
+            }
         }
     }
 
@@ -603,6 +696,7 @@ impl Manager {
         statement_cache: usize,
         after_connect: Option<crate::config::AfterConnect>,
         counters: Arc<Counters>,
+        follower: Option<super::Follower>,
     ) -> Self {
         Manager {
             inner: connector,
@@ -610,6 +704,7 @@ impl Manager {
             after_connect,
             counters,
             next_id: AtomicU64::new(1),
+            follower,
         }
     }
 }
@@ -632,7 +727,7 @@ impl bb8::ManageConnection for Manager {
     type Error = tokio_postgres::Error;
 
     async fn connect(&self) -> Result<PgConn, tokio_postgres::Error> {
-        let client = self.inner.connect().await?;
+        let (client, server) = self.inner.connect().await?;
         let backend_pid = backend_pid(&client).await?;
         if let Some(hook) = &self.after_connect {
             hook(&client).await?;
@@ -652,6 +747,8 @@ impl bb8::ManageConnection for Manager {
             types: (self.statement_cache == 0).then(|| Mutex::new(Lru::new(UNNAMED_TYPE_CACHE))),
             replans: AtomicU64::new(0),
             after_connect: self.after_connect.clone(),
+            server,
+            follower: self.follower.clone(),
         })))
     }
 

@@ -14,10 +14,12 @@ pub(crate) mod state;
 pub(crate) mod stats;
 pub(crate) mod stream;
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use bb8::{Pool as Bb8Pool, RunError};
+use tokio_postgres::config::TargetSessionAttrs;
 
 use crate::config::EngineConfig;
 use crate::error::{ConnectFailure, Error, Result};
@@ -41,9 +43,39 @@ struct ConnectErrors {
     last: Mutex<Option<(Instant, ConnectFailure)>>,
     /// Notified (all waiters) on each permanent failure.
     permanent: tokio::sync::Notify,
+    /// The engine's hosts, when it lists several (see
+    /// [`ConnectFailure::among_hosts`]).
+    hosts: Option<String>,
 }
 
 impl LastConnectError {
+    fn new(config: &EngineConfig) -> LastConnectError {
+        LastConnectError(Arc::new(ConnectErrors {
+            hosts: config.has_several_hosts().then(|| {
+                let attrs = config.connect_config().get_target_session_attrs();
+                let wanted = match attrs {
+                    TargetSessionAttrs::ReadWrite => "; a read-write server wanted",
+                    TargetSessionAttrs::ReadOnly => "; a read-only server wanted",
+                    _ => "",
+                };
+                format!(
+                    "{}{wanted}; the error is the last host's",
+                    config.host_list()
+                )
+            }),
+            ..ConnectErrors::default()
+        }))
+    }
+
+    /// A failed connection attempt, as reported to the caller.
+    fn failure(&self, e: &tokio_postgres::Error) -> ConnectFailure {
+        let failure = ConnectFailure::new(e);
+        match &self.0.hosts {
+            Some(hosts) => failure.among_hosts(hosts),
+            None => failure,
+        }
+    }
+
     fn last(&self) -> Option<(Instant, ConnectFailure)> {
         self.0.last.lock().expect("connect error").clone()
     }
@@ -51,7 +83,7 @@ impl LastConnectError {
 
 impl bb8::ErrorSink<tokio_postgres::Error> for LastConnectError {
     fn sink(&self, e: tokio_postgres::Error) {
-        let failure = ConnectFailure::new(&e);
+        let failure = self.failure(&e);
         let permanent = failure.permanent;
         *self.0.last.lock().expect("connect error") = Some((Instant::now(), failure));
         if permanent {
@@ -81,6 +113,70 @@ struct PoolInner {
     connector: Connector,
     #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
     telemetry: crate::telemetry::Fields,
+    /// Bumped each time the bb8 pool is replaced; written under the `slot`
+    /// lock. Connections carry the generation they were opened in (see
+    /// [`Follower`]).
+    generation: AtomicU64,
+}
+
+/// A writer's connection's link back to its pool: the pool generation it
+/// was opened in. When its server stops being the primary under it (a
+/// 25006 refusal from a server that says it is read-only now), the first
+/// such refusal of the current generation replaces the pool — every
+/// connection of the engine is discarded at once, and new ones dial the
+/// host list anew, finding the new primary — while refusals from
+/// connections of an older generation change nothing. Only writer engines
+/// have one: a read-only engine's 25006 is its own doing.
+#[derive(Clone, Debug)]
+pub(crate) struct Follower {
+    pool: Weak<PoolInner>,
+    pub(crate) generation: u64,
+}
+
+impl Follower {
+    /// This connection's server refused a write because it is no longer
+    /// the primary.
+    pub(crate) fn refused(&self) {
+        if let Some(inner) = self.pool.upgrade() {
+            if inner.replace_pool(Some(self.generation)) {
+                inner.counters.inc(|c| &c.primary_switches);
+            }
+        }
+    }
+}
+
+impl PoolInner {
+    /// Builds a new bb8 pool of the next generation and retires the old one
+    /// (its connections close as they are returned). With
+    /// `only_generation`, only if the current pool is of that generation
+    /// and open; returns whether it replaced it.
+    fn replace_pool(self: &Arc<Self>, only_generation: Option<u64>) -> bool {
+        let mut slot = self.slot.write().expect("engine pool");
+        let current = self.generation.load(Ordering::Relaxed);
+        if let Some(g) = only_generation {
+            if g != current || slot.is_none() {
+                return false;
+            }
+        }
+        let next = current + 1;
+        self.generation.store(next, Ordering::Relaxed);
+        let follower = Follower {
+            pool: Arc::downgrade(self),
+            generation: next,
+        };
+        let fresh = build_pool(
+            &self.config,
+            &self.connector,
+            &self.counters,
+            &self.last_error,
+            self.config.is_writer().then_some(follower),
+        );
+        let fresh = PoolSlot::new(fresh, self.config.max_size, self.config.is_reaped());
+        if let Some(old) = slot.replace(fresh) {
+            old.retire();
+        }
+        true
+    }
 }
 
 impl Pool {
@@ -88,13 +184,18 @@ impl Pool {
     /// `min_idle` of them in the background).
     pub(crate) fn new(name: &str, config: EngineConfig) -> Result<Pool> {
         config.validate(name)?;
-        let last_error = LastConnectError::default();
+        let last_error = LastConnectError::new(&config);
         let counters = Arc::new(Counters::default());
         let connector = Connector::new(name, &config)?;
-        let pool = build_pool(&config, &connector, &counters, &last_error);
-        let slot = PoolSlot::new(pool, config.max_size, config.is_reaped());
-        Ok(Pool {
-            inner: Arc::new(PoolInner {
+        let inner = Arc::new_cyclic(|me| {
+            let follower = Follower {
+                pool: me.clone(),
+                generation: 0,
+            };
+            let follower = config.is_writer().then_some(follower);
+            let pool = build_pool(&config, &connector, &counters, &last_error, follower);
+            let slot = PoolSlot::new(pool, config.max_size, config.is_reaped());
+            PoolInner {
                 name: name.into(),
                 telemetry: crate::telemetry::Fields::new(name, &config.pg),
                 config,
@@ -102,8 +203,10 @@ impl Pool {
                 counters,
                 last_error,
                 connector,
-            }),
-        })
+                generation: AtomicU64::new(0),
+            }
+        });
+        Ok(Pool { inner })
     }
 
     /// The engine's name.
@@ -149,8 +252,15 @@ impl Pool {
             Err(wait) => Box::pin(self.waited(&slot, wait)).await?,
         };
         self.inner.counters.inc(|c| &c.checkouts);
-        if !conn.client.is_closed() {
+        if !conn.client.is_closed() && !self.is_stale(&conn) {
             return Ok(conn);
+        }
+        if self.is_stale(&conn) {
+            // Rare: a checkout that began in a pool discarded meanwhile
+            // (its server stopped being the primary) got one of its
+            // connections. Start again in the current pool.
+            drop(conn);
+            return Box::pin(self.checkout()).await;
         }
         // Rare (boxed, to keep the common future small): idle connections
         // that died with a server restart. Try past them all.
@@ -206,6 +316,14 @@ impl Pool {
         }
         let conn = self.checkout().await?;
         Ok(Lease::Shared(conn.into_shared()))
+    }
+
+    /// Whether `conn` belongs to a pool generation discarded since (see
+    /// [`Follower`]); only a writer's connections can be.
+    #[inline]
+    fn is_stale(&self, conn: &Conn) -> bool {
+        conn.generation()
+            .is_some_and(|g| g != self.inner.generation.load(Ordering::Relaxed))
     }
 
     /// A connection of its own for an autocommit statement that may change
@@ -349,7 +467,7 @@ impl Pool {
         match e {
             RunError::User(e) => {
                 self.inner.counters.inc(|c| &c.connect_errors);
-                ConnectFailure::new(&e).to_error(&engine)
+                self.inner.last_error.failure(&e).to_error(&engine)
             }
             RunError::TimedOut => {
                 self.inner.counters.inc(|c| &c.checkout_timeouts);
@@ -392,18 +510,7 @@ impl Pool {
     /// Replaces the pool with a new one; the old pool's connections close as
     /// they are returned. Sessions already holding a connection finish on it.
     pub(crate) fn reinit(&self) {
-        let inner = &self.inner;
-        let fresh = build_pool(
-            &inner.config,
-            &inner.connector,
-            &inner.counters,
-            &inner.last_error,
-        );
-        let fresh = PoolSlot::new(fresh, inner.config.max_size, inner.config.is_reaped());
-        let old = inner.slot.write().expect("engine pool").replace(fresh);
-        if let Some(old) = old {
-            old.retire();
-        }
+        self.inner.replace_pool(None);
     }
 
     /// Refuses new checkouts and drops the pool (idle connections close now,
@@ -447,12 +554,14 @@ fn build_pool(
     connector: &Connector,
     counters: &Arc<Counters>,
     sink: &LastConnectError,
+    follower: Option<Follower>,
 ) -> Bb8Pool<Manager> {
     let manager = Manager::new(
         connector.clone(),
         config.statement_cache,
         config.after_connect.clone(),
         counters.clone(),
+        follower,
     );
     Bb8Pool::builder()
         .max_size(config.max_size)

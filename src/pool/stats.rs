@@ -17,6 +17,8 @@ pub(crate) struct Counters {
     pub(crate) discarded_closed: AtomicU64,
     pub(crate) statements: AtomicU64,
     pub(crate) pipelined: AtomicU64,
+    /// Pools discarded because their server stopped being the primary.
+    pub(crate) primary_switches: AtomicU64,
     /// How long checkouts that found no connection ready waited.
     pub(crate) waits: WaitHistogram,
 }

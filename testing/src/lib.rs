@@ -425,7 +425,101 @@ impl TestCluster {
         if self.local.is_none() {
             return fail("a replica needs a cluster started by the harness, not DATABASE_URL");
         }
-        Self::launch(|local| local.init_replica(self.port))
+        Self::launch(|local| local.init_replica(self.port, None))
+    }
+
+    /// Starts a *synchronous* streaming standby of this cluster, for
+    /// failover tests where no acknowledged commit may be lost: the
+    /// standby connects as `application_name = name` (in its
+    /// `primary_conninfo`), and this cluster is then set (`ALTER SYSTEM`,
+    /// reload) to `synchronous_standby_names = '"name"'` and
+    /// `synchronous_commit = on`, so each commit is acknowledged only once
+    /// the standby has flushed it. Returns once the primary lists the
+    /// standby as `sync` in `pg_stat_replication`. `name` is letters,
+    /// digits and `_`.
+    pub fn start_sync_standby(&self, name: &str) -> HarnessResult<TestCluster> {
+        if self.local.is_none() {
+            return fail("a standby needs a cluster started by the harness, not DATABASE_URL");
+        }
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return fail(format!("standby name {name:?}: letters, digits and _ only"));
+        }
+        let standby = Self::launch(|local| local.init_replica(self.port, Some(name)))?;
+        // One statement each: ALTER SYSTEM cannot run in a transaction block,
+        // which several statements in one simple query make.
+        self.sql(&format!(
+            "ALTER SYSTEM SET synchronous_standby_names = '\"{name}\"'"
+        ))?;
+        self.sql("ALTER SYSTEM SET synchronous_commit = on")?;
+        self.sql("SELECT pg_reload_conf()")?;
+        let check = format!(
+            "SELECT count(*) FROM pg_stat_replication \
+             WHERE application_name = '{name}' AND sync_state = 'sync'"
+        );
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while self.sql(&check)? != "1" {
+            if Instant::now() >= deadline {
+                return fail(format!(
+                    "standby {name} not synchronous after {READY_TIMEOUT:?}"
+                ));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(standby)
+    }
+
+    /// Promotes this standby to a primary (`pg_ctl promote`) and returns
+    /// once `pg_is_in_recovery()` is false, i.e. it accepts writes.
+    pub fn promote(&self) -> HarnessResult<()> {
+        self.control("promote", &[])?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while self.sql("SELECT pg_is_in_recovery()")? != "f" {
+            if Instant::now() >= deadline {
+                return fail(format!("still in recovery {READY_TIMEOUT:?} after promote"));
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    /// Stops the server the hard way (`pg_ctl stop -m immediate`: no
+    /// checkpoint, connections cut), as a crash would; the files stay, so
+    /// [`TestCluster::start_server`] can bring it back (with crash recovery).
+    pub fn stop_immediate(&self) -> HarnessResult<()> {
+        self.control("stop", &["-m", "immediate"])
+    }
+
+    /// Makes the server refuse writes without a restart, its open
+    /// connections included (`ALTER SYSTEM SET default_transaction_read_only
+    /// = on` and `pg_reload_conf()`): what a demoted primary looks like to a
+    /// client that stayed connected. Each backend applies the reload before
+    /// its next statement.
+    pub fn make_read_only(&self) -> HarnessResult<()> {
+        self.sql("ALTER SYSTEM SET default_transaction_read_only = on")?;
+        self.sql("SELECT pg_reload_conf()").map(|_| ())
+    }
+
+    /// Runs `sql` (simple protocol; several statements run as one
+    /// transaction, so `ALTER SYSTEM` must come alone) as the
+    /// superuser on the `postgres` database, blocking, and returns the first
+    /// column of the last row returned (empty if none). Works with or
+    /// without an async runtime (it runs on a thread of its own).
+    pub fn sql(&self, sql: &str) -> HarnessResult<String> {
+        let url = self.admin_url();
+        let sql = sql.to_owned();
+        on_own_runtime("a statement", move || async move {
+            let messages = tokio::time::timeout(READY_TIMEOUT, simple_query_once(&url, &sql))
+                .await
+                .ctx("running a statement")?
+                .ctx(format!("running {sql:?}"))?;
+            let last = messages.iter().rev().find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => {
+                    Some(row.get(0).unwrap_or_default().to_owned())
+                }
+                _ => None,
+            });
+            Ok(last.unwrap_or_default())
+        })
     }
 
     /// Starts PgBouncer (transaction pooling) in front of this cluster, if
@@ -830,8 +924,10 @@ impl Local {
 
     /// Makes this cluster a streaming hot standby of the server on
     /// `primary_port` (`pg_basebackup -R`: the standby signal file and
-    /// `primary_conninfo` are written for us) and starts it.
-    fn init_replica(&self, primary_port: u16) -> HarnessResult<u16> {
+    /// `primary_conninfo` are written for us) and starts it; with a name,
+    /// it connects to the primary as that `application_name` (for
+    /// `synchronous_standby_names`).
+    fn init_replica(&self, primary_port: u16, name: Option<&str>) -> HarnessResult<u16> {
         let mut backup = self.command("pg_basebackup");
         backup
             .arg("-D")
@@ -855,6 +951,18 @@ impl Local {
         self.append_conf(&format!(
             "\n# pgassist-testing replica\nunix_socket_directories = '{sock}'\nhot_standby = on\n"
         ))?;
+        if let Some(name) = name {
+            // postgresql.auto.conf is read last and its last line wins over
+            // the one pg_basebackup -R wrote.
+            let path = self.data.join("postgresql.auto.conf");
+            let line = format!(
+                "primary_conninfo = 'host=127.0.0.1 port={primary_port} user=postgres \
+                 application_name={name}'\n"
+            );
+            let file = OpenOptions::new().append(true).open(&path);
+            let written = file.and_then(|mut f| f.write_all(line.as_bytes()));
+            written.ctx(format!("writing {}", path.display()))?;
+        }
         self.start_on_free_port()
     }
 
@@ -1010,36 +1118,21 @@ impl Local {
     /// a runtime and from inside one (where `block_on` would panic).
     fn wait_ready(&self, port: u16) -> HarnessResult<()> {
         let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
-        let probe = move || -> HarnessResult<()> {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build();
-            let runtime = runtime.ctx("building a runtime for the readiness check")?;
-            runtime.block_on(async {
-                let deadline = Instant::now() + READY_TIMEOUT;
-                loop {
-                    let attempt = async {
-                        let (client, connection) = tokio_postgres::connect(&url, NoTls).await?;
-                        let connection = tokio::spawn(connection);
-                        let answered = client.simple_query("SELECT 1").await;
-                        drop(client);
-                        let _ = connection.await;
-                        answered
-                    };
-                    let error = match tokio::time::timeout(Duration::from_secs(5), attempt).await {
-                        Ok(Ok(_)) => return Ok(()),
-                        Ok(Err(e)) => e.to_string(),
-                        Err(_) => "connection attempt timed out".to_owned(),
-                    };
-                    if Instant::now() >= deadline {
-                        return fail(format!("{url} not ready after {READY_TIMEOUT:?}: {error}"));
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+        let ready = on_own_runtime("the readiness check", move || async move {
+            let deadline = Instant::now() + READY_TIMEOUT;
+            loop {
+                let attempt = simple_query_once(&url, "SELECT 1");
+                let error = match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+                    Ok(Ok(_)) => return Ok(()),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "connection attempt timed out".to_owned(),
+                };
+                if Instant::now() >= deadline {
+                    return fail(format!("{url} not ready after {READY_TIMEOUT:?}: {error}"));
                 }
-            })
-        };
-        let joined = thread::spawn(probe).join();
-        let ready = joined.unwrap_or_else(|_| fail("the readiness check panicked"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
         ready.map_err(|e| self.with_log_tail(e))
     }
 
@@ -1087,6 +1180,40 @@ impl Local {
         // Normally gone already; not if the watchdog never started.
         let _ = fs::remove_dir_all(&self.root);
     }
+}
+
+/// Runs the future `work` makes to completion on a current-thread runtime
+/// on a thread of its own, so that it works both without a runtime and
+/// from inside one (where `block_on` would panic).
+fn on_own_runtime<T, F>(what: &str, work: impl FnOnce() -> F + Send + 'static) -> HarnessResult<T>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = HarnessResult<T>>,
+{
+    let context = format!("building a runtime for {what}");
+    let run = move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ctx(context)?;
+        runtime.block_on(work())
+    };
+    thread::spawn(run)
+        .join()
+        .unwrap_or_else(|_| fail(format!("{what} panicked")))
+}
+
+/// Connects to `url`, runs `sql` in the simple protocol and disconnects.
+async fn simple_query_once(
+    url: &str,
+    sql: &str,
+) -> Result<Vec<tokio_postgres::SimpleQueryMessage>, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    let connection = tokio::spawn(connection);
+    let answered = client.simple_query(sql).await;
+    drop(client);
+    let _ = connection.await;
+    answered
 }
 
 /// Waits for `child` at most `timeout`; kills it if it takes longer.
