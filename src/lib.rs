@@ -187,3 +187,8 @@ pub struct GuideDoctests;
 #[cfg(all(doctest, feature = "axum"))]
 #[doc = include_str!("../docs/web.md")]
 pub struct WebDoctests;
+
+/// docs/replicas.md's examples, compiled likewise.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/replicas.md")]
+pub struct ReplicasDoctests;

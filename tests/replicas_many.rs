@@ -347,6 +347,37 @@ async fn three_replicas_balanced_lag_aware_and_healed() {
     }
     drop(odd);
 
+    // 7. One replica engine over two hosts: no per-host members, but
+    //    libpq's load_balance_hosts spreads its pool's connections.
+    let pair_url = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/{}?load_balance_hosts=random",
+        ports[0], ports[2], db.name
+    );
+    let pair = Registry::builder()
+        .engine("writer", EngineConfig::from_url(&db.url).unwrap())
+        .engine("pair", replica_config(&pair_url).max_size(16))
+        .build()
+        .await
+        .unwrap();
+    let reads = (0..16).map(|_| async {
+        let row = pair
+            .session("pair")
+            .unwrap()
+            .query_one("SELECT inet_server_port(), pg_sleep(0.2)::text", &[])
+            .await
+            .unwrap();
+        row.get::<_, i32>(0) as u16
+    });
+    let mut hosts: Vec<u16> = futures::future::join_all(reads).await;
+    hosts.sort_unstable();
+    hosts.dedup();
+    assert_eq!(hosts, {
+        let mut p = vec![ports[0], ports[2]];
+        p.sort_unstable();
+        p
+    });
+    drop(pair);
+
     drop(registry);
     for r in &replicas {
         r.stop();
