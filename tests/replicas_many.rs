@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{eventually, plain_at as plain};
+use common::{Rng, eventually, plain_at as plain};
 use pgassist::{EngineConfig, Error, Registry, Sessions};
 use pgassist_testing::{ClusterOptions, TestCluster};
 
@@ -169,6 +169,55 @@ async fn three_replicas_balanced_lag_aware_and_healed() {
         m
     };
     assert_eq!(through_r2.len(), 3, "{through_r2:?}");
+
+    // Reads dropped at random points (while choosing, checking out,
+    // running): nothing stays checked out, and the group still serves.
+    let mut rng = Rng::new(Rng::seed("replicas_many cancellation"));
+    for _ in 0..60 {
+        let sessions = registry.sessions();
+        if rng.percent(30) {
+            sessions
+                .writer()
+                .unwrap()
+                .execute("SELECT 1", &[])
+                .await
+                .unwrap();
+        }
+        let budget = Duration::from_micros(rng.below(3000));
+        let _ = tokio::time::timeout(budget, read(&sessions)).await;
+    }
+    until("dropped reads to give their connections back", || async {
+        ["r0", "r1", "r2"]
+            .iter()
+            .all(|r| registry.stats().engine(r).unwrap().in_use == 0)
+    })
+    .await;
+    assert_eq!(spread(&registry, 9).await.len(), 3);
+
+    // What routing costs: reads through the group against reads on a
+    // plain read-only engine on one of the same standbys.
+    let direct = Registry::builder()
+        .engine(
+            "plain",
+            EngineConfig::from_url(&urls[0]).unwrap().read_only(true),
+        )
+        .build()
+        .await
+        .unwrap();
+    let plain_session = direct.session("plain").unwrap();
+    let grouped = registry.session("r0").unwrap();
+    for (what, session) in [
+        ("group", &grouped),
+        ("plain", &plain_session),
+        ("group", &grouped),
+    ] {
+        let started = Instant::now();
+        for _ in 0..500 {
+            session.query_one("SELECT 1", &[]).await.unwrap();
+        }
+        eprintln!("500 reads, {what}: {:?} per read", started.elapsed() / 500);
+    }
+    drop(direct);
 
     // 2. Replay paused on r1 while the primary writes: once its lag passes
     //    max_replica_lag it gets no reads; the other two share them.
@@ -355,7 +404,12 @@ async fn three_replicas_balanced_lag_aware_and_healed() {
     );
     let pair = Registry::builder()
         .engine("writer", EngineConfig::from_url(&db.url).unwrap())
-        .engine("pair", replica_config(&pair_url).max_size(16))
+        .engine(
+            "pair",
+            replica_config(&pair_url)
+                .max_size(16)
+                .application_name("pgassist_pair"),
+        )
         .build()
         .await
         .unwrap();
@@ -376,7 +430,27 @@ async fn three_replicas_balanced_lag_aware_and_healed() {
         p.sort_unstable();
         p
     });
+    // Dropping the registry ends its lag sampler too: no connection of it
+    // stays open on either standby.
     drop(pair);
+    let left = |port: u16| {
+        let url = format!("postgres://postgres@127.0.0.1:{port}/{}", db.name);
+        async move {
+            plain(&url)
+                .await
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgassist_pair'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    until("the dropped registry's connections to close", || async {
+        left(ports[0]).await + left(ports[2]).await == 0
+    })
+    .await;
 
     drop(registry);
     for r in &replicas {
