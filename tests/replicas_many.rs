@@ -123,7 +123,10 @@ async fn three_replicas_balanced_lag_aware_and_healed() {
                 .unwrap()
                 .application_name("pgassist_replicas_many"),
         )
-        .engine("r0", replica_config(&urls[0]))
+        .engine(
+            "r0",
+            replica_config(&urls[0]).max_replica_lag_bytes(64 * 1024),
+        )
         .engine("r1", replica_config(&urls[1]))
         .engine(
             "r2",
@@ -270,6 +273,31 @@ async fn three_replicas_balanced_lag_aware_and_healed() {
         served.get(&ports[1]).copied().unwrap_or(0) >= 5,
         "{served:?}"
     );
+    // The byte limit: one burst of WAL on the primary while r0's replay is
+    // paused puts it out at once, long before its time limit.
+    let r0 = plain(&urls[0]).await;
+    replay(&r0, true).await;
+    plain(&db.url)
+        .await
+        .execute(
+            "INSERT INTO items(name) SELECT 'burst ' || i FROM generate_series(1, 3000) i",
+            &[],
+        )
+        .await
+        .unwrap();
+    until("r0 to be out of rotation by bytes", || async {
+        !stats("r0").serving
+    })
+    .await;
+    let behind = stats("r0");
+    eprintln!(
+        "r0 out by bytes: {:?} bytes, {:?}",
+        behind.lag_bytes, behind.lag
+    );
+    assert!(behind.lag_bytes.unwrap() > 64 * 1024, "{behind:?}");
+    assert_shared(&spread(&registry, 30).await, ports[0], [ports[1], ports[2]]);
+    replay(&r0, false).await;
+
     // Idle primary, caught-up replicas: time lag counts as zero, however
     // long ago the last commit was.
     tokio::time::sleep(Duration::from_millis(2000)).await;
@@ -282,7 +310,6 @@ async fn three_replicas_balanced_lag_aware_and_healed() {
 
     // 3. Read-your-writes across the group: replay paused on r0 and r1, so
     //    only r2 (or the primary) can serve this request's reads.
-    let r0 = plain(&urls[0]).await;
     replay(&r0, true).await;
     replay(&r1, true).await;
     let mut on_r2 = 0;
