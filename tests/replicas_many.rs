@@ -20,6 +20,53 @@ use common::{Rng, eventually, plain_at as plain};
 use pgassist::{EngineConfig, Error, Registry, Sessions};
 use pgassist_testing::{ClusterOptions, TestCluster};
 
+/// pgassist's warnings (feature `tracing`), to count the down and back lines.
+#[cfg(feature = "tracing")]
+mod warnings {
+    use std::sync::{Arc, Mutex, OnceLock};
+    use tracing_subscriber::layer::SubscriberExt;
+
+    static LINES: OnceLock<Arc<Mutex<Vec<String>>>> = OnceLock::new();
+
+    struct Message<'a>(&'a mut String);
+    impl tracing::field::Visit for Message<'_> {
+        fn record_debug(&mut self, _: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+            self.0.push_str(&format!("{value:?}"));
+        }
+    }
+
+    struct Capture(Arc<Mutex<Vec<String>>>);
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            let mut line = String::new();
+            event.record(&mut Message(&mut line));
+            self.0.lock().unwrap().push(line);
+        }
+    }
+
+    /// Starts capturing (once per process).
+    pub fn capture() {
+        let lines = LINES.get_or_init(Default::default).clone();
+        let subscriber = tracing_subscriber::registry().with(Capture(lines));
+        let _ = tracing::subscriber::set_global_default(subscriber);
+    }
+
+    /// Captured lines containing `text`.
+    pub fn count(text: &str) -> usize {
+        LINES.get().map_or(0, |l| {
+            l.lock()
+                .unwrap()
+                .iter()
+                .filter(|m| m.contains(text))
+                .count()
+        })
+    }
+}
+
 /// Polls `cond` until it holds, for at most 30 s.
 async fn until<F: std::future::Future<Output = bool>>(what: &str, cond: impl FnMut() -> F) {
     assert!(
@@ -101,6 +148,8 @@ async fn three_replicas_balanced_lag_aware_and_healed() {
         eprintln!("DATABASE_URL is set: no replicas can be started next to it; skipping");
         return;
     }
+    #[cfg(feature = "tracing")]
+    warnings::capture();
     let primary = TestCluster::start(ClusterOptions::default()).expect("start a primary");
     let db = primary.create_database().await.expect("create a database");
     plain(&db.url)
@@ -368,6 +417,14 @@ async fn three_replicas_balanced_lag_aware_and_healed() {
         "r1 back in rotation {:?} after its server started",
         back.elapsed()
     );
+    // One line when it went down, one when it came back — not one per
+    // statement or probe.
+    #[cfg(feature = "tracing")]
+    {
+        assert_eq!(warnings::count("`r1` is unreachable"), 1);
+        assert_eq!(warnings::count("`r1` is back"), 1);
+        assert_eq!(warnings::count("`r0` is unreachable"), 0);
+    }
 
     // 5. Every replica down: reads on the primary, without errors.
     for r in &replicas {

@@ -428,13 +428,7 @@ impl Engine {
         // clocks.
         let now = Instant::now();
         let mut pending = state.pending.lock().expect("replica");
-        if pending.is_some_and(|(lsn, _)| replayed >= lsn) {
-            *pending = None;
-        }
-        if pending.is_none() && replayed < primary_lsn {
-            *pending = Some((primary_lsn, now));
-        }
-        let behind = pending.map_or(Duration::ZERO, |(_, since)| now - since);
+        let behind = time_lag(&mut pending, replayed, primary_lsn, now);
         state.lag_micros.store(
             u64::try_from(behind.as_micros()).unwrap_or(UNKNOWN - 1),
             Ordering::Release,
@@ -474,8 +468,73 @@ impl Engine {
     }
 }
 
+/// A replica's time lag at `now`, given the oldest primary position
+/// sampled that it had not replayed (`pending`, updated here), its replay
+/// position and the primary's position sampled in this round.
+fn time_lag(
+    pending: &mut Option<(u64, Instant)>,
+    replayed: u64,
+    primary_lsn: u64,
+    now: Instant,
+) -> Duration {
+    if pending.is_some_and(|(lsn, _)| replayed >= lsn) {
+        *pending = None;
+    }
+    if pending.is_none() && replayed < primary_lsn {
+        *pending = Some((primary_lsn, now));
+    }
+    pending.map_or(Duration::ZERO, |(_, since)| now - since)
+}
+
 /// Whether an error says the server could not be reached (rather than
 /// that the statement failed there).
 fn unreachable(e: &Error) -> bool {
     e.is_connection_error() || matches!(e, Error::PoolTimeout { .. })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_lag_is_measured_from_the_first_unreplayed_round() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut pending = None;
+        // Caught up, however idle the primary: no lag.
+        assert_eq!(time_lag(&mut pending, 100, 100, at(0)), Duration::ZERO);
+        assert_eq!(time_lag(&mut pending, 100, 100, at(60_000)), Duration::ZERO);
+        // Behind this round's position: not late yet (it was just written).
+        assert_eq!(time_lag(&mut pending, 100, 200, at(1000)), Duration::ZERO);
+        // Still short of it (replay paused) while the primary moves on: the
+        // lag counts from the round it first missed.
+        assert_eq!(
+            time_lag(&mut pending, 150, 300, at(1500)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            time_lag(&mut pending, 150, 400, at(3000)),
+            Duration::from_millis(2000)
+        );
+        // Past that position but short of the newest: a fresh start.
+        assert_eq!(time_lag(&mut pending, 250, 400, at(3100)), Duration::ZERO);
+        assert_eq!(
+            time_lag(&mut pending, 250, 500, at(3200)),
+            Duration::from_millis(100)
+        );
+        // All replayed: no lag, nothing pending.
+        assert_eq!(time_lag(&mut pending, 500, 500, at(3300)), Duration::ZERO);
+        assert_eq!(pending, None);
+    }
+
+    #[test]
+    fn unreachable_is_about_the_server_not_the_statement() {
+        let down = Error::Connect {
+            engine: "r".into(),
+            message: "refused".into(),
+            code: None,
+        };
+        assert!(unreachable(&down));
+        assert!(!unreachable(&Error::Config("x".into())));
+    }
 }
