@@ -246,6 +246,28 @@ async fn three_replicas_balanced_lag_aware_and_healed() {
     .await;
     assert_eq!(spread(&registry, 9).await.len(), 3);
 
+    // Every pool busy for longer than a sample may take: least-busy puts 4
+    // long reads on each member, and no member is mistaken for a dead one.
+    let long_reads = (0..12).map(|_| async {
+        let row = registry
+            .session("r0")
+            .unwrap()
+            .query_one("SELECT inet_server_port(), pg_sleep(2.5)::text", &[])
+            .await
+            .unwrap();
+        row.get::<_, i32>(0) as u16
+    });
+    let mut busy: HashMap<u16, usize> = HashMap::new();
+    for port in futures::future::join_all(long_reads).await {
+        *busy.entry(port).or_default() += 1;
+    }
+    assert_eq!(
+        busy.values().copied().collect::<Vec<_>>(),
+        [4, 4, 4],
+        "{busy:?}"
+    );
+    assert!(["r0", "r1", "r2"].iter().all(|r| stats(r).healthy));
+
     // What routing costs: reads through the group against reads on a
     // plain read-only engine on one of the same standbys.
     let direct = Registry::builder()

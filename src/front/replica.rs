@@ -265,6 +265,12 @@ impl Engine {
         now.connections.saturating_sub(now.idle) + now.waiting
     }
 
+    /// Every connection of the pool is checked out (or checkouts queue).
+    fn saturated(&self) -> bool {
+        let now = self.pool().occupancy();
+        now.idle == 0 && (now.connections >= self.config().max_size || now.waiting > 0)
+    }
+
     fn healthy(&self) -> bool {
         self.replica_state()
             .is_some_and(|s| s.down.lock().expect("replica").is_none())
@@ -370,18 +376,28 @@ impl Engine {
             .lock()
             .expect("replica")
             .is_none_or(|d| Instant::now() >= d.probe_at);
-        if !due {
+        // A pool with every connection busy says nothing about the server
+        // (reads are running there) and would make the sample wait for one:
+        // skip the round rather than mistake a busy replica for a dead one.
+        // Its last lag stands until a connection is free at a round.
+        if !due || (self.healthy() && self.saturated()) {
             return;
         }
         let timeout = timeout.max(MIN_SAMPLE_TIMEOUT);
-        let answer = match tokio::time::timeout(timeout, self.simple(SAMPLE_SQL)).await {
-            Ok(answer) => answer,
-            Err(_) => Err(Error::Connect {
+        let answer = tokio::time::timeout(timeout, self.simple(SAMPLE_SQL)).await;
+        let waited_too_long = matches!(answer, Err(_) | Ok(Err(Error::PoolTimeout { .. })));
+        if waited_too_long && self.saturated() {
+            // It waited behind reads that hold every connection: busy, not
+            // dead (reads there fail on their own if it is).
+            return;
+        }
+        let answer = answer.unwrap_or_else(|_| {
+            Err(Error::Connect {
                 engine: self.name().to_owned(),
                 message: format!("no answer to the lag sample within {timeout:?}"),
                 code: None,
-            }),
-        };
+            })
+        });
         let messages = match answer {
             Ok(messages) => messages,
             Err(e) if unreachable(&e) => {
