@@ -224,8 +224,10 @@ impl Engine {
         // sample knows: ask them, until one has or the wait is over.
         let deadline = Instant::now() + self.config().replica_max_wait;
         loop {
+            // A member found unreachable meanwhile is asked no more.
             let polls = usable
                 .iter()
+                .filter(|m| m.healthy())
                 .map(|m| async move { (m, m.replay_lsn().await) });
             let mut caught_up = None;
             for (member, polled) in futures::future::join_all(polls).await {
