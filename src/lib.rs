@@ -131,6 +131,7 @@ pub use front::engine::{CheckoutWaits, Engine, EngineStats};
 pub use front::listener::Listener;
 pub use front::pinned::Pinned;
 pub use front::registry::{EngineHealth, Health, Registry, RegistryBuilder, RegistryStats};
+pub use front::replica::ReplicaStats;
 pub use front::session::Session;
 pub use front::sessions::{
     EngineReport, EngineState, InfoMut, OpenTransaction, Sessions, SessionsReport,
@@ -188,3 +189,8 @@ pub struct GuideDoctests;
 #[cfg(all(doctest, feature = "axum"))]
 #[doc = include_str!("../docs/web.md")]
 pub struct WebDoctests;
+
+/// docs/replicas.md's examples, compiled likewise.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/replicas.md")]
+pub struct ReplicasDoctests;

@@ -15,6 +15,9 @@ use crate::error::{Error, Result};
 /// Default number of prepared statements cached per connection.
 pub const DEFAULT_STATEMENT_CACHE: usize = 256;
 
+/// How often replicas are sampled by default ([`EngineConfig::replica_lag_interval`]).
+const DEFAULT_REPLICA_LAG_INTERVAL: Duration = Duration::from_millis(500);
+
 /// How to reach one database, and how to pool its connections.
 ///
 /// **Several hosts.** A URL may list several hosts, as libpq allows
@@ -55,6 +58,9 @@ pub struct EngineConfig {
     pub(crate) replica_of: Option<String>,
     pub(crate) replica_max_wait: Duration,
     pub(crate) replica_fallback: bool,
+    pub(crate) max_replica_lag: Option<Duration>,
+    pub(crate) max_replica_lag_bytes: Option<u64>,
+    pub(crate) replica_lag_interval: Duration,
     pub(crate) tls: crate::config::tls::TlsSettings,
     pub(crate) pgbouncer: bool,
     pub(crate) pipeline: u32,
@@ -124,6 +130,9 @@ impl EngineConfig {
             replica_of: None,
             replica_max_wait: Duration::ZERO,
             replica_fallback: true,
+            max_replica_lag: None,
+            max_replica_lag_bytes: None,
+            replica_lag_interval: DEFAULT_REPLICA_LAG_INTERVAL,
             tls: crate::config::tls::TlsSettings::default(),
             pgbouncer: false,
             pipeline: 1,
@@ -301,6 +310,36 @@ impl EngineConfig {
     /// unreachable (default true).
     pub fn replica_fallback(mut self, yes: bool) -> Self {
         self.replica_fallback = yes;
+        self
+    }
+
+    /// A replica further behind its primary than this (in time, as last
+    /// sampled in the background) gets no reads until it catches up
+    /// (pgpool-II's `delay_threshold`). Unset (the default): no limit.
+    /// Zero is refused when the registry is built: lag is sampled, so "no
+    /// lag at all" would shut out every replica of a primary that writes.
+    /// Applies to this replica, whichever replica engine of its group a
+    /// read came through (docs/replicas.md).
+    pub fn max_replica_lag(mut self, d: Duration) -> Self {
+        self.max_replica_lag = Some(d);
+        self
+    }
+
+    /// A replica further behind its primary than this many bytes of WAL
+    /// (as last sampled) gets no reads until it catches up. Unset (the
+    /// default): no limit; zero is refused, as for
+    /// [`EngineConfig::max_replica_lag`].
+    pub fn max_replica_lag_bytes(mut self, bytes: u64) -> Self {
+        self.max_replica_lag_bytes = Some(bytes);
+        self
+    }
+
+    /// How often the registry samples each replica's replay position and
+    /// lag in the background (default 500 ms; the registry uses the
+    /// shortest interval of its replicas). Statements never pay a round
+    /// trip for it: routing reads the last sample.
+    pub fn replica_lag_interval(mut self, d: Duration) -> Self {
+        self.replica_lag_interval = d;
         self
     }
 
@@ -484,7 +523,7 @@ impl EngineConfig {
 }
 
 /// The settings keys an engine understands, besides `url`.
-pub const SETTING_KEYS: [&str; 13] = [
+pub const SETTING_KEYS: [&str; 16] = [
     "max_size",
     "min_idle",
     "connection_timeout",
@@ -496,6 +535,9 @@ pub const SETTING_KEYS: [&str; 13] = [
     "replica_of",
     "replica_max_wait",
     "replica_fallback",
+    "max_replica_lag",
+    "max_replica_lag_bytes",
+    "replica_lag_interval",
     "pgbouncer",
     "pipeline",
 ];
@@ -585,6 +627,20 @@ impl EngineConfig {
             "replica_of" => self.replica_of(v),
             "replica_max_wait" => self.replica_max_wait(parse_duration(v)?.unwrap_or_default()),
             "replica_fallback" => self.replica_fallback(parse_bool(v)?),
+            "max_replica_lag" => Self {
+                max_replica_lag: parse_duration(v)?,
+                ..self
+            },
+            "max_replica_lag_bytes" => Self {
+                max_replica_lag_bytes: match v {
+                    _ if v.eq_ignore_ascii_case("none") => None,
+                    _ => Some(parse_number(v)?),
+                },
+                ..self
+            },
+            "replica_lag_interval" => {
+                self.replica_lag_interval(parse_duration(v)?.ok_or("cannot be `none`")?)
+            }
             "pgbouncer" => self.pgbouncer(parse_bool(v)?),
             "pipeline" => self.pipeline(parse_number(v)?),
             _ => {
@@ -740,6 +796,8 @@ impl fmt::Debug for EngineConfig {
             .field("read_only", &self.read_only)
             .field("statement_cache", &self.statement_cache)
             .field("replica_of", &self.replica_of)
+            .field("max_replica_lag", &self.max_replica_lag)
+            .field("max_replica_lag_bytes", &self.max_replica_lag_bytes)
             .field("sslmode", &self.tls)
             .field("pgbouncer", &self.pgbouncer)
             .field("pipeline", &self.pipeline)

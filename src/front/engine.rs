@@ -12,7 +12,7 @@ use crate::tx::Env;
 use crate::tx::hooks::Hooks;
 use crate::tx::tracker::Tracker;
 
-use super::replica::ReplicaState;
+use super::replica::{ReplicaGroup, ReplicaState, ReplicaStats};
 
 /// One named bb8 pool plus its config and counters. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -41,8 +41,22 @@ pub(crate) struct ReplicaLink {
     pub(crate) fallback: Engine,
     /// The primary's index in the registry (whose commits reads must see).
     pub(crate) primary_index: usize,
-    /// How far the replica has replayed, and whether it is down.
+    /// The primary's name (for stats).
+    pub(crate) primary_name: String,
+    /// All the replicas of that primary, this one included: reads through
+    /// any of them are balanced over them.
+    pub(crate) group: Arc<ReplicaGroup>,
+    /// How far the replica has replayed, its lag, and whether it is down.
     pub(crate) state: ReplicaState,
+}
+
+/// What a replica engine is linked to (see [`ReplicaLink`]).
+#[derive(Debug)]
+pub(crate) struct ReplicaOf {
+    pub(crate) primary_index: usize,
+    pub(crate) primary_name: String,
+    pub(crate) fallback: Engine,
+    pub(crate) group: Arc<ReplicaGroup>,
 }
 
 /// Facts about the server cached for two-phase commit.
@@ -70,8 +84,9 @@ pub(crate) struct Links {
     pub(crate) index: usize,
     /// Some engine is a replica of this one.
     pub(crate) has_replicas: bool,
-    /// This engine is a replica: its primary's index and the read-only pool there.
-    pub(crate) replica_of: Option<(usize, Engine)>,
+    /// This engine is a replica: its primary, the read-only pool there, and
+    /// its group.
+    pub(crate) replica_of: Option<ReplicaOf>,
 }
 
 impl Engine {
@@ -92,13 +107,13 @@ impl Engine {
                 }),
                 index: links.index,
                 has_replicas: links.has_replicas,
-                replica: links
-                    .replica_of
-                    .map(|(primary_index, fallback)| ReplicaLink {
-                        fallback,
-                        primary_index,
-                        state: ReplicaState::default(),
-                    }),
+                replica: links.replica_of.map(|of| ReplicaLink {
+                    fallback: of.fallback,
+                    primary_index: of.primary_index,
+                    primary_name: of.primary_name,
+                    group: of.group,
+                    state: ReplicaState::default(),
+                }),
                 two_phase: TwoPhaseFacts::default(),
             }),
         })
@@ -179,6 +194,7 @@ impl Engine {
                 p999,
                 max,
             },
+            replica: self.replica_stats(),
         }
     }
 }
@@ -265,4 +281,6 @@ pub struct EngineStats {
     pub primary_switches: u64,
     /// The distribution of checkout waits.
     pub checkout_wait: CheckoutWaits,
+    /// For a replica engine: its health, lag and reads (docs/replicas.md).
+    pub replica: Option<ReplicaStats>,
 }

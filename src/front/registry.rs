@@ -3,8 +3,10 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
-use super::engine::{Engine, EngineStats, Links};
+use super::engine::{Engine, EngineStats, Links, ReplicaOf};
+use super::replica::ReplicaGroup;
 use super::session::Session;
 use super::sessions::Sessions;
 use crate::config::EngineConfig;
@@ -27,6 +29,8 @@ struct RegistryInner {
     /// Table name → engine index (z3c.zalchemy's assignTable).
     tables: HashMap<String, usize>,
     two_phase_prefix: String,
+    /// Set by [`Registry::close`]: the lag sampler stops.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for Registry {
@@ -197,6 +201,9 @@ impl Registry {
     /// Closes every engine: later checkouts fail with [`Error::Closed`];
     /// connections in use close when returned.
     pub async fn close(&self) {
+        self.inner
+            .closed
+            .store(true, std::sync::atomic::Ordering::Release);
         for e in &self.inner.engines {
             e.close();
             if let Some(fallback) = e.primary() {
@@ -467,7 +474,24 @@ impl RegistryBuilder {
                 )));
             }
             primary_of[i] = Some(primary);
+            let zero_lag = config.max_replica_lag.is_some_and(|d| d.is_zero())
+                || config.max_replica_lag_bytes == Some(0);
+            if zero_lag {
+                return Err(Error::Config(format!(
+                    "engine `{name}`: a zero max_replica_lag would keep every read off a replica \
+                     of a primary that writes (lag is sampled); leave it unset for no limit"
+                )));
+            }
+            if config.replica_lag_interval.is_zero() {
+                return Err(Error::Config(format!(
+                    "engine `{name}`: replica_lag_interval must be above zero"
+                )));
+            }
         }
+        // One group per primary with replicas, shared by its replicas.
+        let groups: Vec<Option<Arc<ReplicaGroup>>> = (0..configs.len())
+            .map(|i| primary_of.contains(&Some(i)).then(Arc::default))
+            .collect();
         let mut engines: Vec<Engine> = Vec::with_capacity(configs.len());
         for (index, (name, config)) in configs.iter().enumerate() {
             let replica_of = match primary_of[index] {
@@ -495,7 +519,12 @@ impl RegistryBuilder {
                             ..Links::default()
                         },
                     )?;
-                    Some((primary, fallback))
+                    Some(ReplicaOf {
+                        primary_index: primary,
+                        primary_name: primary_name.clone(),
+                        fallback,
+                        group: groups[primary].clone().expect("a primary with replicas"),
+                    })
                 }
             };
             let links = Links {
@@ -544,6 +573,18 @@ impl RegistryBuilder {
                 )));
             }
         }
+        for (primary, group) in groups.iter().enumerate() {
+            if let Some(group) = group {
+                group.set_members(
+                    engines
+                        .iter()
+                        .zip(&primary_of)
+                        .filter(|(_, of)| **of == Some(primary))
+                        .map(|(e, _)| Arc::downgrade(&e.inner))
+                        .collect(),
+                );
+            }
+        }
         let two_phase_prefix = self.two_phase_prefix.unwrap_or_else(|| "pgassist".into());
         let prefix_ok = !two_phase_prefix.is_empty()
             && two_phase_prefix.len() <= 64
@@ -558,14 +599,76 @@ impl RegistryBuilder {
         // Any two engines may meet in a unit of work: their longest id must
         // fit PostgreSQL's limit, or the first PREPARE TRANSACTION would fail.
         crate::sql::gid::check_fits(&two_phase_prefix, engines.iter().map(Engine::name))?;
-        Ok(Registry {
+        let registry = Registry {
             inner: Arc::new(RegistryInner {
                 engines,
                 default,
                 tracker,
                 tables,
                 two_phase_prefix,
+                closed: Default::default(),
             }),
-        })
+        };
+        registry.spawn_lag_sampler();
+        Ok(registry)
     }
+}
+
+impl Registry {
+    /// Starts the background task that samples every replica's replay
+    /// position, lag and health every `replica_lag_interval` (the shortest
+    /// of the registry's replicas). It holds the registry only weakly and
+    /// ends once the last clone of the registry is dropped (or the registry
+    /// is closed). No task without replicas, nor outside a tokio runtime.
+    fn spawn_lag_sampler(&self) {
+        let interval = self
+            .engines()
+            .filter(|e| e.primary().is_some())
+            .map(|e| e.config().replica_lag_interval)
+            .min();
+        let (Some(interval), Ok(runtime)) = (interval, tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let registry = Arc::downgrade(&self.inner);
+        runtime.spawn(async move {
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let Some(inner) = registry.upgrade() else {
+                    return;
+                };
+                if inner.closed.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+                let replicas: Vec<Engine> = inner
+                    .engines
+                    .iter()
+                    .filter(|e| e.primary().is_some())
+                    .cloned()
+                    .collect();
+                // Only the round's own clones keep pools alive while it runs.
+                drop(inner);
+                sample_round(&replicas, interval).await;
+            }
+        });
+    }
+}
+
+/// One sampling round: per primary, its WAL position first, then all its
+/// replicas at once.
+async fn sample_round(replicas: &[Engine], timeout: Duration) {
+    let mut primaries: Vec<usize> = replicas.iter().map(Engine::primary_index).collect();
+    primaries.sort_unstable();
+    primaries.dedup();
+    let groups = primaries.into_iter().map(|primary| async move {
+        let members: Vec<&Engine> = replicas
+            .iter()
+            .filter(|r| r.primary_index() == primary)
+            .collect();
+        let primary_lsn = members[0].sample_primary(timeout).await;
+        futures::future::join_all(members.iter().map(|m| m.sample(primary_lsn, timeout))).await;
+    });
+    futures::future::join_all(groups).await;
 }

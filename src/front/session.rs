@@ -161,8 +161,10 @@ impl Session {
             .as_ref()
             .map_or(0, |s| s.required_lsn(self.engine.primary_index()));
         match self.engine.choose_target(required).await {
-            Target::Replica => match here(self.clone()).await {
-                Err(e) if self.engine.should_fall_back(&e) => here(self.on(primary)).await,
+            Target::Replica(member) => match here(self.on(&member)).await {
+                Err(e) if member.should_fall_back(&e, self.engine.config().replica_fallback) => {
+                    here(self.on(primary)).await
+                }
                 other => other,
             },
             Target::Primary => here(self.on(primary)).await,
@@ -418,15 +420,21 @@ impl Session {
         options: TxOptions,
         attempt: u32,
     ) -> Result<Transaction<'static>> {
-        if let Some(primary) = self.engine.primary() {
-            let required = self
-                .scope
-                .as_ref()
-                .map_or(0, |s| s.required_lsn(self.engine.primary_index()));
-            if let Target::Primary = self.engine.choose_target(required).await {
-                return Box::pin(self.on(primary).begin_outermost_attempt(options, attempt)).await;
-            }
+        let Some(primary) = self.engine.primary() else {
+            return self.begin_here(options, attempt).await;
+        };
+        let required = self
+            .scope
+            .as_ref()
+            .map_or(0, |s| s.required_lsn(self.engine.primary_index()));
+        match self.engine.choose_target(required).await {
+            Target::Replica(member) => self.on(&member).begin_here(options, attempt).await,
+            Target::Primary => self.on(primary).begin_here(options, attempt).await,
         }
+    }
+
+    /// Begins a transaction on this session's own engine.
+    async fn begin_here(&self, options: TxOptions, attempt: u32) -> Result<Transaction<'static>> {
         let conn = self.engine.checkout().await?;
         let observer = self.scope.as_ref().map(|scope| {
             Box::new(scope.reporter(self.engine.inner.has_replicas)) as Box<dyn Observer>

@@ -274,8 +274,10 @@ impl Sessions {
 
     /// The session for reads: the `reader` engine if configured, else the
     /// first engine declared a replica ([`crate::EngineConfig::replica_of`]).
-    /// On a replica, a read after this request's writes waits for the
-    /// replica or goes to the primary.
+    /// On a replica, each read goes to one of the replicas of the same
+    /// primary, balanced over those that are healthy and within their lag
+    /// limits (docs/replicas.md); a read after this request's writes goes
+    /// to one that has replayed them, waits for one, or goes to the primary.
     ///
     /// With neither, this is an error ([`Error::UnknownEngine`] naming
     /// `reader`), as for [`Sessions::logger`]: falling back to the writable

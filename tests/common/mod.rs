@@ -64,11 +64,7 @@ impl Db {
 
     /// A plain tokio-postgres connection, outside pgassist.
     pub async fn plain(&self) -> tokio_postgres::Client {
-        let (client, conn) = tokio_postgres::connect(&self.db.url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        client
+        plain_at(&self.db.url).await
     }
 
     pub async fn plain_count(&self, sql: &str) -> i64 {
@@ -155,6 +151,15 @@ pub async fn in_transaction_backends(db: &Db) -> usize {
 
 pub mod proxy;
 pub mod users_api;
+
+/// A plain tokio-postgres connection to `url`, outside pgassist.
+pub async fn plain_at(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+}
 
 /// Awaits `fut`, failing the test if it takes longer than `limit`: nothing
 /// in these tests may hang.
