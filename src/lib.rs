@@ -126,7 +126,10 @@ pub mod integrations;
 
 pub use config::tls::SslMode;
 pub use config::{DEFAULT_STATEMENT_CACHE, EngineConfig};
-pub use error::{Error, Result};
+pub use error::{CausalTokenError, Error, Result};
+#[cfg(feature = "causal")]
+#[cfg_attr(docsrs, doc(cfg(feature = "causal")))]
+pub use front::causal::{DEFAULT_CAUSAL_MAX_AGE, MAX_CAUSAL_TOKEN_LEN, ObservedToken};
 pub use front::engine::{CheckoutWaits, Engine, EngineStats};
 pub use front::listener::Listener;
 pub use front::pinned::{Pinned, RowStream};

@@ -27,6 +27,9 @@ struct RegistryInner {
     /// Table name → engine index (z3c.zalchemy's assignTable).
     tables: HashMap<String, usize>,
     two_phase_prefix: String,
+    /// Keys of causal tokens, if configured.
+    #[cfg(feature = "causal")]
+    causal: Option<super::causal::CausalKeys>,
 }
 
 impl fmt::Debug for Registry {
@@ -204,6 +207,12 @@ impl Registry {
             }
         }
     }
+
+    /// The causal-token keys, if configured (see `front::causal`).
+    #[cfg(feature = "causal")]
+    pub(crate) fn causal_keys(&self) -> Option<&super::causal::CausalKeys> {
+        self.inner.causal.as_ref()
+    }
 }
 
 /// Counters of every engine, from [`Registry::stats`].
@@ -309,6 +318,8 @@ pub struct RegistryBuilder {
     two_phase_prefix: Option<String>,
     /// Skip the start-up check (see [`RegistryBuilder::lazy`]).
     lazy: bool,
+    #[cfg(feature = "causal")]
+    causal: super::causal::CausalConfig,
 }
 
 impl fmt::Debug for RegistryBuilder {
@@ -565,7 +576,15 @@ impl RegistryBuilder {
                 tracker,
                 tables,
                 two_phase_prefix,
+                #[cfg(feature = "causal")]
+                causal: self.causal.build()?,
             }),
         })
+    }
+
+    /// The causal-token settings being described (see `front::causal`).
+    #[cfg(feature = "causal")]
+    pub(crate) fn causal_config(&mut self) -> &mut super::causal::CausalConfig {
+        &mut self.causal
     }
 }

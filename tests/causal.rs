@@ -1,0 +1,1 @@
+//! Causal tokens against real servers (features `causal` and `axum`).
