@@ -23,13 +23,13 @@ pub struct Registry {
 struct RegistryInner {
     engines: Vec<Engine>,
     default: usize,
+    /// Keys of causal tokens, if configured.
+    #[cfg(feature = "causal")]
+    causal: Option<super::causal::CausalKeys>,
     tracker: Arc<Tracker>,
     /// Table name → engine index (z3c.zalchemy's assignTable).
     tables: HashMap<String, usize>,
     two_phase_prefix: String,
-    /// Keys of causal tokens, if configured.
-    #[cfg(feature = "causal")]
-    causal: Option<super::causal::CausalKeys>,
 }
 
 impl fmt::Debug for Registry {
@@ -314,12 +314,12 @@ pub struct RegistryBuilder {
     engines: Vec<(String, EngineConfig)>,
     default: Option<String>,
     hooks: Hooks,
+    #[cfg(feature = "causal")]
+    causal: super::causal::CausalConfig,
     tables: Vec<(String, String)>,
     two_phase_prefix: Option<String>,
     /// Skip the start-up check (see [`RegistryBuilder::lazy`]).
     lazy: bool,
-    #[cfg(feature = "causal")]
-    causal: super::causal::CausalConfig,
 }
 
 impl fmt::Debug for RegistryBuilder {
@@ -573,11 +573,11 @@ impl RegistryBuilder {
             inner: Arc::new(RegistryInner {
                 engines,
                 default,
+                #[cfg(feature = "causal")]
+                causal: self.causal.build()?,
                 tracker,
                 tables,
                 two_phase_prefix,
-                #[cfg(feature = "causal")]
-                causal: self.causal.build()?,
             }),
         })
     }
