@@ -176,12 +176,60 @@ async fn tokens_carry_read_your_writes_across_registries_and_http() {
     assert_eq!((observed.applied, observed.unknown_engines), (0, 1));
 
     http_round_trips(&db, &replica_url, primary_port, replica_port).await;
+    through_pgbouncer(&db, &replica, &token, primary_port, replica_port).await;
 
     control
         .batch_execute("SELECT pg_wal_replay_resume()")
         .await
         .unwrap();
     replica.stop();
+}
+
+/// A PgBouncer (transaction pooling) in front of the replica only: the
+/// replica engine goes through it, read-your-writes polls the replay
+/// position through it, and a token still sends the read to the primary.
+async fn through_pgbouncer(
+    db: &Db,
+    replica: &pgassist_testing::TestCluster,
+    token: &str,
+    primary_port: i32,
+    replica_port: i32,
+) {
+    let Some(bouncer) = replica.start_pgbouncer().unwrap() else {
+        eprintln!("pgbouncer is not installed; skipping its part (.ci/run installs it)");
+        return;
+    };
+    let bounced = EngineConfig::from_url(&bouncer.url(&db.db.name))
+        .unwrap()
+        .pgbouncer(true)
+        .replica_of("writer")
+        .replica_max_wait(Duration::from_millis(200));
+    let registry = Registry::builder()
+        .engine("writer", db.config())
+        .engine("replica", bounced)
+        .causal_key(KEY)
+        .build()
+        .await
+        .unwrap();
+    let rows = db.plain_count("SELECT count(*) FROM items").await;
+    // The server behind PgBouncer answers inet_server_port(): the replica.
+    assert_eq!(
+        probe(registry.sessions().reader().unwrap()).await,
+        (replica_port, true, 0)
+    );
+    let after = registry.sessions_after(token).unwrap();
+    assert_eq!(
+        probe(after.reader().unwrap()).await,
+        (primary_port, false, rows)
+    );
+    let token = write_and_token(&registry, "bounced").await;
+    let after = registry.sessions_after(&token).unwrap();
+    assert_eq!(
+        probe(after.reader().unwrap()).await,
+        (primary_port, false, rows + 1)
+    );
+    drop(registry);
+    bouncer.stop();
 }
 
 /// The tower layer's header pair over real HTTP, replay still paused.
