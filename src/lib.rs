@@ -189,3 +189,8 @@ pub struct GuideDoctests;
 #[cfg(all(doctest, feature = "axum"))]
 #[doc = include_str!("../docs/web.md")]
 pub struct WebDoctests;
+
+/// docs/high-availability.md's examples, compiled likewise.
+#[cfg(all(doctest, feature = "axum", feature = "causal"))]
+#[doc = include_str!("../docs/high-availability.md")]
+pub struct HighAvailabilityDoctests;

@@ -289,8 +289,10 @@ impl Sessions {
     ///
     /// The token is issued now if this scope wrote, else it keeps the issue
     /// time of the token it observed, so passing a token along through
-    /// read-only requests does not extend its life. See the
-    /// [module docs](self) for what a token can and cannot do.
+    /// read-only requests does not extend its life. A token is ASCII
+    /// letters, digits, `.`, `-` and `_`: a cookie, header or URL takes it
+    /// as is. What a token can and cannot do, keys, rotation and max age:
+    /// docs/high-availability.md.
     ///
     /// [`Error::CausalToken`] ([`CausalTokenError::NoKey`]) when the
     /// registry has no key.
