@@ -16,7 +16,9 @@ use axum::routing::{get, post};
 use common::Db;
 use pgassist::integrations::axum::Db as DbExtractor;
 use pgassist::integrations::tower::{CAUSAL_TOKEN_HEADER, CausalTokenRejected, SessionsLayer};
-use pgassist::{CausalTokenError, EngineConfig, Error, Registry, RegistryBuilder, Session};
+use pgassist::{
+    CausalTokenError, EngineConfig, Error, Registry, RegistryBuilder, Session, TxOptions,
+};
 
 const KEY: &[u8] = b"a test key of at least 32 bytes, never a real one";
 const OLD_KEY: &[u8] = b"the key before the rotation, also 32 bytes or more";
@@ -240,34 +242,10 @@ async fn http_round_trips(db: &Db, replica_url: &str, primary_port: i32, replica
         .await
         .unwrap();
     let header = HeaderName::from_static(CAUSAL_TOKEN_HEADER);
-    let layer = SessionsLayer::new(registry)
+    let layer = SessionsLayer::new(registry.clone())
         .causal_headers(header.clone(), header.clone())
         .unwrap();
-    let app = Router::new()
-        .route(
-            "/write",
-            post(|db: DbExtractor| async move {
-                db.writer()?
-                    .execute("INSERT INTO items(name) VALUES ('http')", &[])
-                    .await?;
-                Ok::<_, Error>("written")
-            }),
-        )
-        .route(
-            "/read",
-            get(
-                |db: DbExtractor, rejected: Option<axum::Extension<CausalTokenRejected>>| async move {
-                    let (port, _, count) = probe(db.reader()?).await;
-                    let note = rejected.map_or("-".to_owned(), |r| format!("{:?}", r.0 .0));
-                    Ok::<_, Error>(format!("{port} {count} {note}"))
-                },
-            ),
-        )
-        .layer(layer);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let base = format!("http://{addr}");
+    let base = serve(layer).await;
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let rows = db.plain_count("SELECT count(*) FROM items").await;
 
@@ -289,7 +267,7 @@ async fn http_round_trips(db: &Db, replica_url: &str, primary_port: i32, replica
     // A request that writes answers with a token; one that only reads, none.
     let res = http.post(format!("{base}/write")).send().await.unwrap();
     assert_eq!(res.status(), 200);
-    let token = header_token(res.headers()).expect("a write answers with a token");
+    let token = header_token(res.headers(), CAUSAL_TOKEN_HEADER).expect("a write, a token");
     let (body, set) = read(None).await;
     assert_eq!(body, format!("{replica_port} 0 -"), "no token: the replica");
     assert!(!set, "a read-only request hands no token out");
@@ -328,12 +306,69 @@ async fn http_round_trips(db: &Db, replica_url: &str, primary_port: i32, replica
         body.starts_with(&format!("{replica_port} 0 Malformed")),
         "{body}"
     );
+
+    // Transaction per request, other header names: the position is taken
+    // at the commit the layer makes after the handler.
+    let layer = SessionsLayer::per_request_transaction(registry, TxOptions::new())
+        .causal_headers(
+            HeaderName::from_static("x-read-after"),
+            HeaderName::from_static("x-wrote"),
+        )
+        .unwrap();
+    let base = serve(layer).await;
+    let res = http.post(format!("{base}/write")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(!res.headers().contains_key(CAUSAL_TOKEN_HEADER));
+    let token = header_token(res.headers(), "x-wrote").expect("a commit, a token");
+    let res = http
+        .get(format!("{base}/read"))
+        .header("x-read-after", token)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        !res.headers().contains_key("x-wrote"),
+        "a read hands nothing out"
+    );
+    assert_eq!(
+        res.text().await.unwrap(),
+        format!("{primary_port} {} -", rows + 2)
+    );
 }
 
-fn header_token(headers: &reqwest::header::HeaderMap) -> Option<String> {
-    headers
-        .get(CAUSAL_TOKEN_HEADER)
-        .map(|v| v.to_str().unwrap().to_owned())
+/// The test app behind `layer`: POST /write inserts a row; GET /read says
+/// which server answered, the rows it sees, and why a token was refused.
+/// Served on a free loopback port for the rest of the test.
+async fn serve(layer: SessionsLayer) -> String {
+    let app = Router::new()
+        .route(
+            "/write",
+            post(|db: DbExtractor| async move {
+                db.writer()?
+                    .execute("INSERT INTO items(name) VALUES ('http')", &[])
+                    .await?;
+                Ok::<_, Error>("written")
+            }),
+        )
+        .route(
+            "/read",
+            get(
+                |db: DbExtractor, rejected: Option<axum::Extension<CausalTokenRejected>>| async move {
+                    let (port, _, count) = probe(db.reader()?).await;
+                    let note = rejected.map_or("-".to_owned(), |r| format!("{:?}", r.0 .0));
+                    Ok::<_, Error>(format!("{port} {count} {note}"))
+                },
+            ),
+        )
+        .layer(layer);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+fn header_token(headers: &reqwest::header::HeaderMap, name: &str) -> Option<String> {
+    headers.get(name).map(|v| v.to_str().unwrap().to_owned())
 }
 
 #[tokio::test]
