@@ -436,6 +436,9 @@ mod tests {
             positions.iter().map(|(n, l)| (n.to_string(), *l)).collect();
         assert_eq!(back.positions, expect);
         assert_eq!(k.decode(&k.encode(5, &[])).unwrap().positions, vec![]);
+        // docs/high-availability.md: about 100 bytes for `writer`.
+        let one = k.encode(1_800_000_000, &[("writer", 0x1_2345_6789)]);
+        assert!((90..=110).contains(&one.len()), "{}", one.len());
     }
 
     #[test]
