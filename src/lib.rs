@@ -185,12 +185,12 @@ pub struct ReadmeDoctests;
 #[doc = include_str!("../docs/guide.md")]
 pub struct GuideDoctests;
 
-/// docs/web.md's examples, compiled likewise.
-#[cfg(all(doctest, feature = "axum"))]
-#[doc = include_str!("../docs/web.md")]
-pub struct WebDoctests;
-
 /// docs/high-availability.md's examples, compiled likewise.
 #[cfg(all(doctest, feature = "axum", feature = "causal"))]
 #[doc = include_str!("../docs/high-availability.md")]
 pub struct HighAvailabilityDoctests;
+
+/// docs/web.md's examples, compiled likewise.
+#[cfg(all(doctest, feature = "axum"))]
+#[doc = include_str!("../docs/web.md")]
+pub struct WebDoctests;
