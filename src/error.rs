@@ -169,6 +169,37 @@ pub enum Error {
         /// What went wrong: the driver's words.
         reason: String,
     },
+    /// A causal token could not be made or read (cargo feature `causal`;
+    /// see `Sessions::causal_token`). Nothing of the token was applied.
+    #[error("causal token: {0}")]
+    CausalToken(CausalTokenError),
+}
+
+/// Why a causal token was refused, in [`Error::CausalToken`]. The token's
+/// text is never quoted back: it came from a client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CausalTokenError {
+    /// The registry has no key to sign or check tokens with
+    /// (`RegistryBuilder::causal_key`).
+    #[error("the registry has no causal key (RegistryBuilder::causal_key)")]
+    NoKey,
+    /// Longer than any token this crate issues.
+    #[error("longer than {max} bytes")]
+    TooLong {
+        /// The longest token accepted.
+        max: usize,
+    },
+    /// Not in the token format (truncated, wrong characters, bad numbers).
+    #[error("malformed ({0})")]
+    Malformed(&'static str),
+    /// A format version this build does not read.
+    #[error("unknown format version")]
+    UnknownVersion,
+    /// The signature matches none of the registry's keys: forged, altered,
+    /// or signed with a key that was since retired.
+    #[error("signature does not match any key")]
+    BadSignature,
 }
 
 /// `?` on the driver's own errors inside a function returning

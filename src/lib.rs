@@ -126,7 +126,10 @@ pub mod integrations;
 
 pub use config::tls::SslMode;
 pub use config::{DEFAULT_STATEMENT_CACHE, EngineConfig};
-pub use error::{Error, Result};
+pub use error::{CausalTokenError, Error, Result};
+#[cfg(feature = "causal")]
+#[cfg_attr(docsrs, doc(cfg(feature = "causal")))]
+pub use front::causal::{DEFAULT_CAUSAL_MAX_AGE, MAX_CAUSAL_TOKEN_LEN, ObservedToken};
 pub use front::engine::{CheckoutWaits, Engine, EngineStats};
 pub use front::listener::Listener;
 pub use front::pinned::Pinned;
@@ -184,6 +187,11 @@ pub struct ReadmeDoctests;
 #[cfg(all(doctest, feature = "derive", feature = "json"))]
 #[doc = include_str!("../docs/guide.md")]
 pub struct GuideDoctests;
+
+/// docs/high-availability.md's examples, compiled likewise.
+#[cfg(all(doctest, feature = "axum", feature = "causal"))]
+#[doc = include_str!("../docs/high-availability.md")]
+pub struct HighAvailabilityDoctests;
 
 /// docs/web.md's examples, compiled likewise.
 #[cfg(all(doctest, feature = "axum"))]

@@ -22,14 +22,6 @@ async fn probe(s: &Session) -> (bool, i64) {
     (row.get(0), row.get(1))
 }
 
-async fn plain(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
-}
-
 async fn until<F: std::future::Future<Output = bool>>(what: &str, mut f: impl FnMut() -> F) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !f().await {
@@ -41,23 +33,9 @@ async fn until<F: std::future::Future<Output = bool>>(what: &str, mut f: impl Fn
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_routing_read_your_writes_and_fallback() {
     let db = Db::new().await;
-    if db.cluster.is_external() {
-        eprintln!("DATABASE_URL is set: no replica can be started next to it; skipping");
+    let Some((replica, replica_url)) = common::replica_with_test_db(&db).await else {
         return;
-    }
-    let replica = db.cluster.start_replica().expect("start a hot standby");
-    let replica_url = replica.url(&db.db.name);
-    // The standby replays CREATE DATABASE and CREATE TABLE.
-    until("the replica to have the test database", || async {
-        match tokio_postgres::connect(&replica_url, tokio_postgres::NoTls).await {
-            Ok((c, conn)) => {
-                tokio::spawn(conn);
-                c.query_one("SELECT count(*) FROM items", &[]).await.is_ok()
-            }
-            Err(_) => false,
-        }
-    })
-    .await;
+    };
 
     let registry = Registry::builder()
         // One connection: a repeated statement is sure to be cached on it.
@@ -87,7 +65,7 @@ async fn replica_routing_read_your_writes_and_fallback() {
     drop(sessions);
 
     // 2. Read-your-writes with replay paused: the replica cannot have our writes.
-    let control = plain(&replica_url).await;
+    let control = common::plain_at(&replica_url).await;
     control
         .batch_execute("SELECT pg_wal_replay_pause()")
         .await

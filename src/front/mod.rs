@@ -2,6 +2,8 @@
 //! engines, the autocommit [`Session`](session::Session), the per-request
 //! container and replica routing.
 
+#[cfg(feature = "causal")]
+pub(crate) mod causal;
 pub(crate) mod engine;
 pub(crate) mod listener;
 pub(crate) mod pinned;

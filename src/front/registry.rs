@@ -25,6 +25,9 @@ pub struct Registry {
 struct RegistryInner {
     engines: Vec<Engine>,
     default: usize,
+    /// Keys of causal tokens, if configured.
+    #[cfg(feature = "causal")]
+    causal: Option<super::causal::CausalKeys>,
     tracker: Arc<Tracker>,
     /// Table name → engine index (z3c.zalchemy's assignTable).
     tables: HashMap<String, usize>,
@@ -211,6 +214,12 @@ impl Registry {
             }
         }
     }
+
+    /// The causal-token keys, if configured (see `front::causal`).
+    #[cfg(feature = "causal")]
+    pub(crate) fn causal_keys(&self) -> Option<&super::causal::CausalKeys> {
+        self.inner.causal.as_ref()
+    }
 }
 
 /// Counters of every engine, from [`Registry::stats`].
@@ -312,6 +321,8 @@ pub struct RegistryBuilder {
     engines: Vec<(String, EngineConfig)>,
     default: Option<String>,
     hooks: Hooks,
+    #[cfg(feature = "causal")]
+    causal: super::causal::CausalConfig,
     tables: Vec<(String, String)>,
     two_phase_prefix: Option<String>,
     /// Skip the start-up check (see [`RegistryBuilder::lazy`]).
@@ -603,6 +614,8 @@ impl RegistryBuilder {
             inner: Arc::new(RegistryInner {
                 engines,
                 default,
+                #[cfg(feature = "causal")]
+                causal: self.causal.build()?,
                 tracker,
                 tables,
                 two_phase_prefix,
@@ -611,6 +624,12 @@ impl RegistryBuilder {
         };
         registry.spawn_lag_sampler();
         Ok(registry)
+    }
+
+    /// The causal-token settings being described (see `front::causal`).
+    #[cfg(feature = "causal")]
+    pub(crate) fn causal_config(&mut self) -> &mut super::causal::CausalConfig {
+        &mut self.causal
     }
 }
 

@@ -42,6 +42,8 @@ pub(crate) struct EngineUse {
     used: AtomicBool,
     /// WAL insert position after this request's last commit here (0: none).
     last_lsn: AtomicU64,
+    /// Position of an earlier commit here, from a causal token (0: none).
+    observed_lsn: AtomicU64,
     statements: AtomicU64,
     busy_nanos: AtomicU64,
     backend_pids: Mutex<Vec<i32>>,
@@ -62,6 +64,9 @@ pub(crate) struct Scope {
     info: RwLock<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
     per_request_tx: Option<TxOptions>,
     ended: AtomicBool,
+    /// Issue time of the oldest causal token observed (u64::MAX: none).
+    #[cfg(feature = "causal")]
+    observed_issued: AtomicU64,
 }
 
 /// A session's link to its container: the scope and the engine's index in it.
@@ -109,9 +114,10 @@ impl ScopeRef {
         self.usage().last_lsn.fetch_max(lsn, Ordering::AcqRel);
     }
 
-    /// The WAL position a read must see on engine `index`'s replicas.
+    /// The WAL position a read must see on engine `index`'s replicas: this
+    /// request's last commit there, or an earlier one it was told of.
     pub(crate) fn required_lsn(&self, index: usize) -> u64 {
-        self.scope.engines[index].last_lsn.load(Ordering::Acquire)
+        self.scope.required_lsn(index)
     }
 
     /// Records one statement: the backend that ran it and how long it took.
@@ -196,6 +202,12 @@ impl Observer for Reporter {
 }
 
 impl Scope {
+    fn required_lsn(&self, index: usize) -> u64 {
+        let usage = &self.engines[index];
+        let own = usage.last_lsn.load(Ordering::Acquire);
+        own.max(usage.observed_lsn.load(Ordering::Acquire))
+    }
+
     fn info<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
         let map = self.info.read().expect("info");
         map.get(&TypeId::of::<T>())
@@ -242,6 +254,8 @@ impl Sessions {
                 info: RwLock::default(),
                 per_request_tx,
                 ended: AtomicBool::new(false),
+                #[cfg(feature = "causal")]
+                observed_issued: AtomicU64::new(u64::MAX),
             }),
             slots: (0..n).map(|_| OnceLock::new()).collect(),
             registry,
@@ -312,6 +326,42 @@ impl Sessions {
             scope: self.scope.clone(),
             index,
         }
+    }
+
+    /// Causal tokens: the positions to carry (engine index, WAL position),
+    /// whether this request wrote any itself, and the issue time of the
+    /// oldest token observed.
+    #[cfg(feature = "causal")]
+    pub(crate) fn causal_positions(&self) -> (Vec<(usize, u64)>, bool, Option<u64>) {
+        let positions = (0..self.scope.engines.len())
+            .map(|index| (index, self.scope.required_lsn(index)))
+            .filter(|&(_, lsn)| lsn > 0)
+            .collect();
+        let wrote = self.wrote();
+        let issued = self.scope.observed_issued.load(Ordering::Acquire);
+        (positions, wrote, (issued != u64::MAX).then_some(issued))
+    }
+
+    /// Whether this request committed on a primary with replicas (so
+    /// that it has a commit position to hand on).
+    #[cfg(feature = "causal")]
+    pub(crate) fn wrote(&self) -> bool {
+        self.scope
+            .engines
+            .iter()
+            .any(|u| u.last_lsn.load(Ordering::Acquire) > 0)
+    }
+
+    /// Raises engine `index`'s required position to a commit known from a
+    /// causal token issued at `issued`.
+    #[cfg(feature = "causal")]
+    pub(crate) fn observe_lsn(&self, index: usize, lsn: u64, issued: u64) {
+        self.scope.engines[index]
+            .observed_lsn
+            .fetch_max(lsn, Ordering::AcqRel);
+        self.scope
+            .observed_issued
+            .fetch_min(issued, Ordering::AcqRel);
     }
 
     /// The `writer` engine's session.

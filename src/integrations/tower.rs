@@ -30,6 +30,25 @@
 //! A response that went through the layer carries the request's final
 //! [`SessionsReport`](crate::SessionsReport) in its extensions, for an outer layer that logs what
 //! each request used.
+//!
+//! ## Causal tokens in headers
+//!
+//! With the cargo feature `causal` and a registry key,
+//! [`SessionsLayer::causal_headers`] carries read-your-writes from one
+//! request to the next without handler code: a response whose request
+//! committed on a primary with replicas gets the request's
+//! [causal token](crate::Sessions::causal_token) in the response header,
+//! and a request that brings a token in the request header reads after
+//! those writes ([`Sessions::observe_causal_token`]).
+//!
+//! A token that is refused (forged, altered, garbled, signed with a key
+//! no longer accepted) is ignored: the request runs as one without a token,
+//! and finds the refusal in its extensions as [`CausalTokenRejected`] — a
+//! handler that prefers to answer 400 can. Ignoring is the default because
+//! a token is a hint about freshness, not a credential: a forged one gains
+//! its sender nothing, and a stale cookie signed with a retired key must not
+//! break a user's next page. Refusals are not logged: a client could flood
+//! the log with them.
 
 use std::fmt;
 use std::ops::Deref;
@@ -83,12 +102,34 @@ impl fmt::Debug for RequestSessions {
 
 type OnRequest = Arc<dyn Fn(&http::request::Parts, &mut Sessions) + Send + Sync>;
 
+/// The default name of both causal-token headers (see
+/// [`SessionsLayer::causal_headers`]): the same name in and out, so that a
+/// service can pass on what it received.
+#[cfg(feature = "causal")]
+pub const CAUSAL_TOKEN_HEADER: &str = "x-pgassist-causal";
+
+/// In a request's extensions when its causal-token header was refused and
+/// ignored (see the [module docs](self#causal-tokens-in-headers)).
+#[cfg(feature = "causal")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CausalTokenRejected(pub crate::CausalTokenError);
+
+/// The header pair of [`SessionsLayer::causal_headers`].
+#[cfg(feature = "causal")]
+#[derive(Clone, Debug)]
+struct CausalHeaders {
+    request: http::HeaderName,
+    response: http::HeaderName,
+}
+
 /// The [`Layer`]: wraps a service in [`SessionsService`].
 #[derive(Clone)]
 pub struct SessionsLayer {
     registry: Registry,
     per_request_tx: Option<TxOptions>,
     on_request: Option<OnRequest>,
+    #[cfg(feature = "causal")]
+    causal: Option<CausalHeaders>,
 }
 
 impl fmt::Debug for SessionsLayer {
@@ -108,6 +149,8 @@ impl SessionsLayer {
             registry,
             per_request_tx: None,
             on_request: None,
+            #[cfg(feature = "causal")]
+            causal: None,
         }
     }
 
@@ -125,6 +168,8 @@ impl SessionsLayer {
             registry,
             per_request_tx: Some(options),
             on_request: None,
+            #[cfg(feature = "causal")]
+            causal: None,
         }
     }
 
@@ -137,6 +182,27 @@ impl SessionsLayer {
     ) -> SessionsLayer {
         self.on_request = Some(Arc::new(f));
         self
+    }
+
+    /// Causal tokens in headers (see the
+    /// [module docs](self#causal-tokens-in-headers)): a token in the
+    /// `request` header is observed before the handler runs; a request that
+    /// wrote gets its token in the `response` header. Use
+    /// [`CAUSAL_TOKEN_HEADER`] for both unless a client expects other names.
+    ///
+    /// [`crate::Error::CausalToken`] when the registry has no key
+    /// ([`crate::RegistryBuilder::causal_key`]): found when the layer is
+    /// built, not on every request.
+    #[cfg(feature = "causal")]
+    pub fn causal_headers(
+        mut self,
+        request: http::HeaderName,
+        response: http::HeaderName,
+    ) -> crate::Result<SessionsLayer> {
+        // A container that wrote nothing asks nothing of the keys but this.
+        self.registry.sessions().causal_token()?;
+        self.causal = Some(CausalHeaders { request, response });
+        Ok(self)
     }
 }
 
@@ -180,6 +246,10 @@ where
             None => layer.registry.sessions(),
         };
         let mut req = req;
+        #[cfg(feature = "causal")]
+        if let Some(headers) = &layer.causal {
+            observe_tokens(&headers.request, &mut req, &sessions);
+        }
         if let Some(on_request) = &layer.on_request {
             let (parts, body) = req.into_parts();
             on_request(&parts, &mut sessions);
@@ -188,6 +258,8 @@ where
         let shared = RequestSessions::new(sessions);
         req.extensions_mut().insert(shared.clone());
         let transactional = layer.per_request_tx.is_some();
+        #[cfg(feature = "causal")]
+        let causal_response = layer.causal.as_ref().map(|h| h.response.clone());
         // The handler's future owns the request and so its handle: when it
         // completes, that handle is gone; when it is dropped (the client went
         // away), this future is dropped with it and the container rolls back.
@@ -199,6 +271,10 @@ where
             match (shared.finish(commit).await, result) {
                 (Ok(report), Ok(mut response)) => {
                     response.extensions_mut().insert(report);
+                    #[cfg(feature = "causal")]
+                    if let Some(name) = causal_response {
+                        hand_on_token(&shared, name, &mut response);
+                    }
                     Ok(response)
                 }
                 (Err(e), Ok(_)) if commit => Ok(commit_failed(&e)),
@@ -209,6 +285,42 @@ where
                 (Ok(_), Err(e)) => Err(e),
             }
         })
+    }
+}
+
+/// Observes the tokens of header `name` (every value: a proxy may have
+/// added one); a refused one is noted in the request's extensions.
+#[cfg(feature = "causal")]
+fn observe_tokens<B>(name: &http::HeaderName, req: &mut Request<B>, sessions: &Sessions) {
+    use crate::{CausalTokenError, Error};
+    let mut rejected = None;
+    for value in req.headers().get_all(name) {
+        let refusal = match value.to_str() {
+            Ok(token) => match sessions.observe_causal_token(token.trim()) {
+                Ok(_) => continue,
+                Err(Error::CausalToken(e)) => e,
+                Err(_) => CausalTokenError::Malformed("unreadable"),
+            },
+            Err(_) => CausalTokenError::Malformed("header value is not visible ASCII"),
+        };
+        rejected.get_or_insert(refusal);
+    }
+    if let Some(e) = rejected {
+        req.extensions_mut().insert(CausalTokenRejected(e));
+    }
+}
+
+/// Puts the request's causal token in header `name` when it wrote.
+#[cfg(feature = "causal")]
+fn hand_on_token<B>(sessions: &Sessions, name: http::HeaderName, response: &mut Response<B>) {
+    if !sessions.wrote() {
+        return;
+    }
+    // The key was checked when the layer was built; a token is ASCII.
+    if let Ok(Some(token)) = sessions.causal_token() {
+        if let Ok(value) = HeaderValue::from_str(&token) {
+            response.headers_mut().insert(name, value);
+        }
     }
 }
 

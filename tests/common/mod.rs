@@ -513,3 +513,28 @@ pub async fn disconnect_mid_request<T: std::fmt::Debug + Send + 'static>(
         clean: gave_up.elapsed(),
     }
 }
+
+/// A hot standby of the shared cluster that has replayed this test's
+/// database (its `items` table), with that database's URL on it; `None`
+/// when the tests run against DATABASE_URL, next to which no standby can
+/// be started.
+pub async fn replica_with_test_db(db: &Db) -> Option<(TestCluster, String)> {
+    if db.cluster.is_external() {
+        eprintln!("DATABASE_URL is set: no replica can be started next to it; skipping");
+        return None;
+    }
+    let replica = db.cluster.start_replica().expect("start a hot standby");
+    let url = replica.url(&db.db.name);
+    let replayed = eventually(Duration::from_secs(20), || async {
+        match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+            Ok((c, conn)) => {
+                tokio::spawn(conn);
+                c.query_one("SELECT count(*) FROM items", &[]).await.is_ok()
+            }
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(replayed, "the replica never had the test database");
+    Some((replica, url))
+}
