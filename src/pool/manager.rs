@@ -62,23 +62,47 @@ pub(crate) struct ConnParts {
 
 /// What the server says of its role, from the `ParameterStatus` messages
 /// it sends whenever a reported setting changes (PostgreSQL 14 and later
-/// report `in_hot_standby` and `default_transaction_read_only`): kept up
-/// to date by the task that drives the connection.
+/// report `in_hot_standby` and `default_transaction_read_only`): copied by
+/// the task that drives the connection, once asked to watch.
+///
+/// Why only once asked: the driver keeps those reports in a map keyed by
+/// name, and two hashed lookups on every poll of every connection were
+/// about a thousand instructions per autocommit statement (callgrind, W1),
+/// to serve a refusal that comes once per failover. A writer's connection
+/// starts watching at its first 25006 (see [`ConnParts::after_refusal`]).
 #[derive(Debug, Default)]
 pub(crate) struct ServerRole {
+    watching: std::sync::atomic::AtomicBool,
     read_only: std::sync::atomic::AtomicBool,
+    /// Held by the connection task through each poll while watching, so
+    /// that [`ServerRole::settled`] can wait for the poll that delivered
+    /// an answer to have copied the reports too.
+    polling: std::sync::Mutex<()>,
 }
 
 impl ServerRole {
-    /// Whether the server said it is a standby or refuses writes by default.
+    /// Whether the server said it is a standby or refuses writes by
+    /// default (as of the last poll since watching began).
     fn is_read_only(&self) -> bool {
         self.read_only.load(Ordering::Relaxed)
+    }
+
+    /// Copies the server's reports from now on (from the connection's
+    /// next poll).
+    fn watch(&self) {
+        self.watching.store(true, Ordering::Relaxed);
+    }
+
+    /// Waits (microseconds: one poll) until the poll that delivered the
+    /// last answer has copied the reports that came before it.
+    fn settled(&self) {
+        drop(self.polling.lock().unwrap_or_else(|e| e.into_inner()));
     }
 }
 
 /// Drives a connection on a task of its own (as bb8-postgres does), and
-/// after each step copies what the server reports of its role into the
-/// returned [`ServerRole`].
+/// once [`ServerRole::watch`] was called, after each step copies what the
+/// server reports of its role into the returned [`ServerRole`].
 fn spawn_connection<S, T>(connection: tokio_postgres::Connection<S, T>) -> Arc<ServerRole>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -88,6 +112,10 @@ where
     let seen = role.clone();
     let mut connection = Box::pin(connection);
     tokio::spawn(futures::future::poll_fn(move |cx| {
+        if !seen.watching.load(Ordering::Relaxed) {
+            return connection.as_mut().poll(cx).map(|_| ());
+        }
+        let _polling = seen.polling.lock().unwrap_or_else(|e| e.into_inner());
         let step = connection.as_mut().poll(cx);
         let on = |name| connection.parameter(name) == Some("on");
         let read_only = on("in_hot_standby") || on("default_transaction_read_only");
@@ -415,13 +443,20 @@ impl ConnParts {
     /// Marks the connection broken after an error that leaves the protocol
     /// out of step (see [`leaves_connection_usable`]); on a writer, a
     /// refusal to write from a server that says it is read-only now
-    /// discards the pool (see [`ConnParts::after_refusal`]).
+    /// discards the pool (see [`ConnParts::after_refusal`]). This is the
+    /// synchronous path (streams, pinned connections, transaction
+    /// control), with no round trip to wait for the server's report: the
+    /// first refusal on a connection starts watching, so it may take a
+    /// second one there to discard the pool.
     pub(crate) fn vet(&self, e: &tokio_postgres::Error) {
         if !leaves_connection_usable(e) {
             self.state.mark_broken();
-        } else if is_read_only_refusal(e) && self.server.is_read_only() {
+        } else if is_read_only_refusal(e) {
             if let Some(follower) = &self.follower {
-                follower.refused();
+                self.server.watch();
+                if self.server.is_read_only() {
+                    follower.refused();
+                }
             }
         }
     }
@@ -440,9 +475,11 @@ impl ConnParts {
         let Some(follower) = &self.follower else {
             return;
         };
-        if !self.server.is_read_only() {
-            let _ = self.client.simple_query("").await;
-        }
+        self.server.watch();
+        // Answered by a poll that began after `watch`, and copied by the
+        // time `settled` returns (a value from an earlier watch may be stale).
+        let _ = self.client.simple_query("").await;
+        self.server.settled();
         if self.server.is_read_only() {
             follower.refused();
         }
