@@ -14,8 +14,7 @@ use crate::pool::Lease;
 use crate::pool::manager::{ConnParts, Execute, Op, Opt, Params, Query};
 use crate::pool::stream::RowStream;
 use crate::sql::control::{
-    check_autocommit_session, check_autocommit_session_in_batch, reject_control_in_batch,
-    reject_transaction_control,
+    check_autocommit, check_autocommit_session_in_batch, reject_control_in_batch,
 };
 use crate::sql::lsn::{INSERT_LSN_SQL, first_lsn};
 use crate::tx::options::TxOptions;
@@ -100,10 +99,10 @@ impl Session {
     }
 
     async fn run_untraced<O: Op>(&self, sql: &str, params: Params<'_>) -> Result<O::Out> {
-        reject_transaction_control(sql)?;
-        // Session-state statements are refused; calls that may change it
-        // unseen run on a connection flagged for a reset.
-        let flagged = check_autocommit_session(sql)?;
+        // Transaction control and session-state statements are refused;
+        // calls that may change session state unseen run on a connection
+        // flagged for a reset.
+        let flagged = check_autocommit(sql)?;
         // The common case first: a plain engine, no request scope.
         if self.scope.is_none() && self.engine.primary().is_none() && !flagged {
             let conn = self.engine.lease().await?;
@@ -363,8 +362,7 @@ impl Session {
         I: IntoIterator<Item = P>,
         I::IntoIter: ExactSizeIterator,
     {
-        reject_transaction_control(sql)?;
-        let flagged = check_autocommit_session(sql)?;
+        let flagged = check_autocommit(sql)?;
         let conn = self.engine.checkout().await?;
         if flagged {
             let _ = conn.state.apply(crate::pool::state::Event::SessionChanged);
