@@ -602,6 +602,12 @@ impl RegistryBuilder {
                     Some(link(fallback, hosts))
                 }
             };
+            let mut config = config.clone();
+            if replica_of.as_ref().is_some_and(|of| !of.hosts.is_empty()) {
+                // Its members keep connections warm on each host; its own
+                // pool (pinned connections, LISTEN) opens them on demand.
+                config.min_idle = None;
+            }
             let links = Links {
                 index,
                 has_replicas: primary_of.contains(&Some(index)),
@@ -609,7 +615,7 @@ impl RegistryBuilder {
             };
             engines.push(Engine::new(
                 name,
-                config.clone(),
+                config,
                 hooks.clone(),
                 tracker.clone(),
                 links,
