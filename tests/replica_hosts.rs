@@ -15,7 +15,7 @@ use std::time::Duration;
 
 mod common;
 
-use common::{eventually, plain_at as plain};
+use common::{Rng, eventually, plain_at as plain};
 use pgassist::{EngineConfig, Error, Registry};
 use pgassist_testing::{ClusterOptions, TestCluster};
 
@@ -185,6 +185,28 @@ async fn one_replica_engine_over_two_hosts() {
         drop(slow);
         standbys[1].start_server().unwrap();
     }
+
+    // 4b. Reads dropped at random points while one of them meets the dead
+    //     host and retries: no connection stays checked out, and reads go
+    //     on afterwards.
+    let slow = builder(SLOW).build().await.unwrap();
+    let warm = spread(&slow, "reader", 8, false).await;
+    assert_eq!(warm.len(), 2, "{warm:?}");
+    standbys[1].stop_server().unwrap();
+    let mut rng = Rng::new(Rng::seed("replica_hosts cancellation"));
+    for _ in 0..40 {
+        let budget = Duration::from_micros(rng.below(3000));
+        let in_tx = rng.percent(30);
+        let _ = tokio::time::timeout(budget, spread(&slow, "reader", 1, in_tx)).await;
+    }
+    until("every dropped read to give its connection back", || async {
+        slow.stats().engines.iter().all(|e| e.in_use == 0)
+    })
+    .await;
+    let served = spread(&slow, "reader", 10, false).await;
+    assert_eq!(served.get(&ports[0]), Some(&10), "{served:?}");
+    drop(slow);
+    standbys[1].start_server().unwrap();
 
     // 5. Built while a host is down: a checked build goes on with that host
     //    marked down; reads all go to the other. A lazy build finds out on
