@@ -33,7 +33,9 @@ const DEFAULT_REPLICA_LAG_INTERVAL: Duration = Duration::from_millis(500);
 /// [`EngineConfig::target_session_attrs`]) to choose otherwise. A writer
 /// whose server stops being the primary while its connections stay open
 /// (they get SQLSTATE 25006) discards its pooled connections once, and
-/// dials anew. See `docs/failover.md`.
+/// dials anew. See `docs/failover.md`. A *replica* engine with several
+/// hosts reads from all of them instead: the registry gives it one member
+/// per host, with health and lag per host (see `docs/replicas.md`).
 ///
 /// ```
 /// use std::time::Duration;
