@@ -134,7 +134,7 @@ pub use front::engine::{CheckoutWaits, Engine, EngineStats};
 pub use front::listener::Listener;
 pub use front::pinned::Pinned;
 pub use front::registry::{EngineHealth, Health, Registry, RegistryBuilder, RegistryStats};
-pub use front::replica::ReplicaStats;
+pub use front::replica::{ReplicaHealth, ReplicaStats};
 pub use front::session::Session;
 pub use front::sessions::{
     EngineReport, EngineState, InfoMut, OpenTransaction, Sessions, SessionsReport,

@@ -502,8 +502,9 @@ async fn three_replicas_balanced_lag_aware_and_healed() {
     }
     drop(odd);
 
-    // 7. One replica engine over two hosts: no per-host members, but
-    //    libpq's load_balance_hosts spreads its pool's connections.
+    // 7. One replica engine over two hosts: one member per host (the
+    //    URL's load_balance_hosts, once needed, is now inert); see
+    //    tests/replica_hosts.rs for the per-host health.
     let pair_url = format!(
         "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/{}?load_balance_hosts=random",
         ports[0], ports[2], db.name

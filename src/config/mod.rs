@@ -33,7 +33,9 @@ const DEFAULT_REPLICA_LAG_INTERVAL: Duration = Duration::from_millis(500);
 /// [`EngineConfig::target_session_attrs`]) to choose otherwise. A writer
 /// whose server stops being the primary while its connections stay open
 /// (they get SQLSTATE 25006) discards its pooled connections once, and
-/// dials anew. See `docs/failover.md`.
+/// dials anew. See `docs/failover.md`. A *replica* engine with several
+/// hosts reads from all of them instead: the registry gives it one member
+/// per host, with health and lag per host (see `docs/replicas.md`).
 ///
 /// ```
 /// use std::time::Duration;
@@ -261,19 +263,91 @@ impl EngineConfig {
     /// The hosts a connection may try, in order, as `host:port` (no user,
     /// no password): for connect errors.
     pub(crate) fn host_list(&self) -> String {
+        self.host_labels().join(", ")
+    }
+
+    /// Each host as `host:port` (a socket directory as `[/path]:port`).
+    fn host_labels(&self) -> Vec<String> {
         use tokio_postgres::config::Host;
         let ports = self.pg.get_ports();
         let port = |i: usize| ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-        let hosts = self
-            .pg
+        self.pg
             .get_hosts()
             .iter()
             .enumerate()
             .map(|(i, h)| match h {
                 Host::Tcp(h) => format!("{h}:{}", port(i)),
                 Host::Unix(p) => format!("[{}]:{}", p.display(), port(i)),
-            });
-        hosts.collect::<Vec<_>>().join(", ")
+            })
+            .collect()
+    }
+
+    /// One configuration per host of the list, each naming that host only
+    /// (with its port and `hostaddr`), everything else copied; with its
+    /// `host:port` label. A replica engine over several hosts reads from
+    /// each through one of these (see `docs/replicas.md`), so that health
+    /// and lag are per host.
+    pub(crate) fn per_host(&self) -> Vec<(String, EngineConfig)> {
+        use tokio_postgres::config::Host;
+        let from = &self.pg;
+        let ports = from.get_ports();
+        let labels = self.host_labels();
+        from.get_hosts()
+            .iter()
+            .zip(labels)
+            .enumerate()
+            .map(|(i, (host, label))| {
+                let mut pg = tokio_postgres::Config::new();
+                match host {
+                    Host::Tcp(h) => pg.host(h),
+                    #[cfg(unix)]
+                    Host::Unix(p) => pg.host_path(p),
+                };
+                if let Some(addr) = from.get_hostaddrs().get(i) {
+                    pg.hostaddr(*addr);
+                }
+                if let Some(port) = ports.get(i).or(ports.first()) {
+                    pg.port(*port);
+                }
+                if let Some(user) = from.get_user() {
+                    pg.user(user);
+                }
+                if let Some(password) = from.get_password() {
+                    pg.password(password);
+                }
+                if let Some(dbname) = from.get_dbname() {
+                    pg.dbname(dbname);
+                }
+                if let Some(options) = from.get_options() {
+                    pg.options(options);
+                }
+                if let Some(app) = from.get_application_name() {
+                    pg.application_name(app);
+                }
+                if let Some(t) = from.get_connect_timeout() {
+                    pg.connect_timeout(*t);
+                }
+                if let Some(t) = from.get_tcp_user_timeout() {
+                    pg.tcp_user_timeout(*t);
+                }
+                if let Some(t) = from.get_keepalives_interval() {
+                    pg.keepalives_interval(t);
+                }
+                if let Some(n) = from.get_keepalives_retries() {
+                    pg.keepalives_retries(n);
+                }
+                pg.ssl_mode(from.get_ssl_mode())
+                    .ssl_negotiation(from.get_ssl_negotiation())
+                    .keepalives(from.get_keepalives())
+                    .keepalives_idle(from.get_keepalives_idle())
+                    .target_session_attrs(from.get_target_session_attrs())
+                    .channel_binding(from.get_channel_binding())
+                    .load_balance_hosts(from.get_load_balance_hosts());
+                let mut one = self.clone();
+                one.pg = pg;
+                (label, one)
+            })
+            .collect()
     }
 
     /// The `application_name` the server shows in `pg_stat_activity`.
@@ -996,6 +1070,31 @@ mod tests {
         assert_eq!(attrs(EngineConfig::from_pg_config(pg)), ReadWrite);
         let hosts = url("postgres://u:hunter2@a:1,b:2/app").host_list();
         assert_eq!(hosts, "a:1, b:2");
+    }
+
+    #[test]
+    fn per_host_copies_everything_but_the_other_hosts() {
+        let url = |u: &str| EngineConfig::from_url(u).unwrap();
+        let common = "user=u password=hunter2 dbname=app application_name=x \
+                      connect_timeout=3 keepalives_idle=40 sslmode=disable \
+                      target_session_attrs=read-only options='-c work_mem=4MB'";
+        let list = url(&format!(
+            "host=a,b,/run/pg hostaddr=10.0.0.1,10.0.0.2,10.0.0.3 port=1,2,3 {common}"
+        ))
+        .replica_of("w")
+        .max_size(3);
+        let split = list.per_host();
+        let labels: Vec<&str> = split.iter().map(|(l, _)| l.as_str()).collect();
+        assert_eq!(labels, ["a:1", "b:2", "[/run/pg]:3"]);
+        let alone = url(&format!("host=b hostaddr=10.0.0.2 port=2 {common}"));
+        assert!(split[1].1.pg == alone.pg, "{:?}", split[1].1.pg);
+        assert_eq!(split[1].1.max_size, 3);
+        assert_eq!(split[1].1.replica_of.as_deref(), Some("w"));
+        // One port for all hosts, and no port at all.
+        let labels =
+            |u: &str| -> Vec<String> { url(u).per_host().into_iter().map(|(l, _)| l).collect() };
+        assert_eq!(labels("postgres://a,b:7/app"), ["a:5432", "b:7"]);
+        assert_eq!(labels("host=a,b port=9"), ["a:9", "b:9"]);
     }
 
     #[test]

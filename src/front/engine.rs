@@ -48,6 +48,10 @@ pub(crate) struct ReplicaLink {
     pub(crate) group: Arc<ReplicaGroup>,
     /// How far the replica has replayed, its lag, and whether it is down.
     pub(crate) state: ReplicaState,
+    /// For a replica engine over several hosts: one member per host (the
+    /// group's members in its stead; see `docs/replicas.md`). Empty when
+    /// the engine is a member itself.
+    pub(crate) hosts: Vec<Engine>,
 }
 
 /// What a replica engine is linked to (see [`ReplicaLink`]).
@@ -57,6 +61,8 @@ pub(crate) struct ReplicaOf {
     pub(crate) primary_name: String,
     pub(crate) fallback: Engine,
     pub(crate) group: Arc<ReplicaGroup>,
+    /// Its per-host members, if it lists several hosts.
+    pub(crate) hosts: Vec<Engine>,
 }
 
 /// Facts about the server cached for two-phase commit.
@@ -113,6 +119,7 @@ impl Engine {
                     primary_name: of.primary_name,
                     group: of.group,
                     state: ReplicaState::default(),
+                    hosts: of.hosts,
                 }),
                 two_phase: TwoPhaseFacts::default(),
             }),
@@ -158,6 +165,22 @@ impl Engine {
     /// Refuses new checkouts and drops the pool.
     pub(crate) fn close(&self) {
         self.pool().close();
+    }
+
+    /// For a replica engine over several hosts: its per-host members.
+    pub(crate) fn hosts(&self) -> &[Engine] {
+        self.inner
+            .replica
+            .as_ref()
+            .map_or(&[], |link| link.hosts.as_slice())
+    }
+
+    /// Its stats, then those of its per-host members (if any).
+    pub(crate) fn stats_with_hosts(&self) -> Vec<EngineStats> {
+        std::iter::once(self)
+            .chain(self.hosts())
+            .map(Engine::stats)
+            .collect()
     }
 
     /// A snapshot of the engine's pool and transaction counters.

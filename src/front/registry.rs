@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::engine::{Engine, EngineStats, Links, ReplicaOf};
-use super::replica::ReplicaGroup;
+use super::replica::{ReplicaGroup, ReplicaHealth};
 use super::session::Session;
 use super::sessions::Sessions;
 use crate::config::EngineConfig;
@@ -160,7 +160,12 @@ impl Registry {
     /// Counters of every engine.
     pub fn stats(&self) -> RegistryStats {
         RegistryStats {
-            engines: self.inner.engines.iter().map(Engine::stats).collect(),
+            engines: self
+                .inner
+                .engines
+                .iter()
+                .flat_map(Engine::stats_with_hosts)
+                .collect(),
             open_transactions: self.inner.tracker.open_transactions(),
         }
     }
@@ -171,6 +176,9 @@ impl Registry {
     pub async fn reinit(&self, name: &str) -> Result<()> {
         let engine = self.engine(name)?;
         engine.reinit();
+        for member in engine.hosts() {
+            member.reinit();
+        }
         // Replicas' read-only pools on this engine follow it.
         for replica in self.engines() {
             if let Some(fallback) = replica.primary() {
@@ -198,7 +206,19 @@ impl Registry {
             EngineHealth::new(engine.name(), result)
         });
         let engines = futures::future::join_all(probes).await;
-        Health { engines }
+        let replicas = self
+            .engines()
+            .flat_map(|engine| {
+                engine.replica_members().into_iter().filter_map(|member| {
+                    Some(ReplicaHealth {
+                        name: member.name().to_owned(),
+                        engine: engine.name().to_owned(),
+                        state: member.replica_stats()?,
+                    })
+                })
+            })
+            .collect();
+        Health { engines, replicas }
     }
 
     /// Closes every engine: later checkouts fail with [`Error::Closed`];
@@ -209,6 +229,9 @@ impl Registry {
             .store(true, std::sync::atomic::Ordering::Release);
         for e in &self.inner.engines {
             e.close();
+            for member in e.hosts() {
+                member.close();
+            }
             if let Some(fallback) = e.primary() {
                 fallback.close();
             }
@@ -247,6 +270,12 @@ impl RegistryStats {
 pub struct Health {
     /// One entry per engine, in registry order.
     pub engines: Vec<EngineHealth>,
+    /// Every member of every replica group, as last sampled (healthy,
+    /// standby, lag): one per replica engine, or one per host of a replica
+    /// engine over several (`reader@r2:5432`), in registry order. A member
+    /// found down is `healthy: false` here while its engine may still be
+    /// reachable through its other hosts.
+    pub replicas: Vec<ReplicaHealth>,
 }
 
 impl Health {
@@ -258,6 +287,12 @@ impl Health {
     /// The entry of engine `name`.
     pub fn engine(&self, name: &str) -> Option<&EngineHealth> {
         self.engines.iter().find(|e| e.name == name)
+    }
+
+    /// The entry of replica member `name` (an engine's name, or
+    /// `engine@host:port`).
+    pub fn replica(&self, name: &str) -> Option<&ReplicaHealth> {
+        self.replicas.iter().find(|e| e.name == name)
     }
 }
 
@@ -432,14 +467,16 @@ impl RegistryBuilder {
     /// SQLSTATE; one that is down or starting up is waited for, up to the
     /// engine's `connection_timeout`. A replica's read-only pool on its
     /// primary is not checked (its primary's check covers the server).
+    /// A replica engine over several hosts is checked host by host: a host
+    /// that refuses us fails the build as above, a host that cannot be
+    /// reached is marked down (no reads there until the sampler finds it
+    /// back) and the build goes on, unless no host of the engine answers.
     /// [`RegistryBuilder::lazy`] skips the check.
     pub async fn build(self) -> Result<Registry> {
         let lazy = self.lazy;
         let registry = self.build_lazily()?;
         if !lazy {
-            let checks = registry
-                .engines()
-                .map(|engine| async move { engine.pool().ping().await.map(drop) });
+            let checks = registry.engines().map(Engine::check);
             for checked in futures::future::join_all(checks).await {
                 checked?;
             }
@@ -530,14 +567,47 @@ impl RegistryBuilder {
                             ..Links::default()
                         },
                     )?;
-                    Some(ReplicaOf {
+                    let group = groups[primary].clone().expect("a primary with replicas");
+                    let link = |fallback: Engine, hosts: Vec<Engine>| ReplicaOf {
                         primary_index: primary,
                         primary_name: primary_name.clone(),
                         fallback,
-                        group: groups[primary].clone().expect("a primary with replicas"),
-                    })
+                        group: group.clone(),
+                        hosts,
+                    };
+                    // A replica over several hosts reads from each through
+                    // a member of its own (health and lag per host).
+                    let mut hosts = Vec::new();
+                    if config.has_several_hosts() {
+                        for (label, one) in config.per_host() {
+                            let member = host_member_name(name, &label, &configs)?;
+                            if hosts.iter().any(|h: &Engine| h.name() == member) {
+                                return Err(Error::Config(format!(
+                                    "engine `{name}` lists host {label} twice"
+                                )));
+                            }
+                            hosts.push(Engine::new(
+                                &member,
+                                one,
+                                hooks.clone(),
+                                tracker.clone(),
+                                Links {
+                                    index,
+                                    has_replicas: false,
+                                    replica_of: Some(link(fallback.clone(), Vec::new())),
+                                },
+                            )?);
+                        }
+                    }
+                    Some(link(fallback, hosts))
                 }
             };
+            let mut config = config.clone();
+            if replica_of.as_ref().is_some_and(|of| !of.hosts.is_empty()) {
+                // Its members keep connections warm on each host; its own
+                // pool (pinned connections, LISTEN) opens them on demand.
+                config.min_idle = None;
+            }
             let links = Links {
                 index,
                 has_replicas: primary_of.contains(&Some(index)),
@@ -545,7 +615,7 @@ impl RegistryBuilder {
             };
             engines.push(Engine::new(
                 name,
-                config.clone(),
+                config,
                 hooks.clone(),
                 tracker.clone(),
                 links,
@@ -591,7 +661,8 @@ impl RegistryBuilder {
                         .iter()
                         .zip(&primary_of)
                         .filter(|(_, of)| **of == Some(primary))
-                        .map(|(e, _)| Arc::downgrade(&e.inner))
+                        .flat_map(|(e, _)| e.replica_members())
+                        .map(|m| Arc::downgrade(&m.inner))
                         .collect(),
                 );
             }
@@ -664,8 +735,7 @@ impl Registry {
                 let replicas: Vec<Engine> = inner
                     .engines
                     .iter()
-                    .filter(|e| e.primary().is_some())
-                    .cloned()
+                    .flat_map(Engine::replica_members)
                     .collect();
                 // Only the round's own clones keep pools alive while it runs.
                 drop(inner);
@@ -690,4 +760,22 @@ async fn sample_round(replicas: &[Engine], timeout: Duration) {
         futures::future::join_all(members.iter().map(|m| m.sample(primary_lsn, timeout))).await;
     });
     futures::future::join_all(groups).await;
+}
+
+/// The name of the member reading from host `label` (`host:port`) of
+/// replica engine `engine`: `engine@host:port`. Refused if an engine of the
+/// registry already has that name (names may contain `@` and `:`).
+fn host_member_name(
+    engine: &str,
+    label: &str,
+    configs: &[(String, EngineConfig)],
+) -> Result<String> {
+    let member = format!("{engine}@{label}");
+    if configs.iter().any(|(n, _)| *n == member) {
+        return Err(Error::Config(format!(
+            "engine `{member}`: the name of host {label} of replica engine `{engine}` \
+             (rename one of them)"
+        )));
+    }
+    Ok(member)
 }

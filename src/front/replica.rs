@@ -34,6 +34,15 @@
 //! primary. When no member can serve, reads go to the primary too (unless
 //! `replica_fallback(false)`).
 //!
+//! A replica engine whose URL lists several hosts is one member **per
+//! host** (`reader@host:port`, each a one-host copy of its configuration
+//! with its own pool), so health and lag are per host; sessions still use
+//! the engine's own name. A read that finds its member unreachable marks it
+//! down and runs again on another member, then on the primary: an
+//! autocommit statement on a standby or a read-only pool cannot have
+//! written, and a failed BEGIN never reached the server. See
+//! `docs/replicas.md`.
+//!
 //! Within a [`crate::Sessions`] scope, every commit (or autocommit
 //! statement) on the primary records `pg_current_wal_insert_lsn()` read
 //! right after it — the insert position, which covers the commit record even
@@ -169,6 +178,29 @@ pub struct ReplicaStats {
     pub serving: bool,
     /// Reads routed to it, through any engine of its group.
     pub reads: u64,
+    /// For a replica engine over several hosts: the names of its per-host
+    /// members (`reader@r2:5432`), each with its own entry in the stats and
+    /// in [`crate::Health::replicas`]. The engine's own fields are then the
+    /// best of its members': healthy, a standby and serving if one is, the
+    /// highest replay position, the smallest lag, and reads summed. Empty
+    /// for a replica on one host.
+    pub hosts: Vec<String>,
+}
+
+/// One member of a replica group in [`crate::Health::replicas`]: a replica
+/// engine on one host, or one host of a replica engine over several.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct ReplicaHealth {
+    /// The member's name: the engine's, or `engine@host:port` for one host
+    /// of an engine over several.
+    pub name: String,
+    /// The engine sessions use (the name given to the registry).
+    pub engine: String,
+    /// Its state as last sampled (no round trip is made for it).
+    #[cfg_attr(feature = "serde", serde(flatten))]
+    pub state: ReplicaStats,
 }
 
 impl Engine {
@@ -356,14 +388,15 @@ impl Engine {
         }
     }
 
-    /// Whether a failed read on this member should be retried on the
-    /// primary (`fallback`: the entry engine's `replica_fallback`).
-    pub(crate) fn should_fall_back(&self, e: &Error, fallback: bool) -> bool {
+    /// Whether a read that failed on this member with `e` may run again
+    /// elsewhere: the server could not be reached (it is then marked
+    /// down, so the next choice skips it).
+    pub(crate) fn read_failed(&self, e: &Error) -> bool {
         let unreachable = unreachable(e);
         if unreachable {
             self.replica_failed(e);
         }
-        unreachable && fallback
+        unreachable
     }
 
     /// One sample of this member (one simple query), unless it is down and
@@ -465,9 +498,74 @@ impl Engine {
         first_lsn(&answer.ok()?.ok()?)
     }
 
-    /// This replica's place in its group now.
+    /// The start-up check of [`crate::RegistryBuilder::build`]: one
+    /// connection. For a replica over several hosts, one per host: a host
+    /// that refused us (a SQLSTATE: wrong password, unknown database) fails
+    /// it, one that cannot be reached is marked down, and it fails only if
+    /// no host answered.
+    pub(crate) async fn check(&self) -> Result<()> {
+        let hosts = self.hosts();
+        if hosts.is_empty() {
+            return self.pool().ping().await.map(drop);
+        }
+        let pings = hosts
+            .iter()
+            .map(|m| async move { (m, m.pool().ping().await) });
+        let mut first_error = None;
+        let mut answered = false;
+        for (member, pinged) in futures::future::join_all(pings).await {
+            match pinged {
+                Ok(_) => answered = true,
+                Err(e) if e.code().is_none() && unreachable(&e) => {
+                    member.replica_failed(&e);
+                    first_error.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match first_error {
+            Some(e) if !answered => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// The members of the group this engine stands for: its per-host
+    /// members if it lists several hosts, else itself (nothing if it is no
+    /// replica).
+    pub(crate) fn replica_members(&self) -> Vec<Engine> {
+        match &self.inner.replica {
+            None => Vec::new(),
+            Some(link) if link.hosts.is_empty() => vec![self.clone()],
+            Some(link) => link.hosts.clone(),
+        }
+    }
+
+    /// This replica's place in its group now (for an engine over several
+    /// hosts, the best of its members').
     pub(crate) fn replica_stats(&self) -> Option<ReplicaStats> {
         let link = self.inner.replica.as_ref()?;
+        if !link.hosts.is_empty() {
+            let members: Vec<ReplicaStats> = link
+                .hosts
+                .iter()
+                .filter_map(Engine::replica_stats)
+                .collect();
+            let any = |f: fn(&ReplicaStats) -> bool| members.iter().any(f);
+            return Some(ReplicaStats {
+                primary: link.primary_name.clone(),
+                healthy: any(|m| m.healthy),
+                standby: members
+                    .iter()
+                    .filter_map(|m| m.standby)
+                    .reduce(|a, b| a || b),
+                replayed_lsn: members.iter().map(|m| m.replayed_lsn).max().unwrap_or(0),
+                lag_bytes: members.iter().filter_map(|m| m.lag_bytes).min(),
+                lag: members.iter().filter_map(|m| m.lag).min(),
+                serving: any(|m| m.serving),
+                reads: members.iter().map(|m| m.reads).sum(),
+                hosts: link.hosts.iter().map(|m| m.name().to_owned()).collect(),
+            });
+        }
         let state = &link.state;
         let known = |v: u64| (v != UNKNOWN).then_some(v);
         Some(ReplicaStats {
@@ -482,6 +580,7 @@ impl Engine {
             lag: known(state.lag_micros.load(Ordering::Acquire)).map(Duration::from_micros),
             serving: self.usable(),
             reads: state.reads.load(Ordering::Relaxed),
+            hosts: Vec::new(),
         })
     }
 }

@@ -21,6 +21,7 @@ use crate::tx::options::TxOptions;
 use crate::tx::transaction::Transaction;
 use crate::tx::{Observer, retry};
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -143,10 +144,17 @@ impl Session {
     }
 
     /// The routing decision for every kind of autocommit statement (single
-    /// statements and batches alike): on a replica, `here` runs there
-    /// unless this request wrote something the replica has not replayed
-    /// yet, or it is down (then on its primary); elsewhere, on this
-    /// session's own engine.
+    /// statements and batches alike) and for BEGIN: on a replica, `here`
+    /// runs on a member of its group that has replayed what this request
+    /// wrote (or on its primary); elsewhere, on this session's own engine.
+    ///
+    /// A member found unreachable (connection error, pool timeout) is
+    /// marked down and `here` runs again on another member, then on the
+    /// primary's read-only pool (`replica_fallback`). Safe because nothing
+    /// routed here can have written: an autocommit statement on a replica
+    /// runs on a standby (in recovery, a member found not in recovery gets
+    /// no reads) or on a read-only pool, and a BEGIN that failed had only
+    /// reached the checkout. Never a retry for any other error.
     async fn routed<T, F, Fut>(&self, here: F) -> Result<T>
     where
         F: Fn(Session) -> Fut,
@@ -159,14 +167,29 @@ impl Session {
             .scope
             .as_ref()
             .map_or(0, |s| s.required_lsn(self.engine.primary_index()));
-        match self.engine.choose_target(required).await {
-            Target::Replica(member) => match here(self.on(&member)).await {
-                Err(e) if member.should_fall_back(&e, self.engine.config().replica_fallback) => {
-                    here(self.on(primary)).await
+        // Members that failed this read, and the last failure. Each pass
+        // marks one more member down, so the choice soon turns to the
+        // primary (or, without `replica_fallback`, back to a member tried:
+        // then the error stands).
+        let mut tried: Vec<Engine> = Vec::new();
+        let mut failure = None;
+        loop {
+            let member = match self.engine.choose_target(required).await {
+                Target::Primary => return here(self.on(primary)).await,
+                Target::Replica(member) => member,
+            };
+            if tried.iter().any(|t| Arc::ptr_eq(&t.inner, &member.inner)) {
+                if let Some(e) = failure {
+                    return Err(e);
                 }
-                other => other,
-            },
-            Target::Primary => here(self.on(primary)).await,
+            }
+            match here(self.on(&member)).await {
+                Err(e) if member.read_failed(&e) => {
+                    tried.push(member);
+                    failure = Some(e);
+                }
+                other => return other,
+            }
         }
     }
 
@@ -418,17 +441,11 @@ impl Session {
         options: TxOptions,
         attempt: u32,
     ) -> Result<Transaction<'static>> {
-        let Some(primary) = self.engine.primary() else {
-            return self.begin_here(options, attempt).await;
-        };
-        let required = self
-            .scope
-            .as_ref()
-            .map_or(0, |s| s.required_lsn(self.engine.primary_index()));
-        match self.engine.choose_target(required).await {
-            Target::Replica(member) => self.on(&member).begin_here(options, attempt).await,
-            Target::Primary => self.on(primary).begin_here(options, attempt).await,
-        }
+        self.routed(|s| {
+            let options = options.clone();
+            async move { s.begin_here(options, attempt).await }
+        })
+        .await
     }
 
     /// Begins a transaction on this session's own engine.
