@@ -200,6 +200,28 @@ async fn the_end_of_the_request_leaves_no_pinned_transaction_open() {
         .unwrap();
     assert_eq!(row.get::<_, i32>(0), pid, "the same connection, reused");
     assert_eq!(advisory_locks(&db).await, 0);
+
+    // A pin dropped before its request ends lets go of the connection for
+    // good: the request's end does not touch the transaction that the
+    // connection's next user (another request) has open on it.
+    let first = registry.sessions();
+    drop(first.writer().unwrap().pin().await.unwrap());
+    let second = registry.sessions();
+    let tx = second.writer().unwrap().begin().await.unwrap();
+    tx.execute("INSERT INTO items(name) VALUES ('second')", &[])
+        .await
+        .unwrap();
+    first.finish(true).await.unwrap();
+    drop(first);
+    tx.execute("INSERT INTO items(name) VALUES ('second again')", &[])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        db.plain_count("SELECT count(*) FROM items WHERE name LIKE 'second%'")
+            .await,
+        2
+    );
 }
 
 /// A COPY IN sink of a pinned connection dropped unfinished: the server

@@ -27,7 +27,7 @@ use tokio_postgres::{Row, SimpleQueryMessage, Statement};
 
 use super::engine::Engine;
 use super::session::{noting_lsn, run_noting_lsn};
-use super::sessions::ScopeRef;
+use super::sessions::{PinnedLink, ScopeRef};
 use crate::error::{Error, Result};
 use crate::pool::Conn;
 use crate::pool::manager::{ConnParts, Execute, Op, Opt, Query};
@@ -76,6 +76,9 @@ pub struct Pinned {
     /// Set when pinned from a session of a [`crate::Sessions`] container:
     /// the request this connection's work belongs to.
     scope: Option<ScopeRef>,
+    /// With a scope: the request's link to this connection, alive as long
+    /// as this `Pinned` (see `PinnedLink`).
+    link: Option<Arc<PinnedLink>>,
 }
 
 impl Pinned {
@@ -91,14 +94,13 @@ impl Pinned {
             )));
         }
         let _ = conn.state.apply(Event::SessionChanged);
-        if let Some(scope) = &scope {
-            scope.pinned(&conn.share());
-        }
+        let link = scope.as_ref().map(|scope| scope.pinned(conn.share()));
         Ok(Pinned {
             conn: Some(conn),
             engine,
             lent: Arc::default(),
             scope,
+            link,
         })
     }
 
@@ -459,6 +461,9 @@ impl Drop for Pinned {
     /// back a connection whose drop-path ROLLBACK is still in flight, and
     /// the pool would discard it.
     fn drop(&mut self) {
+        if let Some(link) = &self.link {
+            link.release();
+        }
         let Some(conn) = self.conn.take() else {
             return;
         };

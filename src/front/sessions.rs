@@ -52,17 +52,35 @@ pub(crate) struct EngineUse {
     transactions: Mutex<Vec<Weak<TxCore>>>,
     /// Connections pinned from this engine's session in this request,
     /// revoked at its end (see [`ScopeRef::pinned`]).
-    pinned: Mutex<Vec<PinnedLink>>,
+    pinned: Mutex<Vec<Weak<PinnedLink>>>,
     /// Transaction-per-request mode: the request's transaction on this engine.
     request_tx: Mutex<Option<Arc<Transaction<'static>>>>,
     /// Serialises the creation of `request_tx`.
     creating: tokio::sync::Mutex<()>,
 }
 
-/// A request's hold on a connection pinned during it: its parts, to end a
-/// transaction still open on it when the request ends.
-#[derive(Debug)]
-pub(crate) struct PinnedLink(Weak<ConnParts>);
+/// A request's hold on a connection pinned during it, to end a transaction
+/// still open on it when the request ends. Owned by the `Pinned` alone (the
+/// request keeps a `Weak`): once the pin is dropped, the connection may
+/// serve another request, which the first one's end must not touch — a
+/// `Weak` of the connection itself would live on in the pool. The `Pinned`
+/// empties it before letting go of its connection, under the lock the
+/// request's end holds while it revokes: no revocation lands on a
+/// connection already handed on.
+pub(crate) struct PinnedLink(Mutex<Option<Arc<ConnParts>>>);
+
+impl fmt::Debug for PinnedLink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PinnedLink").finish_non_exhaustive()
+    }
+}
+
+impl PinnedLink {
+    /// The `Pinned` lets go of its connection.
+    pub(crate) fn release(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
 
 /// Longest list of backend pids kept per engine and request.
 const MAX_PIDS: usize = 32;
@@ -146,10 +164,13 @@ impl ScopeRef {
     /// Ties a connection pinned from this session to the request: when the
     /// request ends, a transaction still open on it is ended (see
     /// [`Scope::revoke_pinned`]).
-    pub(crate) fn pinned(&self, conn: &std::sync::Arc<ConnParts>) {
+    /// The returned link is the `Pinned`'s to hold.
+    pub(crate) fn pinned(&self, conn: Arc<ConnParts>) -> Arc<PinnedLink> {
+        let link = Arc::new(PinnedLink(Mutex::new(Some(conn))));
         let mut list = self.usage().pinned.lock().expect("pinned");
-        list.retain(|link| link.0.strong_count() > 0);
-        list.push(PinnedLink(Arc::downgrade(conn)));
+        list.retain(|link| link.strong_count() > 0);
+        list.push(Arc::downgrade(&link));
+        link
     }
 
     /// What a transaction of this session reports to the container.
@@ -239,10 +260,15 @@ impl Scope {
     fn revoke_pinned(&self) {
         for usage in self.engines.iter() {
             let links = std::mem::take(&mut *usage.pinned.lock().expect("pinned"));
-            for conn in links.iter().filter_map(|link| link.0.upgrade()) {
+            for link in links.iter().filter_map(Weak::upgrade) {
+                let held = link.0.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(conn) = held.as_ref().cloned() else {
+                    continue; // the Pinned let go of it
+                };
                 if conn.state.apply(Event::Revoke).is_err() {
                     continue; // no transaction open, or its end is on the wire
                 }
+                drop(held);
                 let Ok(runtime) = tokio::runtime::Handle::try_current() else {
                     continue; // discarded when its Pinned is dropped
                 };
