@@ -108,6 +108,7 @@ impl Pinned {
     /// and checks that the connection is in autocommit: a transaction whose
     /// end the server did not confirm leaves it unusable (and it is
     /// discarded when this `Pinned` is dropped).
+    ///
     /// Refuses everything once the request this connection was pinned in
     /// has ended ([`Error::Closed`]).
     async fn settle(&self) -> Result<()> {
