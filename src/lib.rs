@@ -139,7 +139,7 @@ pub use front::session::Session;
 pub use front::sessions::{
     EngineReport, EngineState, InfoMut, OpenTransaction, Sessions, SessionsReport,
 };
-pub use pool::stream::{CopyOut, RowStream};
+pub use pool::stream::{CopyIn, CopyOut, RowStream};
 pub use sql::helpers::{
     Direction, MAX_IDENTIFIER_LEN, RangeQuery, Similar, Table, escape_like, quote_ident,
 };
@@ -150,7 +150,6 @@ pub use two_phase::recovery::{DEFAULT_RECOVERY_GRACE, InDoubt, RecoveryReport};
 #[cfg(feature = "testing")]
 pub use two_phase::unit_of_work::CrashPoint;
 pub use two_phase::unit_of_work::UnitOfWork;
-pub use tx::copy::CopyIn;
 pub use tx::hooks::{Outcome, TxEvent};
 pub use tx::options::{IsolationLevel, TxOptions};
 /// The transaction-status probe that rides behind every batch, for this

@@ -91,11 +91,7 @@ async fn tokens_carry_read_your_writes_across_registries_and_http() {
         .build()
         .await
         .unwrap();
-    let control = common::plain_at(&replica_url).await;
-    control
-        .batch_execute("SELECT pg_wal_replay_pause()")
-        .await
-        .unwrap();
+    let control = common::pause_replay(&replica_url).await;
 
     // Request 1, in A: nothing written yet, no token; then a write.
     assert_eq!(a.sessions().causal_token().unwrap(), None);

@@ -150,7 +150,7 @@ const ROWS: usize = 1_000_000;
 async fn copy_of_a_million_rows_round_trips_exactly() {
     let db = Db::new().await;
     let registry = db.registry(|c| c).await;
-    let pinned = registry.session("writer").unwrap().pin().await.unwrap();
+    let mut pinned = registry.session("writer").unwrap().pin().await.unwrap();
     pinned
         .batch_execute(
             "CREATE TABLE copied (id int PRIMARY KEY, name text, n float8); \
@@ -160,11 +160,10 @@ async fn copy_of_a_million_rows_round_trips_exactly() {
         .unwrap();
     // Text in, in chunks; values with tabs and backslashes escaped as COPY wants.
     let mut sent = Vec::with_capacity(ROWS * 24);
-    let sink = pinned
+    let mut sink = pinned
         .copy_in::<VecDeque<u8>>("COPY copied (id, name, n) FROM STDIN")
         .await
         .unwrap();
-    let mut sink = std::pin::pin!(sink);
     let mut chunk = Vec::new();
     for i in 0..ROWS {
         let line = format!("{i}\tname\\t{i}\\\\é\t{}\n", i as f64 / 8.0);
@@ -176,40 +175,39 @@ async fn copy_of_a_million_rows_round_trips_exactly() {
                 .unwrap();
         }
     }
-    let n = sink.as_mut().finish().await.unwrap();
+    let n = sink.finish().await.unwrap();
     assert_eq!(n, ROWS as u64);
     // Text out, in order: byte for byte what went in.
-    let out = pinned
+    let mut out = pinned
         .copy_out("COPY (SELECT id, name, n FROM copied ORDER BY id) TO STDOUT")
         .await
         .unwrap();
     let mut received = Vec::with_capacity(sent.len());
-    let mut out = std::pin::pin!(out);
     while let Some(chunk) = out.next().await {
         received.extend_from_slice(&chunk.unwrap());
     }
+    drop(out);
     assert_eq!(received.len(), sent.len());
     assert!(received == sent, "COPY text round trip differs");
     // Binary out of one table, binary into another (from a second pinned
     // connection: one connection answers its requests in order, so its
     // COPY IN would wait for the COPY OUT being read into it): the same rows.
-    let out = pinned
+    let mut out = pinned
         .copy_out("COPY copied TO STDOUT (FORMAT binary)")
         .await
         .unwrap();
-    let other = registry.session("writer").unwrap().pin().await.unwrap();
-    let sink = other
+    let mut other = registry.session("writer").unwrap().pin().await.unwrap();
+    let mut sink = other
         .copy_in::<VecDeque<u8>>("COPY copied_bin FROM STDIN (FORMAT binary)")
         .await
         .unwrap();
-    let mut sink = std::pin::pin!(sink);
-    let mut out = std::pin::pin!(out);
     while let Some(chunk) = out.next().await {
         sink.send(VecDeque::from(chunk.unwrap().to_vec()))
             .await
             .unwrap();
     }
-    assert_eq!(sink.as_mut().finish().await.unwrap(), ROWS as u64);
+    assert_eq!(sink.finish().await.unwrap(), ROWS as u64);
+    drop(out);
     drop(other);
     let differ: i64 = pinned
         .query_one(

@@ -8,19 +8,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::Db;
-use pgassist::{EngineConfig, Error, Registry, Session};
+use pgassist::Error;
 
-/// (served by a standby?, rows in items)
-async fn probe(s: &Session) -> (bool, i64) {
-    let row = s
-        .query_one(
-            "SELECT pg_is_in_recovery(), (SELECT count(*) FROM items)",
-            &[],
-        )
-        .await
-        .unwrap();
-    (row.get(0), row.get(1))
-}
+use common::served_by as probe;
 
 async fn until<F: std::future::Future<Output = bool>>(what: &str, mut f: impl FnMut() -> F) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -33,24 +23,12 @@ async fn until<F: std::future::Future<Output = bool>>(what: &str, mut f: impl Fn
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_routing_read_your_writes_and_fallback() {
     let db = Db::new().await;
-    let Some((replica, replica_url)) = common::replica_with_test_db(&db).await else {
+    // One writer connection: a repeated statement is sure to be cached on it.
+    let Some((registry, replica, replica_url)) =
+        common::writer_and_replica(&db, db.config().max_size(1)).await
+    else {
         return;
     };
-
-    let registry = Registry::builder()
-        // One connection: a repeated statement is sure to be cached on it.
-        .engine("writer", db.config().max_size(1))
-        .engine(
-            "replica",
-            EngineConfig::from_url(&replica_url)
-                .unwrap()
-                .application_name(&db.app)
-                .replica_of("writer")
-                .connection_timeout(Duration::from_millis(500)),
-        )
-        .build()
-        .await
-        .unwrap();
 
     // 1. reader() is the replica; writes there are refused.
     let sessions = registry.sessions();
@@ -65,11 +43,7 @@ async fn replica_routing_read_your_writes_and_fallback() {
     drop(sessions);
 
     // 2. Read-your-writes with replay paused: the replica cannot have our writes.
-    let control = common::plain_at(&replica_url).await;
-    control
-        .batch_execute("SELECT pg_wal_replay_pause()")
-        .await
-        .unwrap();
+    let control = common::pause_replay(&replica_url).await;
     let sessions = registry.sessions();
     sessions
         .writer()

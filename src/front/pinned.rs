@@ -18,19 +18,23 @@
 //! its connection discarded.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures::future::BoxFuture;
 
 use tokio_postgres::types::{BorrowToSql, ToSql, Type};
-use tokio_postgres::{CopyInSink, CopyOutStream, Row, SimpleQueryMessage, Statement};
+use tokio_postgres::{Row, SimpleQueryMessage, Statement};
 
 use super::engine::Engine;
+use super::session::{noting_lsn, run_noting_lsn};
+use super::sessions::{PinnedLink, ScopeRef};
 use crate::error::{Error, Result};
 use crate::pool::Conn;
 use crate::pool::manager::{ConnParts, Execute, Op, Opt, Query};
 use crate::pool::state::{ConnState, Event};
-use crate::pool::stream::RowStream;
+use crate::pool::stream::{CopyIn, CopyOut, RowStream};
 use crate::sql::control::{reject_control_in_batch, reject_transaction_control};
+use crate::tx::Observer;
 use crate::tx::options::TxOptions;
 use crate::tx::retry;
 use crate::tx::sql;
@@ -69,12 +73,19 @@ pub struct Pinned {
     /// the connection waits for it first, so nothing of ours goes out
     /// while the server may still be inside that transaction.
     lent: Arc<tokio::sync::Mutex<()>>,
+    /// Set when pinned from a session of a [`crate::Sessions`] container:
+    /// the request this connection's work belongs to.
+    scope: Option<ScopeRef>,
+    /// With a scope: the request's link to this connection, alive as long
+    /// as this `Pinned` (see `PinnedLink`).
+    link: Option<Arc<PinnedLink>>,
 }
 
 impl Pinned {
     /// Takes `conn` for session work: flagged at once, so it is reset when
-    /// it goes back, whatever ran on it.
-    pub(crate) fn new(engine: Engine, conn: Conn) -> Result<Pinned> {
+    /// it goes back, whatever ran on it. With a `scope`, tied to that
+    /// request (see [`crate::Session::pin`]).
+    pub(crate) fn new(engine: Engine, conn: Conn, scope: Option<ScopeRef>) -> Result<Pinned> {
         if engine.pool().config().is_pgbouncer() {
             return Err(Error::Usage(format!(
                 "engine `{}`: a pinned connection needs a server session of its own, which \
@@ -83,10 +94,13 @@ impl Pinned {
             )));
         }
         let _ = conn.state.apply(Event::SessionChanged);
+        let link = scope.as_ref().map(|scope| scope.pinned(conn.share()));
         Ok(Pinned {
             conn: Some(conn),
             engine,
             lent: Arc::default(),
+            scope,
+            link,
         })
     }
 
@@ -94,7 +108,13 @@ impl Pinned {
     /// and checks that the connection is in autocommit: a transaction whose
     /// end the server did not confirm leaves it unusable (and it is
     /// discarded when this `Pinned` is dropped).
+    ///
+    /// Refuses everything once the request this connection was pinned in
+    /// has ended ([`Error::Closed`]).
     async fn settle(&self) -> Result<()> {
+        if let Some(scope) = &self.scope {
+            scope.touch(self.engine.name())?;
+        }
         if self.lent.try_lock().is_err() {
             drop(self.lent.lock().await);
         }
@@ -156,12 +176,17 @@ impl Pinned {
     async fn begin_lent(&mut self, options: TxOptions, attempt: u32) -> Result<Transaction<'_>> {
         self.settle().await?;
         let until_ended = self.lent.clone().lock_owned().await;
+        // Inside a request, the transaction reports to it as a session's
+        // does: its statements, and its commit's WAL position.
+        let observer = self.scope.as_ref().map(|scope| {
+            Box::new(scope.reporter(self.engine.inner.has_replicas)) as Box<dyn Observer>
+        });
         Transaction::start(
             self.engine.env(),
             TxConn::lent(self.conn().share(), until_ended),
             options,
             attempt,
-            None,
+            observer,
         )
     }
 
@@ -218,11 +243,48 @@ impl Pinned {
         Error::from_pg(self.engine.name(), e)
     }
 
+    /// The request scope, if this connection's writes must be noted for
+    /// its reads on replicas (a primary with replicas).
+    fn lsn_scope(&self) -> Option<&ScopeRef> {
+        self.scope
+            .as_ref()
+            .filter(|_| self.engine.inner.has_replicas)
+    }
+
+    /// Counts a statement that began at `started` in the request's report.
+    fn record(&self, started: Instant) {
+        if let Some(scope) = &self.scope {
+            scope.record(self.conn().backend_pid, started.elapsed());
+        }
+    }
+
+    /// Runs the (not yet polled) future `start`, which sends `sql` and
+    /// returns a handle on its answer (a COPY), as a statement of this
+    /// connection: checked, counted, reported to the request.
+    async fn start<T>(
+        &self,
+        sql: &str,
+        start: impl std::future::Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+    ) -> Result<T> {
+        reject_transaction_control(sql)?;
+        self.settle().await?;
+        self.engine.pool().counters().inc(|c| &c.statements);
+        let started = Instant::now();
+        let out = start.await;
+        self.record(started);
+        out.map_err(|e| self.error(e))
+    }
+
     async fn run<O: Op>(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<O::Out> {
         reject_transaction_control(sql)?;
         self.settle().await?;
         self.engine.pool().counters().inc(|c| &c.statements);
-        let out = self.conn().run::<O>(sql, params, true).await;
+        let started = Instant::now();
+        let out = match self.lsn_scope() {
+            Some(scope) => run_noting_lsn::<O>(self.conn(), scope, sql, params).await,
+            None => self.conn().run::<O>(sql, params, true).await,
+        };
+        self.record(started);
         self.conn().after_session_statement(sql);
         out.map_err(|e| Error::from_pg(self.engine.name(), e))
     }
@@ -263,7 +325,13 @@ impl Pinned {
         reject_control_in_batch(sql)?;
         self.settle().await?;
         self.engine.pool().counters().inc(|c| &c.statements);
-        let out = probed_simple_query(self.engine.name(), self.conn(), sql).await;
+        let started = Instant::now();
+        let batch = probed_simple_query(self.engine.name(), self.conn(), sql);
+        let out = match self.lsn_scope() {
+            Some(scope) => noting_lsn(self.conn(), scope, batch).await,
+            None => batch.await,
+        };
+        self.record(started);
         self.conn().after_session_statement(sql);
         out
     }
@@ -289,11 +357,14 @@ impl Pinned {
     ) -> Result<Vec<Row>> {
         self.settle().await?;
         self.engine.pool().counters().inc(|c| &c.statements);
-        self.conn()
-            .client
-            .query(statement, params)
-            .await
-            .map_err(|e| self.error(e))
+        let started = Instant::now();
+        let rows = self.conn().client.query(statement, params);
+        let out = match self.lsn_scope() {
+            Some(scope) => noting_lsn(self.conn(), scope, rows).await,
+            None => rows.await,
+        };
+        self.record(started);
+        out.map_err(|e| self.error(e))
     }
 
     /// Runs a statement and streams its rows as the server sends them, so
@@ -328,12 +399,10 @@ impl Pinned {
     {
         self.settle().await?;
         self.engine.pool().counters().inc(|c| &c.statements);
-        let rows = self
-            .conn()
-            .client
-            .query_raw(statement, params)
-            .await
-            .map_err(|e| self.error(e))?;
+        let started = Instant::now();
+        let rows = self.conn().client.query_raw(statement, params).await;
+        self.record(started);
+        let rows = rows.map_err(|e| self.error(e))?;
         let conn = self.conn();
         Ok(RowStream::borrowed(
             rows,
@@ -343,34 +412,46 @@ impl Pinned {
     }
 
     /// Starts `COPY … FROM STDIN` (text, CSV or binary, as `sql` says):
-    /// write the data into the returned sink and `finish()` it (a
-    /// `futures::SinkExt` method), which returns the number of rows. A sink
-    /// dropped unfinished aborts the COPY; the connection stays usable.
-    pub async fn copy_in<T>(&self, sql: &str) -> Result<CopyInSink<T>>
+    /// write the data into the returned [`CopyIn`] — the same sink as
+    /// [`Transaction::copy_in`]'s — and [`CopyIn::finish`] it for the
+    /// number of rows. The sink borrows this connection mutably: nothing
+    /// else can be sent on it while the COPY runs (the server would answer
+    /// nothing), and the connection cannot go back to the pool mid-COPY. A
+    /// sink dropped unfinished aborts the COPY (nothing of it is kept) and
+    /// the connection serves the next statement.
+    ///
+    /// Inside a request with replicas, the COPY's rows are not noted for
+    /// read-your-writes (a statement or batch is): run it in a
+    /// [`Pinned::begin`] transaction, whose commit is.
+    pub async fn copy_in<T>(&mut self, sql: &str) -> Result<CopyIn<'_, T>>
     where
         T: bytes::Buf + 'static + Send,
     {
-        reject_transaction_control(sql)?;
-        self.settle().await?;
-        self.engine.pool().counters().inc(|c| &c.statements);
-        self.conn()
-            .client
-            .copy_in(sql)
-            .await
-            .map_err(|e| self.error(e))
+        let sink = self.start(sql, self.conn().client.copy_in(sql)).await?;
+        let conn = self.conn();
+        Ok(CopyIn::new(
+            sink,
+            self.engine.name(),
+            Box::new(move |e| conn.vet(e)),
+            // The driver sends CopyFail and Sync for the dropped sink ahead
+            // of anything sent later: the server fails the COPY and is
+            // ready for the next statement, in autocommit.
+            Box::new(|| {}),
+        ))
     }
 
     /// Starts `COPY … TO STDOUT` (text, CSV or binary): a stream of data
-    /// chunks. Dropping it early is safe (the rest is discarded).
-    pub async fn copy_out(&self, sql: &str) -> Result<CopyOutStream> {
-        reject_transaction_control(sql)?;
-        self.settle().await?;
-        self.engine.pool().counters().inc(|c| &c.statements);
-        self.conn()
-            .client
-            .copy_out(sql)
-            .await
-            .map_err(|e| self.error(e))
+    /// chunks, the same [`CopyOut`] as [`Transaction::copy_out`]'s. It
+    /// borrows this connection mutably, as the sink of [`Pinned::copy_in`]
+    /// does; dropping it early is safe (the rest is discarded).
+    pub async fn copy_out(&mut self, sql: &str) -> Result<CopyOut<'_>> {
+        let data = self.start(sql, self.conn().client.copy_out(sql)).await?;
+        let conn = self.conn();
+        Ok(CopyOut::new(
+            data,
+            self.engine.name(),
+            Box::new(move |e| conn.vet(e)),
+        ))
     }
 }
 
@@ -381,6 +462,9 @@ impl Drop for Pinned {
     /// back a connection whose drop-path ROLLBACK is still in flight, and
     /// the pool would discard it.
     fn drop(&mut self) {
+        if let Some(link) = &self.link {
+            link.release();
+        }
         let Some(conn) = self.conn.take() else {
             return;
         };

@@ -218,7 +218,7 @@ impl Session {
         };
         let started = Instant::now();
         let out = if self.engine.inner.has_replicas {
-            self.run_noting_lsn::<O>(&conn, scope, sql, params).await
+            run_noting_lsn::<O>(&conn, scope, sql, params).await
         } else {
             conn.run::<O>(sql, params, true).await
         };
@@ -307,51 +307,9 @@ impl Session {
             return probed_simple_query(name, &conn, sql).await.map(drop);
         };
         let started = Instant::now();
-        let (out, lsn) = futures::future::join(
-            probed_simple_query(name, &conn, sql),
-            conn.client.simple_query(INSERT_LSN_SQL),
-        )
-        .await;
+        let out = noting_lsn(&conn, scope, probed_simple_query(name, &conn, sql)).await;
         scope.record(conn.backend_pid, started.elapsed());
-        out?;
-        if let Some(lsn) = lsn.ok().as_deref().and_then(first_lsn) {
-            scope.note_lsn(lsn);
-        }
-        Ok(())
-    }
-
-    /// Runs a statement on a primary with replicas and records where this
-    /// request's replicas must have got to (read-your-writes): the WAL
-    /// insert position read right after it. A cached statement goes out in
-    /// the first poll, so the position query is pipelined behind it (no
-    /// extra round trip); otherwise (first use, a re-prepare) it follows.
-    async fn run_noting_lsn<O: Op>(
-        &self,
-        conn: &ConnParts,
-        scope: &ScopeRef,
-        sql: &str,
-        params: Params<'_>,
-    ) -> std::result::Result<O::Out, tokio_postgres::Error> {
-        let lsn_query = || conn.client.simple_query(INSERT_LSN_SQL);
-        let replans = conn.replans.load(Ordering::Relaxed);
-        let (out, mut lsn) = if conn.is_cached(sql) {
-            let (out, lsn) =
-                futures::future::join(conn.run::<O>(sql, params, true), lsn_query()).await;
-            (out, lsn.ok())
-        } else {
-            (conn.run::<O>(sql, params, true).await, None)
-        };
-        if out.is_ok() && (lsn.is_none() || conn.replans.load(Ordering::Relaxed) != replans) {
-            lsn = lsn_query().await.ok();
-        }
-        if let Some(lsn) = out
-            .is_ok()
-            .then(|| lsn.as_deref().and_then(first_lsn))
-            .flatten()
-        {
-            scope.note_lsn(lsn);
-        }
-        out
+        out.map(drop)
     }
 
     /// Sends a notification on `channel` with `payload` (`pg_notify`, values
@@ -369,8 +327,23 @@ impl Session {
     /// `LISTEN`) is allowed there and lasts until the [`Pinned`] is
     /// dropped, when the connection is reset and returned to the pool. Not
     /// routed: a pinned connection is always on this session's own engine.
+    ///
+    /// Inside a [`crate::Sessions`] container the pinned connection is part
+    /// of the request, as this session is: its statements and transactions
+    /// count in [`crate::Sessions::report`], its writes are seen by the
+    /// request's later reads on replicas (read-your-writes), and it refuses
+    /// work once the request has ended, when a transaction still open on it
+    /// is rolled back (see [`crate::Sessions::finish`]). It is not part of
+    /// a transaction-per-request: a transaction on it is its own.
     pub async fn pin(&self) -> Result<Pinned> {
-        Pinned::new(self.engine.clone(), self.engine.checkout().await?)
+        if let Some(scope) = &self.scope {
+            scope.touch(self.engine.name())?;
+        }
+        Pinned::new(
+            self.engine.clone(),
+            self.engine.checkout().await?,
+            self.scope.clone(),
+        )
     }
 
     /// Runs a statement and streams its rows as the server sends them, in
@@ -500,4 +473,54 @@ impl<'a> retry::Begin for &'a Session {
         // A `Transaction<'static>`, handed out as one borrowing `self`.
         async move { session.begin_attempt(options, attempt).await }
     }
+}
+
+/// Runs a statement on a primary with replicas and records where this
+/// request's replicas must have got to (read-your-writes): the WAL
+/// insert position read right after it. A cached statement goes out in
+/// the first poll, so the position query is pipelined behind it (no
+/// extra round trip); otherwise (first use, a re-prepare) it follows.
+pub(super) async fn run_noting_lsn<O: Op>(
+    conn: &ConnParts,
+    scope: &ScopeRef,
+    sql: &str,
+    params: Params<'_>,
+) -> std::result::Result<O::Out, tokio_postgres::Error> {
+    let lsn_query = || conn.client.simple_query(INSERT_LSN_SQL);
+    let replans = conn.replans.load(Ordering::Relaxed);
+    let (out, mut lsn) = if conn.is_cached(sql) {
+        let (out, lsn) = futures::future::join(conn.run::<O>(sql, params, true), lsn_query()).await;
+        (out, lsn.ok())
+    } else {
+        (conn.run::<O>(sql, params, true).await, None)
+    };
+    if out.is_ok() && (lsn.is_none() || conn.replans.load(Ordering::Relaxed) != replans) {
+        lsn = lsn_query().await.ok();
+    }
+    if let Some(lsn) = out
+        .is_ok()
+        .then(|| lsn.as_deref().and_then(first_lsn))
+        .flatten()
+    {
+        scope.note_lsn(lsn);
+    }
+    out
+}
+
+/// Runs `work` — whose request goes out in its first poll — with the WAL
+/// insert position read pipelined behind it (no extra round trip), and
+/// notes that position for the request's later reads on replicas
+/// (read-your-writes) if `work` succeeded.
+pub(super) async fn noting_lsn<T, E>(
+    conn: &ConnParts,
+    scope: &ScopeRef,
+    work: impl Future<Output = std::result::Result<T, E>>,
+) -> std::result::Result<T, E> {
+    let (out, lsn) = futures::future::join(work, conn.client.simple_query(INSERT_LSN_SQL)).await;
+    if out.is_ok() {
+        if let Some(lsn) = lsn.ok().as_deref().and_then(first_lsn) {
+            scope.note_lsn(lsn);
+        }
+    }
+    out
 }

@@ -20,6 +20,8 @@ use std::time::Duration;
 use super::registry::Registry;
 use super::session::Session;
 use crate::error::{Error, Result};
+use crate::pool::manager::ConnParts;
+use crate::pool::state::Event;
 use crate::tx::Observer;
 use crate::tx::options::TxOptions;
 use crate::tx::transaction::{Transaction, TxCore};
@@ -48,10 +50,36 @@ pub(crate) struct EngineUse {
     busy_nanos: AtomicU64,
     backend_pids: Mutex<Vec<i32>>,
     transactions: Mutex<Vec<Weak<TxCore>>>,
+    /// Connections pinned from this engine's session in this request,
+    /// revoked at its end (see [`ScopeRef::pinned`]).
+    pinned: Mutex<Vec<Weak<PinnedLink>>>,
     /// Transaction-per-request mode: the request's transaction on this engine.
     request_tx: Mutex<Option<Arc<Transaction<'static>>>>,
     /// Serialises the creation of `request_tx`.
     creating: tokio::sync::Mutex<()>,
+}
+
+/// A request's hold on a connection pinned during it, to end a transaction
+/// still open on it when the request ends. Owned by the `Pinned` alone (the
+/// request keeps a `Weak`): once the pin is dropped, the connection may
+/// serve another request, which the first one's end must not touch — a
+/// `Weak` of the connection itself would live on in the pool. The `Pinned`
+/// empties it before letting go of its connection, under the lock the
+/// request's end holds while it revokes: no revocation lands on a
+/// connection already handed on.
+pub(crate) struct PinnedLink(Mutex<Option<Arc<ConnParts>>>);
+
+impl fmt::Debug for PinnedLink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PinnedLink").finish_non_exhaustive()
+    }
+}
+
+impl PinnedLink {
+    /// The `Pinned` lets go of its connection.
+    pub(crate) fn release(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
 }
 
 /// Longest list of backend pids kept per engine and request.
@@ -133,6 +161,18 @@ impl ScopeRef {
         }
     }
 
+    /// Ties a connection pinned from this session to the request: when the
+    /// request ends, a transaction still open on it is ended (see
+    /// [`Scope::revoke_pinned`]).
+    /// The returned link is the `Pinned`'s to hold.
+    pub(crate) fn pinned(&self, conn: Arc<ConnParts>) -> Arc<PinnedLink> {
+        let link = Arc::new(PinnedLink(Mutex::new(Some(conn))));
+        let mut list = self.usage().pinned.lock().expect("pinned");
+        list.retain(|link| link.strong_count() > 0);
+        list.push(Arc::downgrade(&link));
+        link
+    }
+
     /// What a transaction of this session reports to the container.
     pub(crate) fn reporter(&self, has_replicas: bool) -> Reporter {
         Reporter {
@@ -201,7 +241,44 @@ impl Observer for Reporter {
     }
 }
 
+/// Ends a pinned connection's transaction at once: ROLLBACK, then the
+/// backend ends its own session. In one message, so that a statement of
+/// that transaction which passed its state check before the revocation —
+/// and so may reach the wire after it — cannot run after the ROLLBACK in
+/// autocommit: it runs inside the transaction (and is rolled back) or
+/// finds the connection gone.
+const END_REVOKED_SQL: &str =
+    "ROLLBACK; SELECT pg_catalog.pg_terminate_backend(pg_catalog.pg_backend_pid())";
+
 impl Scope {
+    /// The request ended: a transaction still open on a connection pinned
+    /// during it (a `Pinned` that outlived the request, kept by a spawned
+    /// task or a long-lived value) may not go on — its next statement or
+    /// commit is refused — and is rolled back on the server at once, its
+    /// connection closed (the `Pinned` then refuses everything, and its
+    /// connection is discarded when it is dropped).
+    fn revoke_pinned(&self) {
+        for usage in self.engines.iter() {
+            let links = std::mem::take(&mut *usage.pinned.lock().expect("pinned"));
+            for link in links.iter().filter_map(Weak::upgrade) {
+                let held = link.0.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(conn) = held.as_ref().cloned() else {
+                    continue; // the Pinned let go of it
+                };
+                if conn.state.apply(Event::Revoke).is_err() {
+                    continue; // no transaction open, or its end is on the wire
+                }
+                drop(held);
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    continue; // discarded when its Pinned is dropped
+                };
+                runtime.spawn(async move {
+                    let _ = conn.client.batch_execute(END_REVOKED_SQL).await;
+                });
+            }
+        }
+    }
+
     fn required_lsn(&self, index: usize) -> u64 {
         let usage = &self.engines[index];
         let own = usage.last_lsn.load(Ordering::Acquire);
@@ -470,8 +547,18 @@ impl Sessions {
     /// and that clone's statements get [`Error::Closed`]. Later statements are
     /// refused from the moment `finish` is called, and a request transaction
     /// being begun concurrently is waited for and ended with the others.
+    ///
+    /// Connections pinned during the request ([`Session::pin`]) belong to
+    /// it too: from here on they refuse statements with [`Error::Closed`]
+    /// (their session state is kept until the [`crate::Pinned`] is
+    /// dropped, then reset as always), and a transaction still open on one
+    /// is rolled back at once and its connection closed (its next
+    /// statement or commit is refused; see docs/session-state.md).
     pub async fn finish(&self, commit: bool) -> Result<SessionsReport> {
         self.scope.ended.store(true, Ordering::Release);
+        // Not an error of the request's own: the revoked transaction's
+        // owner hears of it at its next step.
+        self.scope.revoke_pinned();
         let mut first_error = None;
         for usage in self.scope.engines.iter() {
             // A statement that passed its check before `ended` was set may be
@@ -509,9 +596,12 @@ impl Sessions {
 
 impl Drop for Sessions {
     /// Rolls back the request transactions at once (their ROLLBACK is sent
-    /// on a spawned task) and refuses further work from leaked sessions.
+    /// on a spawned task), and transactions still open on connections
+    /// pinned during the request (see [`Sessions::finish`]), and refuses
+    /// further work from leaked sessions and pinned connections.
     fn drop(&mut self) {
         self.scope.ended.store(true, Ordering::Release);
+        self.scope.revoke_pinned();
         for usage in self.scope.engines.iter() {
             drop(usage.request_tx.lock().expect("request tx").take());
         }

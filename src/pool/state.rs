@@ -26,6 +26,7 @@
 //!   Lost (cut off, connection gone): any transaction state ─▶ InDoubt
 //!   InDoubt ── Rollback ──▶ RollingBack (a ROLLBACK answered settles it)
 //!   Desync (protocol out of step):   any state ─────────────▶ Broken
+//!   Revoke (its request ended): BeginPending | Open | Aborted ─▶ Broken
 //! ```
 //!
 //! A second, independent dimension: **session state changed**. A statement
@@ -105,6 +106,11 @@ pub(crate) enum Event {
     /// The session reset was answered: clears the session flag. Only in
     /// `Idle` (a reset never runs inside a transaction).
     Reset,
+    /// The request that owns a pinned connection ended while a transaction
+    /// was open on it (see `front::sessions`): the transaction may not go
+    /// on, and its owner ends the server session. Refused once COMMIT or
+    /// ROLLBACK is on the wire, so a commit in flight keeps its outcome.
+    Revoke,
 }
 
 /// Why a transition was refused.
@@ -187,6 +193,8 @@ pub(crate) fn next(state: ConnState, event: Event) -> Result<ConnState, Refusal>
         (s, SessionChanged) => Ok(s),
         (Idle, Reset) => Ok(Idle),
         (_, Reset) => Err(Refusal::NotIdle),
+        (BeginPending | Open | Aborted, Revoke) => Ok(Broken),
+        (s, Revoke) => Err(refusal(s)),
     }
 }
 
@@ -292,17 +300,17 @@ mod tests {
         Broken,
     ];
     #[rustfmt::skip]
-    const EVENTS: [Event; 12] = [
+    const EVENTS: [Event; 13] = [
         Pin, BeginSent, Statement, Failed, Restored, Commit, Rollback, Ended, Lost, Desync,
-        SessionChanged, Reset,
+        SessionChanged, Reset, Revoke,
     ];
 
     /// Every (state, event) pair, written out: the whole machine in one table.
     #[test]
     fn every_transition() {
         use Refusal as R;
-        let expected: [(ConnState, [Result<ConnState, Refusal>; 12]); 8] = [
-            //          Pin           BeginSent       Statement       Failed          Restored        Commit          Rollback          Ended           Lost          Desync     SessionChanged   Reset
+        let expected: [(ConnState, [Result<ConnState, Refusal>; 13]); 8] = [
+            //          Pin           BeginSent       Statement       Failed          Restored        Commit          Rollback          Ended           Lost          Desync     SessionChanged   Reset        Revoke
             (
                 Idle,
                 [
@@ -318,6 +326,7 @@ mod tests {
                     Ok(Broken),
                     Ok(Idle),
                     Ok(Idle),
+                    Err(R::Ended),
                 ],
             ),
             (
@@ -335,6 +344,7 @@ mod tests {
                     Ok(Broken),
                     Ok(BeginPending),
                     Err(R::NotIdle),
+                    Ok(Broken),
                 ],
             ),
             (
@@ -352,6 +362,7 @@ mod tests {
                     Ok(Broken),
                     Ok(Open),
                     Err(R::NotIdle),
+                    Ok(Broken),
                 ],
             ),
             (
@@ -369,6 +380,7 @@ mod tests {
                     Ok(Broken),
                     Ok(Aborted),
                     Err(R::NotIdle),
+                    Ok(Broken),
                 ],
             ),
             (
@@ -386,6 +398,7 @@ mod tests {
                     Ok(Broken),
                     Ok(Committing),
                     Err(R::NotIdle),
+                    Err(R::Ending),
                 ],
             ),
             (
@@ -403,6 +416,7 @@ mod tests {
                     Ok(Broken),
                     Ok(RollingBack),
                     Err(R::NotIdle),
+                    Err(R::Ending),
                 ],
             ),
             (
@@ -420,6 +434,7 @@ mod tests {
                     Ok(Broken),
                     Ok(InDoubt),
                     Err(R::NotIdle),
+                    Err(R::InDoubt),
                 ],
             ),
             (
@@ -435,6 +450,7 @@ mod tests {
                     Err(R::Broken),
                     Err(R::Broken),
                     Ok(Broken),
+                    Err(R::Broken),
                     Err(R::Broken),
                     Err(R::Broken),
                 ],

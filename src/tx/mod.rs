@@ -5,7 +5,6 @@
 //! it: what the front layer must learn (a statement ran, a commit's WAL
 //! position) it reports through [`Observer`], which the front implements.
 
-pub(crate) mod copy;
 pub(crate) mod hooks;
 pub(crate) mod options;
 pub(crate) mod retry;

@@ -14,7 +14,6 @@ use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
-use super::copy::CopyIn;
 use super::hooks::{Callback, Outcome, TxEvent, run_after_commit, run_after_rollback};
 use super::options::TxOptions;
 use super::{Env, Observer, sql};
@@ -23,7 +22,7 @@ use crate::guard::DropGuard;
 use crate::pool::Conn;
 use crate::pool::manager::{ConnParts, Execute, Op, Opt, Params, Query};
 use crate::pool::state::{ConnState, Event, Refusal};
-use crate::pool::stream::{CopyOut, RowStream};
+use crate::pool::stream::{CopyIn, CopyOut, RowStream};
 
 /// The connection a transaction runs on.
 pub(crate) enum TxConn {
@@ -231,11 +230,6 @@ impl TxCore {
         self.book()
             .begin_answered
             .then(|| self.conn.cancel_if_dropped())
-    }
-
-    /// The connection's state machine.
-    pub(crate) fn conn_state(&self) -> &crate::pool::state::StateCell {
-        &self.conn.state
     }
 
     /// Classifies a statement error and moves the machine.
@@ -687,7 +681,16 @@ impl<'a> Transaction<'a> {
     {
         let core = self.core();
         let sink = core.statement(sql, core.conn.client.copy_in(sql)).await?;
-        Ok(CopyIn::new(sink, core))
+        Ok(CopyIn::new(
+            sink,
+            core.name(),
+            Box::new(move |e| core.note_error(e)),
+            // The driver answers the dropped sink with CopyFail: the server
+            // fails the COPY, and with it the transaction.
+            Box::new(move || {
+                let _ = core.conn.state.apply(Event::Failed);
+            }),
+        ))
     }
 
     /// Starts `COPY … TO STDOUT` (text, CSV or binary) in this transaction:

@@ -538,3 +538,51 @@ pub async fn replica_with_test_db(db: &Db) -> Option<(TestCluster, String)> {
     assert!(replayed, "the replica never had the test database");
     Some((replica, url))
 }
+
+/// A registry of `writer` (this test's database, configured as `writer`
+/// says) and `replica` (a hot standby of it, `replica_of("writer")`), with
+/// the standby and its URL on the test database; `None` as for
+/// [`replica_with_test_db`].
+pub async fn writer_and_replica(
+    db: &Db,
+    writer: EngineConfig,
+) -> Option<(Registry, TestCluster, String)> {
+    let (replica, replica_url) = replica_with_test_db(db).await?;
+    let registry = Registry::builder()
+        .engine("writer", writer)
+        .engine(
+            "replica",
+            EngineConfig::from_url(&replica_url)
+                .unwrap()
+                .application_name(&db.app)
+                .replica_of("writer")
+                .connection_timeout(Duration::from_millis(500)),
+        )
+        .build()
+        .await
+        .unwrap();
+    Some((registry, replica, replica_url))
+}
+
+/// Where a read was served: (by a standby?, rows in items).
+pub async fn served_by(s: &pgassist::Session) -> (bool, i64) {
+    let row = s
+        .query_one(
+            "SELECT pg_is_in_recovery(), (SELECT count(*) FROM items)",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// Pauses the standby at `url`'s replay, so that it cannot have any write
+/// made after this; returns the connection to resume it with.
+pub async fn pause_replay(url: &str) -> tokio_postgres::Client {
+    let control = plain_at(url).await;
+    control
+        .batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .unwrap();
+    control
+}
