@@ -108,7 +108,7 @@ async fn the_statement_cache_survives_deallocate_on_a_pinned_connection() {
     let pid = cached_statements(&session).await;
     for sql in ["DEALLOCATE ALL", "DISCARD ALL"] {
         for batch in [true, false] {
-            let pinned = session.pin().await.unwrap();
+            let mut pinned = session.pin().await.unwrap();
             assert_eq!(pinned.backend_pid(), pid);
             pinned
                 .query("SELECT $1::int + 1, pg_backend_pid()", &[&1i32])

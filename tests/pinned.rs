@@ -113,7 +113,7 @@ async fn a_pin_dropped_mid_statement_is_released_clean() {
 async fn prepare_typed_simple_query_and_query_raw_on_a_pinned_connection() {
     let db = Db::new().await;
     let registry = db.registry(|c| c).await;
-    let pinned = registry.session("writer").unwrap().pin().await.unwrap();
+    let mut pinned = registry.session("writer").unwrap().pin().await.unwrap();
     let stmt = pinned
         .prepare_typed(
             "SELECT $1::text || 'x'",

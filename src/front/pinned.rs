@@ -369,8 +369,21 @@ impl Pinned {
 
     /// Runs a statement and streams its rows as the server sends them, so
     /// a result of any size runs in bounded memory. The stream borrows this
-    /// connection; dropping it early is safe (the rest is discarded).
-    pub async fn query_raw<P, I>(&self, sql: &str, params: I) -> Result<RowStream<'_>>
+    /// connection mutably, as a transaction's does: a statement awaited on
+    /// the same connection while rows are still unread would wait for ever
+    /// behind them, so that does not compile. Dropping the stream early is
+    /// safe (the rest is discarded).
+    ///
+    /// ```compile_fail,E0499
+    /// # use futures::StreamExt;
+    /// # async fn demo(session: pgassist::Session) -> Result<(), pgassist::Error> {
+    /// let mut pinned = session.pin().await?;
+    /// let mut rows = pinned.query_raw("SELECT 1", std::iter::empty::<i32>()).await?;
+    /// pinned.query("SELECT 2", &[]).await?; // error: `pinned` is borrowed by `rows`
+    /// rows.next().await;
+    /// # Ok(()) }
+    /// ```
+    pub async fn query_raw<P, I>(&mut self, sql: &str, params: I) -> Result<RowStream<'_>>
     where
         P: BorrowToSql,
         I: IntoIterator<Item = P>,
@@ -388,7 +401,7 @@ impl Pinned {
 
     /// [`Pinned::query_raw`] for a statement prepared on this connection.
     pub async fn query_raw_prepared<P, I>(
-        &self,
+        &mut self,
         statement: &Statement,
         params: I,
     ) -> Result<RowStream<'_>>
