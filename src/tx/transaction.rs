@@ -238,9 +238,19 @@ impl TxCore {
         &self.conn.state
     }
 
-    /// Classifies a statement error and moves the machine.
+    /// Classifies a statement error and moves the machine. The server's
+    /// "current transaction is aborted" (25P02) is
+    /// [`Error::TransactionAborted`], as when the machine knew already: the
+    /// server can know first when an earlier statement was cut off before
+    /// its error came (the first one, pipelined behind BEGIN, has no
+    /// cancel to make the connection refuse what follows).
     pub(crate) fn statement_error(&self, e: tokio_postgres::Error) -> Error {
         self.note_error(&e);
+        if e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION) {
+            return self.aborted(
+                "an earlier statement failed on the server (it was cut off before its answer came)",
+            );
+        }
         Error::from_pg(self.name(), e)
     }
 
