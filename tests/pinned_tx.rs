@@ -689,3 +689,58 @@ async fn a_statement_after_a_cut_first_statement_that_failed_is_transaction_abor
     drop(pinned);
     assert_pool_clean(&db, &registry, 2).await;
 }
+
+/// A pinned connection's transaction whose server session is killed while
+/// COMMIT runs (a slow deferred trigger): `CommitOutcomeUnknown`, never a
+/// retry; the pinned connection then reports `Closed` (it does not go on
+/// in autocommit on a new connection), and is not handed to anyone else.
+#[tokio::test]
+async fn a_pinned_commit_killed_mid_commit_is_outcome_unknown() {
+    let db = Db::new().await;
+    let plain = db.plain().await;
+    plain
+        .batch_execute(
+            "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN PERFORM pg_sleep(0.5); RETURN NULL; END $$; \
+             CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON items \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow()",
+        )
+        .await
+        .unwrap();
+    let registry = db.registry(|c| c.max_size(2)).await;
+    let session = registry.session("writer").unwrap();
+    let mut pinned = session.pin().await.unwrap();
+    let pid = pinned.backend_pid();
+    let tx = pinned.begin().await.unwrap();
+    tx.execute("INSERT INTO items(name) VALUES ('killed in commit')", &[])
+        .await
+        .unwrap();
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        plain
+            .query("SELECT pg_terminate_backend($1)", &[&pid])
+            .await
+            .unwrap();
+    };
+    let (r, ()) = within(Duration::from_secs(10), "commit", async {
+        tokio::join!(tx.commit(), killer)
+    })
+    .await;
+    assert!(
+        matches!(r, Err(Error::CommitOutcomeUnknown { .. })),
+        "{r:?}"
+    );
+    let after = pinned.execute("SELECT 1", &[]).await;
+    assert!(matches!(after, Err(Error::Closed { .. })), "{after:?}");
+    drop(pinned);
+    plain
+        .batch_execute("DROP TRIGGER slow ON items")
+        .await
+        .unwrap();
+    assert_eq!(db.plain_count("SELECT count(*) FROM items").await, 0);
+    // The next users get live connections (the dead one was discarded).
+    for _ in 0..4 {
+        session.query_one("SELECT 1", &[]).await.unwrap();
+    }
+    assert_pool_clean(&db, &registry, 2).await;
+}
