@@ -129,3 +129,68 @@ async fn a_role_configured_read_only_does_not_make_the_pool_flap() {
         .await
         .unwrap();
 }
+
+/// Refusals from the caller's own `READ ONLY` transactions and from a
+/// read-only pinned session, on a writer with pipelining, by 4 tasks whose
+/// futures are dropped at random — also during the empty round trip that
+/// follows a refusal. No switch, nothing idle in a transaction, the pool
+/// clean afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_cut_at_random_neither_switch_nor_leak() {
+    let db = Db::new().await;
+    let registry = db.registry(|c| c.max_size(3).pipeline(4)).await;
+    let seed = common::Rng::seed("refusals cut");
+    let mut tasks = Vec::new();
+    for task in 0..4u64 {
+        let session = registry.session("writer").unwrap();
+        let mut rng = common::Rng::new(seed ^ task.wrapping_mul(0x9e37_79b9));
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..40 {
+                let limit = std::time::Duration::from_micros(rng.below(4000));
+                match rng.below(3) {
+                    0 => {
+                        let options = pgassist::TxOptions::new().read_only(true);
+                        let work = async {
+                            let tx = session.begin_with(options).await?;
+                            let refused = tx.execute(INSERT, &[]).await;
+                            assert!(
+                                matches!(refused, Err(Error::ReadOnly { .. })),
+                                "{refused:?}"
+                            );
+                            tx.commit().await
+                        };
+                        let _ = tokio::time::timeout(limit, work).await;
+                    }
+                    1 => {
+                        let work = async {
+                            let pinned = session.pin().await?;
+                            pinned
+                                .batch_execute(
+                                    "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+                                )
+                                .await?;
+                            let refused = pinned.execute(INSERT, &[]).await;
+                            assert!(
+                                matches!(refused, Err(Error::ReadOnly { .. })),
+                                "{refused:?}"
+                            );
+                            Ok::<_, Error>(())
+                        };
+                        let _ = tokio::time::timeout(limit, work).await;
+                    }
+                    _ => {
+                        let _ = tokio::time::timeout(limit, session.execute(INSERT, &[])).await;
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        common::within(std::time::Duration::from_secs(60), "task", t)
+            .await
+            .unwrap();
+    }
+    assert_eq!(switches(&registry), 0);
+    db.wait_no_transactions().await;
+    common::assert_pool_clean(&db, &registry, 3).await;
+}
