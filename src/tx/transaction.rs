@@ -647,6 +647,19 @@ impl<'a> Transaction<'a> {
     /// `LIMIT` or a cursor. An error met while streaming aborts the
     /// transaction, as any failed statement does.
     ///
+    /// The borrow also keeps a stream from outliving its transaction: one
+    /// still held when the transaction commits (or is dropped, which rolls
+    /// it back) does not compile, since its rows would be read from a
+    /// connection that has moved on:
+    ///
+    /// ```compile_fail,E0505
+    /// # async fn demo(mut tx: pgassist::Transaction<'static>) -> Result<(), pgassist::Error> {
+    /// let rows = tx.query_raw("SELECT 1", std::iter::empty::<i32>()).await?;
+    /// tx.commit().await?; // error: `tx` is borrowed by the stream
+    /// drop(rows);
+    /// # Ok(()) }
+    /// ```
+    ///
     /// ```no_run
     /// # async fn demo(mut tx: pgassist::Transaction<'static>) -> Result<(), pgassist::Error> {
     /// use futures::TryStreamExt;
