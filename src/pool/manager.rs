@@ -546,7 +546,10 @@ impl ConnParts {
         crate::guard::DropGuard::new(move || self.send_cancel())
     }
 
-    fn send_cancel(&self) {
+    /// Cancels what the server runs for this connection now, and makes
+    /// the connection broken (see [`ConnParts::cancel_if_dropped`]): for
+    /// a connection held alone whose answer nobody will read.
+    pub(crate) fn send_cancel(&self) {
         // Broken: a cancel is on its way already, or the connection is
         // unusable anyway. Otherwise it becomes so now (see above).
         if self.state.get() == super::state::ConnState::Broken {
