@@ -287,6 +287,42 @@ async fn http_round_trips(db: &Db, replica_url: &str, primary_port: i32, replica
             "{body}"
         );
     }
+    // Two header lines (a proxy may have added one), or the same folded
+    // into one line, comma-separated (RFC 9110, 5.3): a garbled value
+    // beside the good token does not hide it, in either order, whatever
+    // the blanks around them.
+    let folded = [
+        format!("garbage, {token}"),
+        format!("{token},garbage"),
+        format!(" \t{token} , \t"),
+        format!("{token},{token}"),
+    ];
+    for value in folded {
+        let (body, _) = read(Some(value.clone())).await;
+        assert!(
+            body.starts_with(&format!("{primary_port} {} ", rows + 1)),
+            "{value:?}: {body}"
+        );
+    }
+    let res = http
+        .get(format!("{base}/read"))
+        .header(CAUSAL_TOKEN_HEADER, "garbage")
+        .header(CAUSAL_TOKEN_HEADER, &token)
+        .send()
+        .await
+        .unwrap();
+    let body = res.text().await.unwrap();
+    assert!(
+        body.starts_with(&format!("{primary_port} {} Malformed", rows + 1)),
+        "{body}"
+    );
+    // At most 8 tokens a request are read (each is a signature check per
+    // key): the ninth is refused unread, and the replica serves.
+    let (body, _) = read(Some(format!("{}{token}", "garbage,".repeat(8)))).await;
+    assert!(
+        body.starts_with(&format!("{replica_port} 0 Malformed")),
+        "{body}"
+    );
     // Non-ASCII bytes in the header.
     let res = http
         .get(format!("{base}/read"))

@@ -158,6 +158,18 @@ async fn cut<F: std::future::Future>(how: Cut, fut: F) -> Option<F::Output> {
     }
 }
 
+/// Waits for the tasks of a randomized run, each returning its expected
+/// outcomes and what it met that it should not have (which fails the test).
+async fn gather<E>(tasks: Vec<tokio::task::JoinHandle<(Vec<E>, Vec<String>)>>) -> Vec<E> {
+    let mut expect = Vec::new();
+    for t in tasks {
+        let (e, unexpected) = within(Duration::from_secs(120), "task", t).await.unwrap();
+        assert!(unexpected.is_empty(), "{unexpected:#?}");
+        expect.extend(e);
+    }
+    expect
+}
+
 /// Pins, begins, inserts and commits with each future dropped at a random
 /// point, by 4 tasks over a pool of 2; after each transaction the pinned
 /// connection runs an autocommit insert. Afterwards: every acknowledged
@@ -239,12 +251,7 @@ async fn pinned_transactions_cut_at_random_leave_nothing_dirty() {
             (expect, unexpected)
         }));
     }
-    let mut expect = Vec::new();
-    for t in tasks {
-        let (e, unexpected) = within(Duration::from_secs(120), "task", t).await.unwrap();
-        assert!(unexpected.is_empty(), "{unexpected:#?}");
-        expect.extend(e);
-    }
+    let expect = gather(tasks).await;
     db.wait_no_transactions().await;
     let present: std::collections::HashSet<String> = names(&db).await.into_iter().collect();
     for (name, must, must_not) in &expect {
@@ -380,7 +387,7 @@ async fn copy_in_a_transaction_commits_or_rolls_back_with_it() {
     tx.commit().await.unwrap();
     assert_eq!(db.plain_count("SELECT count(*) FROM items").await, 10);
     drop(pinned);
-    assert_pool_clean(&db, &registry, 1).await;
+    assert_pool_clean(&db, &registry, 2).await;
 }
 
 /// A COPY sink dropped without `finish()` aborts the COPY and the
@@ -493,5 +500,247 @@ async fn the_closure_form_on_a_pinned_connection_retries_and_keeps_the_session()
     assert!(matches!(err, Error::Usage(_)));
     assert_eq!(names(&db).await, ["once"]);
     drop(pinned);
-    assert_pool_clean(&db, &registry, 1).await;
+    assert_pool_clean(&db, &registry, 2).await;
+}
+
+/// COPY and streams inside transactions, every future cut at random: a
+/// COPY's data (sometimes with a bad row mid-way, then committed anyway),
+/// its `finish()`, a stream read half-way, the commit. Afterwards each
+/// batch is on the server whole or not at all — whole exactly when its
+/// commit was acknowledged, never when a bad row or a cut aborted it —
+/// nothing is idle in a transaction, and every pooled connection is clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_and_streams_in_transactions_cut_at_random_are_all_or_nothing() {
+    const ROWS: usize = 20;
+    let db = Db::new().await;
+    let registry = db.registry(|c| c.max_size(2)).await;
+    let seed = Rng::seed("copy cancellation");
+    let iterations = common::env_u64("PGASSIST_COPY_ITERS", 60);
+    let mut tasks = Vec::new();
+    for task in 0..3u64 {
+        let session = registry.session("writer").unwrap();
+        let mut rng = Rng::new(seed ^ task.wrapping_mul(0x2545_f491));
+        tasks.push(tokio::spawn(async move {
+            // (batch, must be whole, must be absent)
+            let mut expect: Vec<(String, bool, bool)> = Vec::new();
+            let mut unexpected = Vec::new();
+            for i in 0..iterations {
+                let batch = format!("c{task}-{i}");
+                let bad_at = rng.percent(25).then(|| rng.below(ROWS as u64) as usize);
+                let mut data = String::new();
+                for r in 0..ROWS {
+                    if Some(r) == bad_at {
+                        data.push_str("not a number\tbad\n");
+                    } else {
+                        data.push_str(&format!(
+                            "{}\t{batch}\n",
+                            1_000_000 * (task + 1) as usize + i as usize * ROWS + r
+                        ));
+                    }
+                }
+                let mut pinned = None;
+                if rng.percent(50) {
+                    match cut(Cut::random(&mut rng), session.pin()).await {
+                        Some(Ok(p)) => pinned = Some(p),
+                        Some(Err(e)) => {
+                            unexpected.push(format!("pin: {e:?}"));
+                            continue;
+                        }
+                        None => continue,
+                    }
+                }
+                let tx = match pinned.as_mut() {
+                    Some(p) => cut(Cut::random(&mut rng), p.begin()).await,
+                    None => cut(Cut::random(&mut rng), session.begin()).await,
+                };
+                let Some(tx) = tx else { continue };
+                let mut tx = match tx {
+                    Ok(tx) => tx,
+                    Err(e) => {
+                        unexpected.push(format!("begin: {e:?}"));
+                        continue;
+                    }
+                };
+                // COPY in: sent and finished, each step maybe cut.
+                let copied = cut(Cut::random(&mut rng), async {
+                    let mut sink = tx.copy_in("COPY items (id, name) FROM STDIN").await?;
+                    for chunk in data.as_bytes().chunks(97) {
+                        sink.send(bytes::Bytes::copy_from_slice(chunk)).await?;
+                    }
+                    sink.finish().await
+                })
+                .await;
+                // A stream over the transaction's own rows, maybe dropped.
+                if rng.percent(50) {
+                    let read = cut(Cut::random(&mut rng), async {
+                        let mut rows = tx
+                            .query_raw("SELECT id FROM items WHERE name = $1", [&batch])
+                            .await?;
+                        let mut n = 0;
+                        while let Some(row) = rows.try_next().await? {
+                            let _: i32 = row.get(0);
+                            n += 1;
+                            if n == 5 {
+                                break; // dropped half-way
+                            }
+                        }
+                        Ok::<_, Error>(n)
+                    })
+                    .await;
+                    if let Some(Err(e)) = &read {
+                        if !matches!(e, Error::TransactionAborted { .. } | Error::Closed { .. }) {
+                            unexpected.push(format!("stream: {e:?}"));
+                        }
+                    }
+                }
+                let outcome = cut(Cut::random(&mut rng), tx.commit()).await;
+                match (outcome, &copied, bad_at) {
+                    (Some(Ok(())), Some(Ok(n)), None) => {
+                        assert_eq!(*n, ROWS as u64);
+                        expect.push((batch, true, false));
+                    }
+                    // The COPY cut off before it reached the server (while
+                    // the driver prepared it): the transaction had nothing
+                    // to abort. Whole or nothing.
+                    (Some(Ok(())), None, _) => expect.push((batch, false, false)),
+                    (Some(Ok(())), copied, bad) => {
+                        unexpected.push(format!(
+                            "commit acknowledged after {copied:?}, bad row {bad:?}"
+                        ));
+                    }
+                    (Some(Err(Error::TransactionAborted { .. })), _, _) => {
+                        expect.push((batch, false, true));
+                    }
+                    (Some(Err(e)), _, _) => unexpected.push(format!("commit: {e:?}")),
+                    // Cut while COMMIT may have gone out: whole or nothing.
+                    (None, _, Some(_)) => expect.push((batch, false, true)),
+                    (None, _, None) => expect.push((batch, false, false)),
+                }
+            }
+            (expect, unexpected)
+        }));
+    }
+    let expect = gather(tasks).await;
+    db.wait_no_transactions().await;
+    let plain = db.plain().await;
+    for (batch, whole, absent) in &expect {
+        let n: i64 = plain
+            .query_one("SELECT count(*) FROM items WHERE name = $1", &[batch])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(
+            n == 0 || n == ROWS as i64,
+            "{batch}: {n} rows, not all or nothing"
+        );
+        if *whole {
+            assert_eq!(n, ROWS as i64, "{batch} acknowledged but missing");
+        }
+        if *absent {
+            assert_eq!(n, 0, "{batch} aborted but present");
+        }
+    }
+    println!(
+        "copy cancellation: {} outcomes checked, {} connections discarded",
+        expect.len(),
+        registry.stats().engines[0].discarded_dirty
+    );
+    assert_pool_clean(&db, &registry, 2).await;
+}
+
+/// The first statement of a transaction goes out pipelined behind its
+/// BEGIN, before a cancel can be armed; cut off there, it may still fail
+/// on the server and abort the transaction unseen. The next statement is
+/// then refused by the server (25P02): that is `TransactionAborted`, as
+/// for any other aborted transaction, not a bare server error; the commit
+/// rolls back, and nothing is visible. On a session's and on a pinned
+/// connection's transaction.
+#[tokio::test]
+async fn a_statement_after_a_cut_first_statement_that_failed_is_transaction_aborted() {
+    let db = Db::new().await;
+    let registry = db.registry(|c| c.max_size(2)).await;
+    let session = registry.session("writer").unwrap();
+    let mut pinned = session.pin().await.unwrap();
+    for on_pinned in [false, true] {
+        let tx = if on_pinned {
+            pinned.begin().await.unwrap()
+        } else {
+            session.begin().await.unwrap()
+        };
+        let failing = "INSERT INTO items(name) SELECT 'cut' FROM pg_sleep(0.3) WHERE 1 / (random() * 0)::int = 1";
+        let cut = tokio::time::timeout(Duration::from_millis(100), tx.execute(failing, &[])).await;
+        assert!(cut.is_err(), "the statement was to be cut off: {cut:?}");
+        // Past the server's error.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let next = tx
+            .execute("INSERT INTO items(name) VALUES ('after')", &[])
+            .await;
+        assert!(
+            matches!(next, Err(Error::TransactionAborted { .. })),
+            "on_pinned {on_pinned}: {next:?}"
+        );
+        let committed = tx.commit().await;
+        assert!(
+            matches!(committed, Err(Error::TransactionAborted { .. })),
+            "{committed:?}"
+        );
+        assert_eq!(db.plain_count("SELECT count(*) FROM items").await, 0);
+    }
+    drop(pinned);
+    assert_pool_clean(&db, &registry, 2).await;
+}
+
+/// A pinned connection's transaction whose server session is killed while
+/// COMMIT runs (a slow deferred trigger): `CommitOutcomeUnknown`, never a
+/// retry; the pinned connection then reports `Closed` (it does not go on
+/// in autocommit on a new connection), and is not handed to anyone else.
+#[tokio::test]
+async fn a_pinned_commit_killed_mid_commit_is_outcome_unknown() {
+    let db = Db::new().await;
+    let plain = db.plain().await;
+    plain
+        .batch_execute(
+            "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN PERFORM pg_sleep(0.5); RETURN NULL; END $$; \
+             CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON items \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow()",
+        )
+        .await
+        .unwrap();
+    let registry = db.registry(|c| c.max_size(2)).await;
+    let session = registry.session("writer").unwrap();
+    let mut pinned = session.pin().await.unwrap();
+    let pid = pinned.backend_pid();
+    let tx = pinned.begin().await.unwrap();
+    tx.execute("INSERT INTO items(name) VALUES ('killed in commit')", &[])
+        .await
+        .unwrap();
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        plain
+            .query("SELECT pg_terminate_backend($1)", &[&pid])
+            .await
+            .unwrap();
+    };
+    let (r, ()) = within(Duration::from_secs(10), "commit", async {
+        tokio::join!(tx.commit(), killer)
+    })
+    .await;
+    assert!(
+        matches!(r, Err(Error::CommitOutcomeUnknown { .. })),
+        "{r:?}"
+    );
+    let after = pinned.execute("SELECT 1", &[]).await;
+    assert!(matches!(after, Err(Error::Closed { .. })), "{after:?}");
+    drop(pinned);
+    plain
+        .batch_execute("DROP TRIGGER slow ON items")
+        .await
+        .unwrap();
+    assert_eq!(db.plain_count("SELECT count(*) FROM items").await, 0);
+    // The next users get live connections (the dead one was discarded).
+    for _ in 0..4 {
+        session.query_one("SELECT 1", &[]).await.unwrap();
+    }
+    assert_pool_clean(&db, &registry, 2).await;
 }

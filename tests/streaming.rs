@@ -1,6 +1,6 @@
 //! Streaming rows through a session: a million rows in bounded memory,
 //! measured in a process of its own (no other test's allocations in the
-//! figure), and a stream dropped early returns a clean connection.
+//! figure), and a stream dropped early is cancelled, its connection replaced.
 
 mod common;
 
@@ -23,7 +23,8 @@ fn rss_kb() -> u64 {
 }
 
 /// A million rows (about 130 MB as text) stream through a session in
-/// bounded memory; a stream dropped early returns a clean connection.
+/// bounded memory; a stream dropped early is cancelled, its connection
+/// replaced by a clean one.
 #[tokio::test]
 async fn a_million_row_stream_runs_in_bounded_memory() {
     let db = Db::new().await;
@@ -51,7 +52,8 @@ async fn a_million_row_stream_runs_in_bounded_memory() {
     // Collected into a Vec the rows would take well over 130 MB.
     assert!(delta_mb < 16.0, "peak RSS grew by {delta_mb:.1} MB");
 
-    // Dropped after a few rows: the only connection comes back clean.
+    // Dropped after a few rows: the statement is cancelled, and the only
+    // connection replaced by a clean one.
     let mut stream = session.query_raw(sql, [ROWS as i32]).await.unwrap();
     for _ in 0..1000 {
         stream.next().await.unwrap().unwrap();
@@ -66,7 +68,7 @@ async fn a_million_row_stream_runs_in_bounded_memory() {
     .unwrap();
     assert_eq!(row.get::<_, i32>(0), 42);
     let stats = registry.stats();
-    assert_eq!(stats.engines[0].discarded_dirty, 0, "{stats:?}");
+    assert_eq!(stats.engines[0].discarded_dirty, 1, "{stats:?}");
     // Session-state rules hold for streams too.
     assert!(matches!(
         session
@@ -74,4 +76,52 @@ async fn a_million_row_stream_runs_in_bounded_memory() {
             .await,
         Err(Error::Usage(_))
     ));
+}
+
+/// An autocommit stream dropped early (a request cancelled mid-download)
+/// must not make the next, unrelated user of its pooled connection wait
+/// for the rest of the result: here a billion rows (minutes of streaming).
+/// The statement is cancelled and the connection replaced; the next
+/// statement answers at once, nothing of the stream runs on the server
+/// afterwards, and the pool is clean.
+#[tokio::test]
+async fn a_dropped_autocommit_stream_does_not_hold_up_the_next_user() {
+    let db = Db::new().await;
+    let registry = db.registry(|c| c.max_size(1)).await;
+    let session = registry.session("writer").unwrap();
+    let sql = "SELECT generate_series(1, 1000000000)";
+    let mut stream = session
+        .query_raw(sql, std::iter::empty::<i32>())
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        stream.next().await.unwrap().unwrap();
+    }
+    drop(stream);
+    let row = common::within(
+        Duration::from_secs(10),
+        "the next statement after a dropped endless stream",
+        session.query_one("SELECT 41 + 1", &[]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 42);
+    let plain = db.plain().await;
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            plain
+                .query(
+                    "SELECT 1 FROM pg_stat_activity WHERE query LIKE '%generate_series(1, 1000000000)%' \
+                     AND query NOT LIKE '%pg_stat_activity%' \
+                     AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .is_empty()
+        })
+        .await,
+        "the dropped stream's statement still runs"
+    );
+    common::assert_pool_clean(&db, &registry, 1).await;
 }

@@ -288,22 +288,42 @@ where
     }
 }
 
-/// Observes the tokens of header `name` (every value: a proxy may have
-/// added one); a refused one is noted in the request's extensions.
+/// The most tokens one request's header may bring: each costs a check of
+/// its signature under every key, and a client could send thousands.
+#[cfg(feature = "causal")]
+const MAX_TOKENS_PER_REQUEST: usize = 8;
+
+/// Observes the tokens of header `name`: every value (a proxy may have
+/// added one), and in each every comma-separated item — a proxy may also
+/// have folded two header lines into one (RFC 9110, 5.3), and a token
+/// never holds a comma. A refused one is noted in the request's
+/// extensions; past [`MAX_TOKENS_PER_REQUEST`], the rest are refused
+/// unread.
 #[cfg(feature = "causal")]
 fn observe_tokens<B>(name: &http::HeaderName, req: &mut Request<B>, sessions: &Sessions) {
     use crate::{CausalTokenError, Error};
     let mut rejected = None;
+    let mut seen = 0;
     for value in req.headers().get_all(name) {
-        let refusal = match value.to_str() {
-            Ok(token) => match sessions.observe_causal_token(token.trim()) {
-                Ok(_) => continue,
-                Err(Error::CausalToken(e)) => e,
-                Err(_) => CausalTokenError::Malformed("unreadable"),
-            },
-            Err(_) => CausalTokenError::Malformed("header value is not visible ASCII"),
+        let Ok(value) = value.to_str() else {
+            rejected.get_or_insert(CausalTokenError::Malformed(
+                "header value is not visible ASCII",
+            ));
+            continue;
         };
-        rejected.get_or_insert(refusal);
+        for token in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            seen += 1;
+            let refusal = if seen > MAX_TOKENS_PER_REQUEST {
+                CausalTokenError::Malformed("too many tokens in one request")
+            } else {
+                match sessions.observe_causal_token(token) {
+                    Ok(_) => continue,
+                    Err(Error::CausalToken(e)) => e,
+                    Err(_) => CausalTokenError::Malformed("unreadable"),
+                }
+            };
+            rejected.get_or_insert(refusal);
+        }
     }
     if let Some(e) = rejected {
         req.extensions_mut().insert(CausalTokenRejected(e));

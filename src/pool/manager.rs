@@ -73,7 +73,16 @@ pub(crate) struct ConnParts {
 #[derive(Debug, Default)]
 pub(crate) struct ServerRole {
     watching: std::sync::atomic::AtomicBool,
-    read_only: std::sync::atomic::AtomicBool,
+    /// `in_hot_standby` reported on: a standby, whatever anyone set.
+    standby: std::sync::atomic::AtomicBool,
+    /// `default_transaction_read_only` reported on: by the server's
+    /// configuration, or by the caller's own session (see
+    /// [`ConnParts::demoted`]).
+    default_read_only: std::sync::atomic::AtomicBool,
+    /// `default_transaction_read_only` was already on when the connection
+    /// was made (the role's, the database's or the engine's setting): the
+    /// server is configured so, a new pool would be refused the same way.
+    read_only_at_connect: bool,
     /// Held by the connection task through each poll while watching, so
     /// that [`ServerRole::settled`] can wait for the poll that delivered
     /// an answer to have copied the reports too.
@@ -81,10 +90,17 @@ pub(crate) struct ServerRole {
 }
 
 impl ServerRole {
-    /// Whether the server said it is a standby or refuses writes by
-    /// default (as of the last poll since watching began).
-    fn is_read_only(&self) -> bool {
-        self.read_only.load(Ordering::Relaxed)
+    /// Whether the server said it is a standby (as of the last poll since
+    /// watching began).
+    fn is_standby(&self) -> bool {
+        self.standby.load(Ordering::Relaxed)
+    }
+
+    /// Whether the server said it refuses writes by default now, and did
+    /// not when the connection was made (as of the last poll since
+    /// watching began).
+    fn turned_read_only(&self) -> bool {
+        !self.read_only_at_connect && self.default_read_only.load(Ordering::Relaxed)
     }
 
     /// Copies the server's reports from now on (from the connection's
@@ -108,7 +124,10 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let role = Arc::new(ServerRole::default());
+    let role = Arc::new(ServerRole {
+        read_only_at_connect: connection.parameter("default_transaction_read_only") == Some("on"),
+        ..ServerRole::default()
+    });
     let seen = role.clone();
     let mut connection = Box::pin(connection);
     tokio::spawn(futures::future::poll_fn(move |cx| {
@@ -118,8 +137,10 @@ where
         let _polling = seen.polling.lock().unwrap_or_else(|e| e.into_inner());
         let step = connection.as_mut().poll(cx);
         let on = |name| connection.parameter(name) == Some("on");
-        let read_only = on("in_hot_standby") || on("default_transaction_read_only");
-        seen.read_only.store(read_only, Ordering::Relaxed);
+        seen.standby.store(on("in_hot_standby"), Ordering::Relaxed);
+        let default_read_only = on("default_transaction_read_only");
+        seen.default_read_only
+            .store(default_read_only, Ordering::Relaxed);
         step.map(|_| ())
     }));
     role
@@ -454,11 +475,26 @@ impl ConnParts {
         } else if is_read_only_refusal(e) {
             if let Some(follower) = &self.follower {
                 self.server.watch();
-                if self.server.is_read_only() {
+                if self.demoted() {
                     follower.refused();
                 }
             }
         }
+    }
+
+    /// Whether the server's reports say it stopped being the primary: it
+    /// is a standby now, or it turned `default_transaction_read_only` on
+    /// since the connection was made — unless the caller may have done
+    /// that on this session (`SET SESSION CHARACTERISTICS AS TRANSACTION
+    /// READ ONLY`, `SET default_transaction_read_only`, `set_config`: the
+    /// session flag, always raised on a pinned connection), which must not
+    /// discard every other user's connection. A value that was on from the
+    /// start (`ALTER ROLE … SET`, `ALTER DATABASE … SET`, the engine's
+    /// settings) is how the server is configured: a new pool would be
+    /// refused the same way, so replacing it would only make it flap.
+    fn demoted(&self) -> bool {
+        self.server.is_standby()
+            || (self.server.turned_read_only() && !self.state.session_changed())
     }
 
     /// A writer's statement was refused with 25006. That is the server
@@ -480,7 +516,7 @@ impl ConnParts {
         // time `settled` returns (a value from an earlier watch may be stale).
         let _ = self.client.simple_query("").await;
         self.server.settled();
-        if self.server.is_read_only() {
+        if self.demoted() {
             follower.refused();
         }
     }
@@ -510,7 +546,10 @@ impl ConnParts {
         crate::guard::DropGuard::new(move || self.send_cancel())
     }
 
-    fn send_cancel(&self) {
+    /// Cancels what the server runs for this connection now, and makes
+    /// the connection broken (see [`ConnParts::cancel_if_dropped`]): for
+    /// a connection held alone whose answer nobody will read.
+    pub(crate) fn send_cancel(&self) {
         // Broken: a cancel is on its way already, or the connection is
         // unusable anyway. Otherwise it becomes so now (see above).
         if self.state.get() == super::state::ConnState::Broken {

@@ -256,6 +256,13 @@ impl StateCell {
         self.0.load(Ordering::Acquire) == ConnState::Idle as u8 | SESSION_CHANGED
     }
 
+    /// Whether the caller changed (or may have changed) the session since
+    /// its last reset, whatever the transaction state.
+    #[inline]
+    pub(crate) fn session_changed(&self) -> bool {
+        self.0.load(Ordering::Acquire) & SESSION_CHANGED != 0
+    }
+
     /// Applies `event` atomically (statements pipelined on one transaction
     /// may race): returns the state it was applied in, or the refusal.
     #[inline(always)]

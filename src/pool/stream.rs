@@ -24,8 +24,14 @@ pub(crate) type OnError<'a> = Box<dyn Fn(&tokio_postgres::Error) + Send + Sync +
 /// `Session::query_raw`, `Transaction::query_raw`), so a result of
 /// any size runs in bounded memory. Holds its connection — borrowed from a
 /// pinned connection or a transaction, or checked out for the stream alone
-/// — until it ends or is dropped. Dropping it early is safe: the rest of
-/// the rows is read and discarded before the connection runs anything else.
+/// — until it ends or is dropped. Dropping it early is safe. On a
+/// connection checked out for the stream alone (`Session::query_raw`), the
+/// statement is cancelled and the connection replaced: otherwise the
+/// connection's next user, someone else, would wait behind the rest of the
+/// result, which may take minutes (a request cancelled mid-download). On a
+/// borrowed connection (a pinned connection, a transaction) the rest of the
+/// rows is read and discarded before the connection runs anything else: its
+/// holder alone waits, and a cancel would abort its transaction.
 pub struct RowStream<'a> {
     /// Boxed, so that the stream is `Unpin` (`next()` works on it as is).
     rows: Pin<Box<tokio_postgres::RowStream>>,
@@ -80,6 +86,15 @@ impl<'a> RowStream<'a> {
     /// The number of rows the statement affected, once the stream has ended.
     pub fn rows_affected(&self) -> Option<u64> {
         self.rows.rows_affected()
+    }
+}
+
+impl Drop for RowStream<'_> {
+    fn drop(&mut self) {
+        // Not ended: the server may still be sending rows (see above).
+        if let Some(conn) = self.conn.take() {
+            conn.send_cancel();
+        }
     }
 }
 

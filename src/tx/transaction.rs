@@ -232,9 +232,19 @@ impl TxCore {
             .then(|| self.conn.cancel_if_dropped())
     }
 
-    /// Classifies a statement error and moves the machine.
+    /// Classifies a statement error and moves the machine. The server's
+    /// "current transaction is aborted" (25P02) is
+    /// [`Error::TransactionAborted`], as when the machine knew already: the
+    /// server can know first when an earlier statement was cut off before
+    /// its error came (the first one, pipelined behind BEGIN, has no
+    /// cancel to make the connection refuse what follows).
     pub(crate) fn statement_error(&self, e: tokio_postgres::Error) -> Error {
         self.note_error(&e);
+        if e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION) {
+            return self.aborted(
+                "an earlier statement failed on the server (it was cut off before its answer came)",
+            );
+        }
         Error::from_pg(self.name(), e)
     }
 
@@ -630,6 +640,19 @@ impl<'a> Transaction<'a> {
     /// transaction it would abort it) — for a long result, bound it with
     /// `LIMIT` or a cursor. An error met while streaming aborts the
     /// transaction, as any failed statement does.
+    ///
+    /// The borrow also keeps a stream from outliving its transaction: one
+    /// still held when the transaction commits (or is dropped, which rolls
+    /// it back) does not compile, since its rows would be read from a
+    /// connection that has moved on:
+    ///
+    /// ```compile_fail,E0505
+    /// # async fn demo(mut tx: pgassist::Transaction<'static>) -> Result<(), pgassist::Error> {
+    /// let rows = tx.query_raw("SELECT 1", std::iter::empty::<i32>()).await?;
+    /// tx.commit().await?; // error: `tx` is borrowed by the stream
+    /// drop(rows);
+    /// # Ok(()) }
+    /// ```
     ///
     /// ```no_run
     /// # async fn demo(mut tx: pgassist::Transaction<'static>) -> Result<(), pgassist::Error> {
