@@ -530,6 +530,26 @@ impl EngineConfig {
         if self.pg.get_hosts().is_empty() {
             return bad("the URL names no host".into());
         }
+        // libpq's rules for host lists, checked here rather than at the
+        // first connection (where they would be a connect error per try).
+        let hosts = self.pg.get_hosts();
+        let (ports, addrs) = (self.pg.get_ports().len(), self.pg.get_hostaddrs().len());
+        if ports > 1 && ports != hosts.len() {
+            return bad(format!(
+                "{ports} ports for {} hosts: give one port for all, or one per host",
+                hosts.len()
+            ));
+        }
+        if addrs > 0 && addrs != hosts.len() {
+            return bad(format!(
+                "{addrs} hostaddrs for {} hosts: give one per host",
+                hosts.len()
+            ));
+        }
+        let empty = |h: &tokio_postgres::config::Host| matches!(h, tokio_postgres::config::Host::Tcp(name) if name.trim().is_empty());
+        if hosts.iter().any(empty) {
+            return bad("the host list has an empty entry (`a,,b`)".into());
+        }
         for (name, _) in &self.settings {
             let plain = !name.is_empty()
                 && name
@@ -1070,6 +1090,29 @@ mod tests {
         assert_eq!(attrs(EngineConfig::from_pg_config(pg)), ReadWrite);
         let hosts = url("postgres://u:hunter2@a:1,b:2/app").host_list();
         assert_eq!(hosts, "a:1, b:2");
+    }
+
+    #[test]
+    fn host_lists_that_libpq_refuses_are_refused_at_build() {
+        let check = |u: &str| {
+            EngineConfig::from_url(u)
+                .and_then(|c| c.validate("w"))
+                .map_err(|e| e.to_string())
+        };
+        assert!(check("postgres://u:pw@a,b/db").is_ok());
+        assert!(check("host=a,b port=1,2 user=u").is_ok());
+        assert!(check("host=a,b port=1 user=u").is_ok());
+        let three_ports = check("host=a,b port=1,2,3 user=u password=hunter2").unwrap_err();
+        assert!(three_ports.contains("3 ports for 2 hosts"), "{three_ports}");
+        assert!(!three_ports.contains("hunter2"), "{three_ports}");
+        let addrs = check("host=a,b hostaddr=10.0.0.1 user=u").unwrap_err();
+        assert!(addrs.contains("1 hostaddrs for 2 hosts"), "{addrs}");
+        for empty in ["host=a,,b user=u", "postgres://u@a,,b/db"] {
+            match check(empty) {
+                Err(e) => assert!(e.contains("empty entry") || e.contains("host"), "{e}"),
+                Ok(()) => panic!("accepted {empty}"),
+            }
+        }
     }
 
     #[test]
