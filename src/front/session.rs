@@ -242,8 +242,7 @@ impl Session {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> impl Future<Output = Result<Row>> + Send {
-        let rows = self.run::<Opt>(sql, params);
-        async move { crate::error::exactly_one(self.engine.name(), rows.await?) }
+        crate::error::one_row(self.engine.name(), self.run::<Opt>(sql, params))
     }
 
     /// Runs a statement that returns at most one row.

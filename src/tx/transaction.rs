@@ -603,8 +603,7 @@ impl<'a> Transaction<'a> {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> impl Future<Output = Result<Row>> + Send {
-        let rows = self.core().run::<Opt>(sql, params);
-        async move { crate::error::exactly_one(self.core().name(), rows.await?) }
+        crate::error::one_row(self.core().name(), self.core().run::<Opt>(sql, params))
     }
 
     /// Runs a statement that returns at most one row.
