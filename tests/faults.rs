@@ -14,7 +14,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Db, Rng, assert_pool_clean, env_u64, eventually, terminate_backends, within};
+use common::{
+    Db, Rng, assert_pool_clean, commit_while_killed, env_u64, eventually, terminate_backends,
+    within,
+};
 use pgassist::{Error, IsolationLevel, Registry, Session, TxOptions};
 use pgassist_testing::TestCluster;
 
@@ -240,17 +243,7 @@ async fn killed_backends_give_typed_errors_and_the_pool_heals() {
         .await
         .unwrap();
     let (tx, pid) = begin_with_insert(&t, "killed in commit").await;
-    let killer = async {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        plain
-            .query("SELECT pg_terminate_backend($1)", &[&pid])
-            .await
-            .unwrap();
-    };
-    let (r, ()) = within(Duration::from_secs(10), "commit", async {
-        tokio::join!(tx.commit(), killer)
-    })
-    .await;
+    let r = commit_while_killed(&plain, pid, tx.commit()).await;
     assert!(
         matches!(r, Err(Error::CommitOutcomeUnknown { .. })),
         "{r:?}"

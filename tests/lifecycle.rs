@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::Db;
+use common::{Db, first_failure, slow_to_give_up};
 use pgassist::tokio_postgres::error::SqlState;
 use pgassist::{EngineConfig, Error, Registry};
 use pgassist_testing::{ClusterOptions, TestCluster};
@@ -15,35 +15,6 @@ use pgassist_testing::{ClusterOptions, TestCluster};
 /// What every fail-fast case allows: far below the 30 s timeout, and
 /// generous for a noisy machine (they take milliseconds).
 const FAST: Duration = Duration::from_secs(5);
-
-/// A config with the default-like 30 s `connection_timeout`, so that a
-/// retried failure could not pass for a fast one.
-fn slow_to_give_up(url: &str) -> EngineConfig {
-    EngineConfig::from_url(url)
-        .unwrap()
-        .connection_timeout(Duration::from_secs(30))
-}
-
-/// Builds a registry on `url`, lazily or checked, and times the first
-/// failure: the build's own, or the first statement's.
-async fn first_failure(url: &str, lazy: bool) -> (Error, Duration) {
-    let started = Instant::now();
-    let builder = Registry::builder().engine("db", slow_to_give_up(url));
-    let builder = if lazy { builder.lazy() } else { builder };
-    let err = match builder.build().await {
-        Err(e) => e,
-        Ok(registry) => {
-            assert!(lazy, "a checked build must fail");
-            registry
-                .session("db")
-                .unwrap()
-                .query("SELECT 1", &[])
-                .await
-                .unwrap_err()
-        }
-    };
-    (err, started.elapsed())
-}
 
 /// Asserts a fast `Error::Connect` with `code` (or none) and prints the latency.
 async fn assert_fails_fast(what: &str, url: &str, code: Option<SqlState>) {

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Db, Rng, advisory_locks, assert_pool_clean, within};
+use common::{Db, Rng, advisory_locks, assert_pool_clean, commit_while_killed, within};
 use futures::{FutureExt, SinkExt, StreamExt, TryStreamExt};
 use pgassist::Error;
 
@@ -715,17 +715,7 @@ async fn a_pinned_commit_killed_mid_commit_is_outcome_unknown() {
     tx.execute("INSERT INTO items(name) VALUES ('killed in commit')", &[])
         .await
         .unwrap();
-    let killer = async {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        plain
-            .query("SELECT pg_terminate_backend($1)", &[&pid])
-            .await
-            .unwrap();
-    };
-    let (r, ()) = within(Duration::from_secs(10), "commit", async {
-        tokio::join!(tx.commit(), killer)
-    })
-    .await;
+    let r = commit_while_killed(&plain, pid, tx.commit()).await;
     assert!(
         matches!(r, Err(Error::CommitOutcomeUnknown { .. })),
         "{r:?}"

@@ -3,8 +3,11 @@
 //! `localhost` only, so connecting to 127.0.0.1 is a wrong host.
 #![cfg(feature = "rustls")]
 
+mod common;
+
 use std::time::Duration;
 
+use common::first_failure;
 use pgassist::{EngineConfig, Error, Registry};
 use pgassist_testing::{ClusterOptions, TestCluster};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
@@ -133,23 +136,7 @@ async fn tls_refused_by_the_server_fails_at_once() {
         cluster.port()
     );
     for lazy in [false, true] {
-        let started = std::time::Instant::now();
-        let config = EngineConfig::from_url(&url)
-            .unwrap()
-            .connection_timeout(Duration::from_secs(30));
-        let builder = Registry::builder().engine("db", config);
-        let err = if lazy {
-            let registry = builder.lazy().build().await.unwrap();
-            registry
-                .session("db")
-                .unwrap()
-                .query("SELECT 1", &[])
-                .await
-                .unwrap_err()
-        } else {
-            builder.build().await.unwrap_err()
-        };
-        let took = started.elapsed();
+        let (err, took) = first_failure(&url, lazy).await;
         println!("TLS refused (lazy: {lazy}): {took:?}: {err}");
         assert!(matches!(err, Error::Connect { .. }), "{err:?}");
         assert!(err.to_string().contains("TLS"), "{err}");

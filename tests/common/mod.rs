@@ -586,3 +586,57 @@ pub async fn pause_replay(url: &str) -> tokio_postgres::Client {
         .unwrap();
     control
 }
+
+/// A config whose `connection_timeout` (30 s) is far above any fail-fast
+/// bound, so a retried failure cannot pass for a fast one.
+pub fn slow_to_give_up(url: &str) -> EngineConfig {
+    EngineConfig::from_url(url)
+        .unwrap()
+        .connection_timeout(Duration::from_secs(30))
+}
+
+/// Builds a registry on `url`, lazily or checked, and times the first
+/// failure: the build's own, or the first statement's.
+pub async fn first_failure(url: &str, lazy: bool) -> (pgassist::Error, Duration) {
+    let started = std::time::Instant::now();
+    let builder = Registry::builder().engine("db", slow_to_give_up(url));
+    let builder = if lazy { builder.lazy() } else { builder };
+    let err = match builder.build().await {
+        Err(e) => e,
+        Ok(registry) => {
+            assert!(lazy, "a checked build must fail");
+            registry
+                .session("db")
+                .unwrap()
+                .query("SELECT 1", &[])
+                .await
+                .unwrap_err()
+        }
+    };
+    (err, started.elapsed())
+}
+
+/// Runs `commit` while a second connection terminates backend `pid` 200 ms
+/// in (the commit is held up by a slow deferred trigger), and returns the
+/// commit's result.
+pub async fn commit_while_killed<F>(
+    plain: &tokio_postgres::Client,
+    pid: i32,
+    commit: F,
+) -> pgassist::Result<()>
+where
+    F: std::future::Future<Output = pgassist::Result<()>>,
+{
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        plain
+            .query("SELECT pg_terminate_backend($1)", &[&pid])
+            .await
+            .unwrap();
+    };
+    let (r, ()) = within(Duration::from_secs(10), "commit", async {
+        tokio::join!(commit, killer)
+    })
+    .await;
+    r
+}
