@@ -210,8 +210,13 @@ async fn share_waiters_are_served_in_arrival_order() {
     }
     // Both places on the connection are taken once one of them waits on the lock.
     let locked = eventually(Duration::from_secs(10), || async {
-        db.plain_count("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
-            .await
+        // This test's backends only: other tests' VACUUMs may wait on locks too.
+        db.plain_count(&format!(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND datname = '{}'",
+            db.db.name
+        ))
+        .await
             == 1
     })
     .await;

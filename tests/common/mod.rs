@@ -616,9 +616,9 @@ pub async fn first_failure(url: &str, lazy: bool) -> (pgassist::Error, Duration)
     (err, started.elapsed())
 }
 
-/// Runs `commit` while a second connection terminates backend `pid` 200 ms
-/// in (the commit is held up by a slow deferred trigger), and returns the
-/// commit's result.
+/// Runs `commit` while a second connection terminates backend `pid` once
+/// the server shows it running the COMMIT (held up by a slow deferred
+/// trigger), and returns the commit's result.
 pub async fn commit_while_killed<F>(
     plain: &tokio_postgres::Client,
     pid: i32,
@@ -628,7 +628,21 @@ where
     F: std::future::Future<Output = pgassist::Result<()>>,
 {
     let killer = async {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Killed once the server runs the COMMIT (its deferred trigger),
+        // not after a fixed delay a loaded machine could outrun.
+        let committing = eventually(Duration::from_secs(5), || async {
+            plain
+                .query_opt(
+                    "SELECT 1 FROM pg_stat_activity \
+                     WHERE pid = $1 AND state = 'active' AND query ILIKE '%COMMIT%'",
+                    &[&pid],
+                )
+                .await
+                .unwrap()
+                .is_some()
+        })
+        .await;
+        assert!(committing, "the COMMIT never reached the server");
         plain
             .query("SELECT pg_terminate_backend($1)", &[&pid])
             .await
