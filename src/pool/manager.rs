@@ -83,6 +83,10 @@ pub(crate) struct ServerRole {
     /// was made (the role's, the database's or the engine's setting): the
     /// server is configured so, a new pool would be refused the same way.
     read_only_at_connect: bool,
+    /// `in_hot_standby` was already on when the connection was made (a
+    /// writer pointed at a standby, by its one host or its DNS name): a new
+    /// pool would dial the same server, so replacing it would only storm.
+    standby_at_connect: bool,
     /// Held by the connection task through each poll while watching, so
     /// that [`ServerRole::settled`] can wait for the poll that delivered
     /// an answer to have copied the reports too.
@@ -93,7 +97,7 @@ impl ServerRole {
     /// Whether the server said it is a standby (as of the last poll since
     /// watching began).
     fn is_standby(&self) -> bool {
-        self.standby.load(Ordering::Relaxed)
+        !self.standby_at_connect && self.standby.load(Ordering::Relaxed)
     }
 
     /// Whether the server said it refuses writes by default now, and did
@@ -126,6 +130,7 @@ where
 {
     let role = Arc::new(ServerRole {
         read_only_at_connect: connection.parameter("default_transaction_read_only") == Some("on"),
+        standby_at_connect: connection.parameter("in_hot_standby") == Some("on"),
         ..ServerRole::default()
     });
     let seen = role.clone();
@@ -253,12 +258,15 @@ impl ConnParts {
         may_replan: bool,
     ) -> Result<O::Out, tokio_postgres::Error> {
         if let Some(types) = &self.types {
-            let out = self
-                .run_unnamed::<O>(types, sql, params, !may_replan)
-                .await
-                .inspect_err(|e| self.vet(e));
-            if out.as_ref().is_err_and(is_read_only_refusal) && self.follower.is_some() {
-                Box::pin(self.after_refusal()).await;
+            let out = self.run_unnamed::<O>(types, sql, params, !may_replan).await;
+            if let Err(e) = &out {
+                if self.follower.is_some() && is_read_only_refusal(e) {
+                    // Judged once, after the round trip (`vet` would judge
+                    // on reports that may not have arrived yet).
+                    Box::pin(self.after_refusal()).await;
+                } else {
+                    self.vet(e);
+                }
             }
             return out;
         }
@@ -518,6 +526,10 @@ impl ConnParts {
         self.server.settled();
         if self.demoted() {
             follower.refused();
+        } else {
+            // The caller's own refusal: stop paying for the reports on
+            // every poll until the next one.
+            self.server.watching.store(false, Ordering::Relaxed);
         }
     }
 

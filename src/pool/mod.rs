@@ -172,7 +172,11 @@ impl PoolInner {
             self.config.is_writer().then_some(follower),
         );
         let fresh = PoolSlot::new(fresh, self.config.max_size, self.config.is_reaped());
-        if let Some(old) = slot.replace(fresh) {
+        let old = slot.replace(fresh);
+        // Retired after the lock is released: retiring hands every parked
+        // connection back to bb8, and checkouts read the slot meanwhile.
+        drop(slot);
+        if let Some(old) = old {
             old.retire();
         }
         true

@@ -471,6 +471,9 @@ impl Drop for Queued<'_> {
         // what it was handed is in `rx`.
         if let Some(i) = ready.queue.iter().position(|(t, _)| *t == self.ticket) {
             ready.queue.remove(i);
+            // An empty queue lets statements join lent connections again:
+            // wake the first waiting for a share.
+            self.slot.unlock(ready);
             return;
         }
         match rx.try_recv() {
