@@ -357,6 +357,11 @@ impl Session {
         I: IntoIterator<Item = P>,
         I::IntoIter: ExactSizeIterator,
     {
+        // Like every statement of a scoped session: refused once the
+        // request has ended.
+        if let Some(scope) = &self.scope {
+            scope.touch(self.engine.name())?;
+        }
         let flagged = check_autocommit(sql)?;
         let conn = self.engine.checkout().await?;
         if flagged {

@@ -246,9 +246,10 @@ impl Observer for Reporter {
 /// that transaction which passed its state check before the revocation —
 /// and so may reach the wire after it — cannot run after the ROLLBACK in
 /// autocommit: it runs inside the transaction (and is rolled back) or
-/// finds the connection gone.
+/// finds the connection gone. `RESET ROLE` first: a pinned session may
+/// have `SET ROLE` to a role that may not signal the login role's backend.
 const END_REVOKED_SQL: &str =
-    "ROLLBACK; SELECT pg_catalog.pg_terminate_backend(pg_catalog.pg_backend_pid())";
+    "ROLLBACK; RESET ROLE; SELECT pg_catalog.pg_terminate_backend(pg_catalog.pg_backend_pid())";
 
 impl Scope {
     /// The request ended: a transaction still open on a connection pinned

@@ -307,6 +307,8 @@ fn scan_session(mut tokens: Lexer<'_>) -> SessionEffect {
     let mut first = Lead::Other;
     let mut prev_word: Option<Token> = None;
     let mut into_temp = false;
+    // After INTO, still among [LOCAL | GLOBAL] where TEMP may come.
+    let mut after_into = false;
     // Still among CREATE [OR REPLACE] [GLOBAL | LOCAL], where TEMP may come.
     let mut create_prefix = false;
     while let Some(t) = tokens.next() {
@@ -315,6 +317,7 @@ fn scan_session(mut tokens: Lexer<'_>) -> SessionEffect {
             first = Lead::Other;
             prev_word = None;
             into_temp = false;
+            after_into = false;
             create_prefix = false;
             continue;
         }
@@ -358,8 +361,10 @@ fn scan_session(mut tokens: Lexer<'_>) -> SessionEffect {
                     (word.is_some_and(|w| !w.eq_ignore_ascii_case("FROM")) || t.kind == Kind::Other)
                         .then_some("SELECT … INTO TEMP")
                 }
+                // INTO [LOCAL | GLOBAL] TEMP | TEMPORARY …
                 Lead::Select => {
-                    into_temp = (is("TEMP") || is("TEMPORARY")) && prev_is("INTO");
+                    into_temp = (is("TEMP") || is("TEMPORARY")) && after_into;
+                    after_into = is("INTO") || (after_into && (is("LOCAL") || is("GLOBAL")));
                     None
                 }
                 _ => None,
@@ -1596,6 +1601,15 @@ mod tests {
                 Statement("SET"),
             ),
             ("SET LOCAL statement_timeout = 5", Clean),
+            (
+                "SELECT 1 AS a INTO LOCAL TEMP t",
+                Statement("SELECT … INTO TEMP"),
+            ),
+            (
+                "select 1 into global temporary t",
+                Statement("SELECT … INTO TEMP"),
+            ),
+            ("SELECT 1 INTO local FROM x", Clean),
             ("set transaction isolation level serializable", Clean),
             ("SET CONSTRAINTS ALL DEFERRED", Clean),
             ("RESET ALL", Statement("RESET")),
