@@ -228,7 +228,10 @@ fn autocommit(effect: SessionEffect) -> Result<bool> {
 /// Whether `sql` names a function or schema that changes session state
 /// (anywhere in the text, strings included, since a DO block or dynamic
 /// SQL hides calls in strings): `(Maybe, true)` if so, and in the second
-/// place whether the text holds `temp` (for `SELECT … INTO TEMP`).
+/// place whether the text holds `temp` (for `SELECT … INTO TEMP`). A
+/// Unicode-escaped identifier or string (`U&"set\005fconfig"`, `U&'…'`)
+/// can spell a needle without its letters, so any `U&` followed by a
+/// quote is a maybe too.
 fn mentions_session_functions(sql: &str) -> (SessionEffect, bool) {
     const NEEDLES: [&[u8]; 3] = [b"advisory_lock", b"set_config", b"pg_temp"];
     let b = sql.as_bytes();
@@ -247,17 +250,24 @@ fn mentions_session_functions(sql: &str) -> (SessionEffect, bool) {
             found = SessionEffect::Maybe;
         }
         b'p' | b'P' if i >= 3 && at(i - 3, b"temp") => temp = true,
+        b'&' if i >= 1
+            && b[i - 1].eq_ignore_ascii_case(&b'u')
+            && matches!(b.get(i + 1), Some(b'"' | b'\'')) =>
+        {
+            found = SessionEffect::Maybe;
+        }
         _ => {}
     };
     // This runs on every autocommit statement: eight bytes at a time, and
-    // only the words holding a `_` or a `p` (rare in SQL; the last letter
-    // of `temp`) are looked at byte by byte.
+    // only the words holding a `_`, a `p` (rare in SQL; the last letter of
+    // `temp`) or a `&` are looked at byte by byte.
     let mut chunks = b.chunks_exact(8);
     for (n, chunk) in chunks.by_ref().enumerate() {
         let word = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
         // Lower-cased, `_` (0x5F) reads as 0x7F and `P` as `p`.
         let lowered = word | 0x2020_2020_2020_2020;
-        let mut hits = bytes_equal(lowered, 0x7F) | bytes_equal(lowered, b'p');
+        let mut hits =
+            bytes_equal(lowered, 0x7F) | bytes_equal(lowered, b'p') | bytes_equal(lowered, b'&');
         while hits != 0 {
             check(n * 8 + hits.trailing_zeros() as usize / 8);
             hits &= hits - 1;
@@ -1610,6 +1620,14 @@ mod tests {
                 Statement("SELECT … INTO TEMP"),
             ),
             ("SELECT 1 INTO local FROM x", Clean),
+            (
+                r#"SELECT U&"set\005fconfig"('search_path', 'x', false)"#,
+                Maybe,
+            ),
+            (r#"CREATE TABLE u&"pg\005ftemp".t (a int)"#, Maybe),
+            (r"SELECT U&'\0041' AS a", Maybe),
+            ("SELECT a & b FROM t", Clean),
+            ("SELECT a&b FROM u", Clean),
             ("set transaction isolation level serializable", Clean),
             ("SET CONSTRAINTS ALL DEFERRED", Clean),
             ("RESET ALL", Statement("RESET")),
