@@ -48,6 +48,7 @@
 //! right after it — the insert position, which covers the commit record even
 //! with `synchronous_commit = off`, where the write position can trail it.
 
+use futures::StreamExt;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -62,6 +63,10 @@ use crate::sql::lsn::{first_lsn, parse_lsn};
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 /// Longest pause between probes of a member that stays down.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The longest one round of replay-position questions may take past the
+/// read's own deadline (see [`Engine::choose_target`]'s poll).
+const ASK_AT_MOST: Duration = Duration::from_millis(100);
+
 /// Pause between replay-position checks while waiting for a replica.
 const POLL: Duration = Duration::from_millis(5);
 /// A sample that takes longer than this (at least) counts as a failure.
@@ -256,21 +261,33 @@ impl Engine {
         // sample knows: ask them, until one has or the wait is over.
         let deadline = Instant::now() + self.config().replica_max_wait;
         loop {
-            // A member found unreachable meanwhile is asked no more.
-            let polls = usable
+            // A member found unreachable meanwhile is asked no more. The
+            // first member that has caught up wins, and a round waits for
+            // no straggler past the deadline (or ASK_AT_MOST, so that even
+            // `replica_max_wait(0)` asks once): a saturated or hung member
+            // must not hold the read when another, or the primary, can
+            // answer now. Polls still out are dropped; their answers are
+            // discarded by the driver.
+            let mut polls: futures::stream::FuturesUnordered<_> = usable
                 .iter()
                 .filter(|m| m.healthy())
-                .map(|m| async move { (m, m.replay_lsn().await) });
-            let mut caught_up = None;
-            for (member, polled) in futures::future::join_all(polls).await {
-                match polled {
-                    Ok(lsn) if lsn >= required && caught_up.is_none() => caught_up = Some(*member),
-                    Ok(_) => {}
-                    Err(e) if unreachable(&e) => member.replica_failed(&e),
-                    Err(_) => {}
+                .map(|m| async move { (m, m.replay_lsn().await) })
+                .collect();
+            let round = async {
+                while let Some((member, polled)) = polls.next().await {
+                    match polled {
+                        Ok(lsn) if lsn >= required => return Some(*member),
+                        Ok(_) => {}
+                        Err(e) if unreachable(&e) => member.replica_failed(&e),
+                        Err(_) => {}
+                    }
                 }
-            }
-            if let Some(member) = caught_up {
+                None
+            };
+            let until = deadline.max(Instant::now() + ASK_AT_MOST);
+            if let Ok(Some(member)) =
+                tokio::time::timeout_at(tokio::time::Instant::from_std(until), round).await
+            {
                 return member.serving();
             }
             if Instant::now() >= deadline {
